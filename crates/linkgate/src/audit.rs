@@ -1,0 +1,101 @@
+//! Audit records (DESIGN §1): exactly one per relayed or refused connection,
+//! written when it ends, as a tracing event with message `audit`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The `result` field of an audit record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditResult {
+    /// Served and ended normally.
+    Ok,
+    /// Refused by an access rule, a destination rule or a limit.
+    Denied,
+    /// The client failed to authenticate.
+    AuthFailed,
+    /// Something failed (connect, I/O, timeout, protocol).
+    Error,
+}
+
+impl AuditResult {
+    /// The word written in the record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditResult::Ok => "ok",
+            AuditResult::Denied => "denied",
+            AuditResult::AuthFailed => "auth_failed",
+            AuditResult::Error => "error",
+        }
+    }
+}
+
+/// The audit record of one connection, filled in as the connection goes.
+#[derive(Debug)]
+pub struct Audit {
+    /// The service's name.
+    pub service: Arc<str>,
+    /// Gateway-wide connection number, also in the connection's log span.
+    pub conn_id: u64,
+    /// Client address or `peer:NAME`.
+    pub client: String,
+    /// The authenticated user, if any.
+    pub user: Option<String>,
+    /// Where the client went (or asked to go).
+    pub target: String,
+    /// The outbound chain, passwords masked; empty when direct.
+    pub via: Arc<str>,
+    /// Client → target bytes.
+    pub bytes_up: u64,
+    /// Target → client bytes.
+    pub bytes_down: u64,
+    /// How it ended.
+    pub result: AuditResult,
+    /// Why, in words.
+    pub reason: String,
+    started: Instant,
+}
+
+impl Audit {
+    /// Starts the record of a connection accepted now.
+    pub fn start(service: Arc<str>, conn_id: u64, client: String, via: Arc<str>) -> Self {
+        Audit {
+            service,
+            conn_id,
+            client,
+            user: None,
+            target: String::new(),
+            via,
+            bytes_up: 0,
+            bytes_down: 0,
+            result: AuditResult::Ok,
+            reason: String::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Records the outcome; the last call wins.
+    pub fn finish(&mut self, result: AuditResult, reason: impl Into<String>) {
+        self.result = result;
+        self.reason = reason.into();
+    }
+
+    /// Writes the record to the log (target `audit`, message `audit`).
+    pub fn emit(&self) {
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        tracing::info!(
+            target: "audit",
+            service = &*self.service,
+            conn_id = self.conn_id,
+            client = self.client.as_str(),
+            user = self.user.as_deref().unwrap_or(""),
+            target = self.target.as_str(),
+            via = &*self.via,
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            duration_ms,
+            result = self.result.as_str(),
+            reason = self.reason.as_str(),
+            "audit"
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! The configuration file's schema (DESIGN §2), as serde structs. Every table
+//! rejects unknown keys; defaults are the functions named in `serde(default)`.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::values::{
+    one_or_many, AccessRule, ConfigDuration, DestinationRule, Hop, HostPort, Listen, Secret,
+};
+
+/// The whole file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[gateway]`: this gateway's identity, logging and admin page.
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    /// `[link]`: where encrypted links from peers are accepted.
+    pub link: Option<LinkConfig>,
+    /// `[[peer]]`: other gateways.
+    #[serde(default)]
+    pub peer: Vec<PeerConfig>,
+    /// `[[user]]`: people who authenticate to proxy services.
+    #[serde(default)]
+    pub user: Vec<UserConfig>,
+    /// `[[service]]`: the proxy services.
+    #[serde(default)]
+    pub service: Vec<ServiceConfig>,
+}
+
+/// How log records are written to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; audit records are `key=value` pairs.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[gateway]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Name in logs and link handshakes; default: the host name.
+    pub name: Option<String>,
+    /// File with this gateway's long-term secret keys; default `linkgate.key`.
+    #[serde(default = "default_identity")]
+    pub identity: PathBuf,
+    /// `text` (default) or `json`.
+    #[serde(default)]
+    pub log: LogFormat,
+    /// Address of the HTTP status page and API; default: none.
+    pub admin: Option<HostPort>,
+    /// How long live connections may take to finish after SIGINT/SIGTERM
+    /// before they are closed; default 30s. (Extension of the contract.)
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: ConfigDuration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            name: None,
+            identity: default_identity(),
+            log: LogFormat::Text,
+            admin: None,
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+fn default_identity() -> PathBuf {
+    PathBuf::from("linkgate.key")
+}
+
+fn default_shutdown_grace() -> ConfigDuration {
+    ConfigDuration(std::time::Duration::from_secs(30))
+}
+
+/// `[link]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// Addresses where peers' links are accepted.
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<HostPort>,
+}
+
+/// `[[peer]]`: another gateway, which we dial (`connect` set) or which dials us.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Our local name for that gateway; `peer:NAME` and `link://NAME/...` refer to it.
+    pub name: String,
+    /// Addresses to dial, tried in order (failover); empty on the accepting side.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub connect: Vec<HostPort>,
+    /// The name the other side knows us by; default: `gateway.name`.
+    pub user: Option<String>,
+    /// The link password, written in the file.
+    pub password: Option<Secret>,
+    /// Name of an environment variable holding the link password.
+    pub password_env: Option<String>,
+    /// File holding the link password (first line).
+    pub password_file: Option<PathBuf>,
+    /// Registration record from `linkgate peer-record` (accepting side only).
+    pub record: Option<Secret>,
+}
+
+/// `[[user]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The login name.
+    pub name: String,
+    /// Argon2id PHC string from `linkgate passwd`.
+    pub password_hash: Option<Secret>,
+    /// The password in clear (discouraged).
+    pub password: Option<Secret>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+}
+
+/// The five kinds of service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// Fixed TCP mapping to `target`.
+    Mapping,
+    /// SOCKS4/4a/5 server.
+    Socks,
+    /// HTTP forward proxy with CONNECT.
+    Http,
+    /// FTP control-protocol proxy.
+    Ftp,
+    /// Telnet gateway that prompts for a destination.
+    Telnet,
+}
+
+impl ServiceKind {
+    /// The word used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceKind::Mapping => "mapping",
+            ServiceKind::Socks => "socks",
+            ServiceKind::Http => "http",
+            ServiceKind::Ftp => "ftp",
+            ServiceKind::Telnet => "telnet",
+        }
+    }
+
+    /// Whether clients choose their destination (so it is a proxy that must
+    /// not be left open to the world without authentication).
+    pub fn is_open_proxy_kind(self) -> bool {
+        !matches!(self, ServiceKind::Mapping)
+    }
+}
+
+/// Whether a service asks its clients to log in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No login.
+    #[default]
+    None,
+    /// Clients authenticate as a `[[user]]`.
+    Password,
+}
+
+/// `[[service]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Unique name; peers address it as `link://<gateway>/<name>`.
+    pub name: String,
+    /// What the service does.
+    #[serde(rename = "type")]
+    pub kind: ServiceKind,
+    /// TCP addresses and/or `"link"`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<Listen>,
+    /// Fixed destination (mapping: required; ftp: optional).
+    pub target: Option<Hop>,
+    /// Outbound chain, first hop first.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub via: Vec<Hop>,
+    /// Who may use the service; omitted means loopback clients only.
+    #[serde(default, deserialize_with = "one_or_many_opt")]
+    pub allow: Option<Vec<AccessRule>>,
+    /// Who may not, even if allowed.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub deny: Vec<AccessRule>,
+    /// Where clients may go (socks/http/ftp/telnet); omitted means anywhere.
+    #[serde(default, deserialize_with = "one_or_many_opt")]
+    pub destinations: Option<Vec<DestinationRule>>,
+    /// `none` (default) or `password`.
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// Most simultaneous client connections; default 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Time allowed to establish the outbound connection; default 10s.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: ConfigDuration,
+    /// A connection with no traffic either way for this long is closed; default 2h.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: ConfigDuration,
+    /// Time a client has to finish its protocol handshake; default 10s.
+    /// (Extension of the contract.)
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: ConfigDuration,
+}
+
+fn one_or_many_opt<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    one_or_many(deserializer).map(Some)
+}
+
+fn default_max_connections() -> u32 {
+    1024
+}
+
+fn default_connect_timeout() -> ConfigDuration {
+    ConfigDuration(std::time::Duration::from_secs(10))
+}
+
+fn default_idle_timeout() -> ConfigDuration {
+    ConfigDuration(std::time::Duration::from_secs(2 * 3600))
+}
+
+fn default_handshake_timeout() -> ConfigDuration {
+    ConfigDuration(std::time::Duration::from_secs(10))
+}

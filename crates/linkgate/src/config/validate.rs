@@ -1,0 +1,432 @@
+//! The semantic checks that serde cannot express: names unique and
+//! referenced names existing, secure-by-default rules, one password source,
+//! and the features not built yet. Also fills in defaults that depend on the
+//! environment (gateway name, absolute paths, secrets from env/files).
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::load::{KeyPath, KeySeg};
+use super::model::{AuthMode, Config, ServiceConfig, ServiceKind};
+use super::values::{AccessRule, Hop, Listen, Secret};
+
+/// A problem found by validation: where, and what.
+pub type Finding = (KeyPath, String);
+
+/// Checks `config`, filling in environment-dependent defaults; returns every
+/// problem found (empty when the configuration is valid).
+pub fn validate(config: &mut Config, base: &Path) -> Vec<Finding> {
+    let mut out = Vec::new();
+    check_gateway(config, base, &mut out);
+    check_peers(config, base, &mut out);
+    check_users(config, &mut out);
+    let peers: HashSet<String> = config.peer.iter().map(|p| p.name.clone()).collect();
+    let users: HashSet<String> = config.user.iter().map(|u| u.name.clone()).collect();
+    let mut names = HashSet::new();
+    let mut addresses = HashSet::new();
+    for (i, service) in config.service.iter().enumerate() {
+        let path = |key: &str| KeyPath::new([key_seg("service"), KeySeg::Index(i), key_seg(key)]);
+        let named = |msg: String| format!("service {:?}: {msg}", service.name);
+        if !valid_name(&service.name) {
+            out.push((path("name"), named(NAME_RULE.into())));
+        } else if !names.insert(service.name.clone()) {
+            out.push((
+                path("name"),
+                named("another service already has this name; names must be unique".into()),
+            ));
+        }
+        for listen in &service.listen {
+            if let Listen::Tcp(addr) = listen {
+                if addr.port != 0 && !addresses.insert(addr.clone()) {
+                    out.push((
+                        path("listen"),
+                        named(format!("{addr} is already used by another service")),
+                    ));
+                }
+            }
+        }
+        check_service(service, &peers, &users, &path, &named, &mut out);
+    }
+    out.extend(not_available_yet(config));
+    out
+}
+
+fn key_seg(key: &str) -> KeySeg {
+    KeySeg::Key(key.to_string())
+}
+
+const NAME_RULE: &str = "names use letters, digits, '.', '_' and '-' (1 to 64 of them)";
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn check_gateway(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
+    let gateway = &mut config.gateway;
+    match &gateway.name {
+        Some(name) if !valid_name(name) => out.push((
+            KeyPath::new([key_seg("gateway"), key_seg("name")]),
+            NAME_RULE.to_string(),
+        )),
+        Some(_) => {}
+        None => gateway.name = Some(host_name()),
+    }
+    gateway.identity = base.join(&gateway.identity);
+    if let Some(link) = &config.link {
+        if link.listen.is_empty() {
+            out.push((
+                KeyPath::new([key_seg("link"), key_seg("listen")]),
+                "give at least one address to accept links on".into(),
+            ));
+        }
+    }
+}
+
+/// The machine's host name, made into a valid gateway name.
+fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "linkgate".into()
+    } else {
+        name
+    }
+}
+
+fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
+    let has_link_listener = config.link.is_some();
+    let mut names = HashSet::new();
+    for (i, peer) in config.peer.iter_mut().enumerate() {
+        let path = |key: &str| KeyPath::new([key_seg("peer"), KeySeg::Index(i), key_seg(key)]);
+        let named = |msg: &str| format!("peer {:?}: {msg}", peer.name);
+        if !valid_name(&peer.name) {
+            out.push((path("name"), named(NAME_RULE)));
+        } else if !names.insert(peer.name.clone()) {
+            out.push((path("name"), named("another peer already has this name")));
+        }
+        let sources = [
+            peer.password.is_some(),
+            peer.password_env.is_some(),
+            peer.password_file.is_some(),
+            peer.record.is_some(),
+        ];
+        let dialing = !peer.connect.is_empty();
+        match sources.iter().filter(|s| **s).count() {
+            0 if dialing => out.push((
+                path("password"),
+                named("set one of password, password_env or password_file"),
+            )),
+            0 => out.push((
+                path("password"),
+                named("set one of password, password_env, password_file or record"),
+            )),
+            1 => {}
+            _ => out.push((
+                path("password"),
+                named("set only one of password, password_env, password_file and record"),
+            )),
+        }
+        if dialing && peer.record.is_some() {
+            out.push((
+                path("record"),
+                named("a record is for the accepting side; the dialing side (with connect) needs the password"),
+            ));
+        }
+        if dialing && peer.user.as_deref().is_some_and(|u| !valid_name(u)) {
+            out.push((path("user"), named(NAME_RULE)));
+        }
+        if !dialing && peer.user.is_some() {
+            out.push((
+                path("user"),
+                named("user is for the dialing side; on the accepting side the peer's name is the user it logs in as"),
+            ));
+        }
+        if !dialing && !has_link_listener {
+            out.push((
+                path("connect"),
+                named("this peer has no connect address and this gateway has no [link] listen, so no link to it can ever come up"),
+            ));
+        }
+        if let Some(var) = &peer.password_env {
+            match std::env::var(var) {
+                Ok(value) if !value.is_empty() => peer.password = Some(Secret::new(value)),
+                _ => out.push((
+                    path("password_env"),
+                    named(&format!("environment variable {var} is not set")),
+                )),
+            }
+        }
+        if let Some(file) = &peer.password_file {
+            let file = base.join(file);
+            match std::fs::read_to_string(&file) {
+                Ok(text) if !text.trim().is_empty() => {
+                    let first = text.lines().next().unwrap_or_default().trim_end();
+                    peer.password = Some(Secret::new(first.to_string()));
+                }
+                Ok(_) => out.push((
+                    path("password_file"),
+                    named(&format!("{} is empty", file.display())),
+                )),
+                Err(e) => out.push((
+                    path("password_file"),
+                    named(&format!("cannot read {}: {e}", file.display())),
+                )),
+            }
+        }
+    }
+}
+
+fn check_users(config: &mut Config, out: &mut Vec<Finding>) {
+    let mut names = HashSet::new();
+    for (i, user) in config.user.iter_mut().enumerate() {
+        let path = |key: &str| KeyPath::new([key_seg("user"), KeySeg::Index(i), key_seg(key)]);
+        let named = |msg: &str| format!("user {:?}: {msg}", user.name);
+        if user.name.is_empty() || user.name.len() > 255 || user.name.contains(':') {
+            out.push((
+                path("name"),
+                named("a user name has 1 to 255 characters and no ':'"),
+            ));
+        } else if !names.insert(user.name.clone()) {
+            out.push((path("name"), named("another user already has this name")));
+        }
+        let sources = [
+            user.password_hash.is_some(),
+            user.password.is_some(),
+            user.password_env.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            out.push((
+                path("password_hash"),
+                named("set exactly one of password_hash (from `linkgate passwd`), password or password_env"),
+            ));
+        }
+        if let Some(hash) = &user.password_hash {
+            if argon2::PasswordHash::new(hash.expose()).is_err() {
+                out.push((
+                    path("password_hash"),
+                    named("not a PHC password hash; make one with `linkgate passwd`"),
+                ));
+            }
+        }
+        if let Some(var) = &user.password_env {
+            match std::env::var(var) {
+                Ok(value) if !value.is_empty() => user.password = Some(Secret::new(value)),
+                _ => out.push((
+                    path("password_env"),
+                    named(&format!("environment variable {var} is not set")),
+                )),
+            }
+        }
+    }
+}
+
+fn check_service(
+    service: &ServiceConfig,
+    peers: &HashSet<String>,
+    users: &HashSet<String>,
+    path: &dyn Fn(&str) -> KeyPath,
+    named: &dyn Fn(String) -> String,
+    out: &mut Vec<Finding>,
+) {
+    let kind = service.kind;
+    let mut push = |key: &str, msg: String| out.push((path(key), named(msg)));
+    if service.listen.is_empty() {
+        push("listen", "give at least one address, or \"link\"".into());
+    }
+    if service.listen.contains(&Listen::Link) && peers.is_empty() {
+        push(
+            "listen",
+            "\"link\" makes the service reachable by peers, but no [[peer]] is configured".into(),
+        );
+    }
+    match (kind, &service.target) {
+        (ServiceKind::Mapping, None) => push(
+            "target",
+            "a mapping service needs a target (host:port or link://PEER/SERVICE)".into(),
+        ),
+        (ServiceKind::Socks | ServiceKind::Http | ServiceKind::Telnet, Some(_)) => push(
+            "target",
+            format!(
+                "a {} service takes its destination from the client; remove target",
+                kind.as_str()
+            ),
+        ),
+        (_, Some(Hop::Direct(_) | Hop::Link { .. })) | (_, None) => {}
+        (_, Some(hop)) => push(
+            "target",
+            format!(
+                "target must be host:port or link://PEER/SERVICE; put the {} proxy in via",
+                hop.scheme()
+            ),
+        ),
+    }
+    for (i, hop) in service.via.iter().enumerate() {
+        match hop {
+            Hop::Direct(addr) => push(
+                "via",
+                format!("{addr} is not a proxy; via hops are socks4://, socks4a://, socks5://, http:// or link://"),
+            ),
+            Hop::Link { .. } if i > 0 => push(
+                "via",
+                "a link:// hop can only be the first hop of a chain".into(),
+            ),
+            _ => {}
+        }
+    }
+    if matches!(service.target, Some(Hop::Link { .. })) && !service.via.is_empty() {
+        push("target", "a link:// target cannot be reached through via; remove via or put the link first in via".into());
+    }
+    for hop in service.target.iter().chain(&service.via) {
+        if let Hop::Link { peer, .. } = hop {
+            if !peers.contains(peer) {
+                let key = if Some(hop) == service.target.as_ref() {
+                    "target"
+                } else {
+                    "via"
+                };
+                push(
+                    key,
+                    format!("{hop} names peer {peer:?}, but there is no [[peer]] with that name"),
+                );
+            }
+        }
+    }
+    let allow = service.allow.as_deref().unwrap_or_default();
+    for (key, rules) in [("allow", allow), ("deny", service.deny.as_slice())] {
+        for rule in rules {
+            match rule {
+                AccessRule::Peer(name) if !peers.contains(name) => {
+                    push(key, format!("{rule} names no [[peer]]"));
+                }
+                AccessRule::User(name) if !users.contains(name) => {
+                    push(key, format!("{rule} names no [[user]]"));
+                }
+                AccessRule::User(_) if service.auth != AuthMode::Password => {
+                    push(
+                        key,
+                        format!("{rule} can only match after login; set auth = \"password\""),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    let open = allow.iter().find(|rule| match rule {
+        AccessRule::Any => true,
+        AccessRule::Net(net) => net.prefix_len() == 0,
+        _ => false,
+    });
+    if let Some(rule) = open {
+        if kind.is_open_proxy_kind() && service.auth != AuthMode::Password {
+            push(
+                "allow",
+                format!(
+                    "allow = [\"{rule}\"] on a {} service needs auth = \"password\": otherwise anyone \
+                     can use this gateway as an open proxy; add auth = \"password\" or allow only your networks",
+                    kind.as_str()
+                ),
+            );
+        }
+    }
+    if service.destinations.is_some() && kind == ServiceKind::Mapping {
+        push(
+            "destinations",
+            "a mapping service always goes to its target; remove destinations".into(),
+        );
+    }
+    if service.auth == AuthMode::Password {
+        if matches!(kind, ServiceKind::Mapping | ServiceKind::Telnet) {
+            push(
+                "auth",
+                format!(
+                    "a {} service has no login; auth = \"password\" applies to socks, http and ftp",
+                    kind.as_str()
+                ),
+            );
+        } else if users.is_empty() {
+            push(
+                "auth",
+                "auth = \"password\" needs at least one [[user]]".into(),
+            );
+        }
+    }
+    if service.max_connections == 0 {
+        push("max_connections", "must be at least 1".into());
+    }
+    for (key, d) in [
+        ("connect_timeout", service.connect_timeout),
+        ("idle_timeout", service.idle_timeout),
+        ("handshake_timeout", service.handshake_timeout),
+    ] {
+        if d.0.is_zero() {
+            push(key, "must be longer than zero".into());
+        }
+    }
+}
+
+/// The parts of the contract whose implementation has not landed yet: a
+/// valid configuration using them is refused plainly rather than half-run.
+fn not_available_yet(config: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let soon = |what: &str| format!("{what} is not available yet in this version of linkgate");
+    for (i, service) in config.service.iter().enumerate() {
+        let path = |key: &str| KeyPath::new([key_seg("service"), KeySeg::Index(i), key_seg(key)]);
+        if service.kind != ServiceKind::Mapping {
+            out.push((
+                path("type"),
+                format!(
+                    "service {:?}: {}",
+                    service.name,
+                    soon(&format!("the {} service type", service.kind.as_str()))
+                ),
+            ));
+        }
+        if service.listen.contains(&Listen::Link) {
+            out.push((
+                path("listen"),
+                format!(
+                    "service {:?}: {}",
+                    service.name,
+                    soon("listening on \"link\"")
+                ),
+            ));
+        }
+        if matches!(service.target, Some(Hop::Link { .. })) {
+            out.push((
+                path("target"),
+                format!("service {:?}: {}", service.name, soon("a link:// target")),
+            ));
+        }
+        if !service.via.is_empty() {
+            out.push((
+                path("via"),
+                format!(
+                    "service {:?}: {}",
+                    service.name,
+                    soon("an outbound via chain")
+                ),
+            ));
+        }
+    }
+    if config.link.is_some() {
+        out.push((
+            KeyPath::new([key_seg("link")]),
+            soon("accepting encrypted links ([link])"),
+        ));
+    }
+    if !config.peer.is_empty() {
+        out.push((
+            KeyPath::new([key_seg("peer")]),
+            soon("linking to peers ([[peer]])"),
+        ));
+    }
+    out
+}

@@ -1,0 +1,104 @@
+//! [`Connector`]: turns a service's `target`/`via` chain into a connected
+//! [`Stream`]. Every service reaches the outside through it, so cascading
+//! behaves the same everywhere.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::config::{Hop, Host, HostPort, ServiceConfig};
+use crate::stream::Stream;
+
+/// Why an outbound connection could not be made. The `Display` text is what
+/// goes into the audit record's `reason`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The whole attempt took longer than `connect_timeout`.
+    #[error("connecting to {0} timed out after {1:?}")]
+    Timeout(String, Duration),
+    /// The host name did not resolve.
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, io::Error),
+    /// Every address of the destination refused or failed.
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, io::Error),
+    /// The chain uses a kind of hop this build cannot use yet.
+    #[error("{0} hops are not available yet")]
+    NotAvailable(&'static str),
+}
+
+/// Opens outbound connections for one service through its `via` chain.
+///
+/// `connect` is cancel safe: dropping its future closes any half-open socket
+/// and leaves nothing behind.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    via: Vec<Hop>,
+    connect_timeout: Duration,
+}
+
+impl Connector {
+    /// The connector of `service` (its `via` and `connect_timeout`).
+    pub fn for_service(service: &ServiceConfig) -> Self {
+        Connector {
+            via: service.via.clone(),
+            connect_timeout: service.connect_timeout.0,
+        }
+    }
+
+    /// The `via` chain as shown in audit records (passwords masked); empty
+    /// for direct connections.
+    pub fn via_text(&self) -> String {
+        let hops: Vec<String> = self.via.iter().map(Hop::to_string).collect();
+        hops.join(",")
+    }
+
+    /// Connects to `target` (a `host:port` or `link://` hop), within the
+    /// service's `connect_timeout` for the whole chain.
+    pub async fn connect(&self, target: &Hop) -> Result<Stream, ConnectError> {
+        let attempt = self.connect_chain(target);
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnectError::Timeout(
+                target.to_string(),
+                self.connect_timeout,
+            )),
+        }
+    }
+
+    async fn connect_chain(&self, target: &Hop) -> Result<Stream, ConnectError> {
+        if let Some(first) = self.via.first() {
+            return Err(ConnectError::NotAvailable(first.scheme()));
+        }
+        match target {
+            Hop::Direct(addr) => connect_tcp(addr).await.map(Stream::Tcp),
+            other => Err(ConnectError::NotAvailable(other.scheme())),
+        }
+    }
+}
+
+/// Resolves `addr` and connects to each of its addresses in turn until one
+/// accepts; sets `TCP_NODELAY` so small writes are not delayed.
+pub async fn connect_tcp(addr: &HostPort) -> Result<TcpStream, ConnectError> {
+    let candidates: Vec<SocketAddr> = match &addr.host {
+        Host::Ip(ip) => vec![SocketAddr::new(*ip, addr.port)],
+        Host::Name(name) => tokio::net::lookup_host((name.as_str(), addr.port))
+            .await
+            .map_err(|e| ConnectError::Resolve(name.clone(), e))?
+            .collect(),
+    };
+    let mut last_error = io::Error::new(io::ErrorKind::NotFound, "the name has no addresses");
+    for candidate in candidates {
+        match TcpStream::connect(candidate).await {
+            Ok(stream) => {
+                // Failure to set NODELAY only costs latency; not worth failing the connection.
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(e) => last_error = e,
+        }
+    }
+    Err(ConnectError::Connect(addr.to_string(), last_error))
+}

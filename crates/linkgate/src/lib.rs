@@ -1,0 +1,16 @@
+//! linkgate: an office gateway running proxy services (mapping, SOCKS, HTTP,
+//! FTP, telnet) with access rules, cascading, and encrypted links between
+//! gateways. See DESIGN.md for the contract; `main.rs` is the command line.
+
+pub mod access;
+pub mod audit;
+pub mod bufpool;
+pub mod config;
+pub mod connector;
+pub mod gateway;
+pub mod inbound;
+pub mod logging;
+pub mod passwd;
+pub mod relay;
+pub mod service;
+pub mod stream;

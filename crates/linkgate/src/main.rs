@@ -1,0 +1,199 @@
+//! The `linkgate` command line (DESIGN §1). Exit codes: 0 success, 1 runtime
+//! failure, 2 bad configuration.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use linkgate::config::{self, ConfigError, LoadedConfig};
+use linkgate::gateway::Gateway;
+
+#[derive(Parser)]
+#[command(
+    name = "linkgate",
+    version,
+    about = "Office gateway: proxy services joined by encrypted links"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway in the foreground (built-in default config without -c).
+    Run {
+        /// Configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file without opening sockets.
+    Check {
+        /// Configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Read a password line from stdin and print an argon2id hash for password_hash.
+    Passwd,
+    /// Print a registration record for [[peer]] record (reads the peer's password from stdin).
+    PeerRecord {
+        /// Configuration file of this (accepting) gateway.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// The peer's name.
+        name: String,
+    },
+    /// Print the built-in default configuration.
+    DefaultConfig,
+    /// Show services, connections and links of a running gateway.
+    Status {
+        /// Admin address of the gateway.
+        #[arg(long, default_value = "127.0.0.1:9180")]
+        admin: String,
+    },
+}
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(config),
+        Command::Check { config } => check(&config),
+        Command::Passwd => passwd(),
+        Command::PeerRecord { .. } => {
+            eprintln!(
+                "linkgate peer-record: encrypted links are not available yet in this version"
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Command::DefaultConfig => {
+            print!("{}", config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
+        Command::Status { admin } => {
+            eprintln!(
+                "linkgate status: the admin API ({admin}) is not available yet in this version"
+            );
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> Result<LoadedConfig, ConfigError> {
+    match path {
+        Some(path) => config::load_file(path),
+        None => config::load_default(),
+    }
+}
+
+fn config_failure(error: &ConfigError) -> ExitCode {
+    eprintln!("{error}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn check(path: &PathBuf) -> ExitCode {
+    let loaded = match load(Some(path)) {
+        Ok(loaded) => loaded,
+        Err(e) => return config_failure(&e),
+    };
+    for service in &loaded.config.service {
+        let listen: Vec<String> = service.listen.iter().map(ToString::to_string).collect();
+        let target = service
+            .target
+            .as_ref()
+            .map_or("-".to_string(), ToString::to_string);
+        let via: Vec<String> = service.via.iter().map(ToString::to_string).collect();
+        println!(
+            "{}\t{}\tlisten={}\ttarget={}\tvia={}",
+            service.name,
+            service.kind.as_str(),
+            listen.join(","),
+            target,
+            if via.is_empty() {
+                "-".into()
+            } else {
+                via.join(",")
+            },
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn passwd() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
+        eprintln!("linkgate passwd: cannot read the password from stdin: {e}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        eprintln!("linkgate passwd: the password is empty; type it on one line on stdin");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    match linkgate::passwd::hash_password(password) {
+        Ok(phc) => {
+            println!("{phc}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("linkgate passwd: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn run(path: Option<PathBuf>) -> ExitCode {
+    let loaded = match load(path.as_ref()) {
+        Ok(loaded) => loaded,
+        Err(e) => return config_failure(&e),
+    };
+    linkgate::logging::init(loaded.config.gateway.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(serve(loaded)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+async fn serve(loaded: LoadedConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let config = &loaded.config;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    if let Some(admin) = &config.gateway.admin {
+        tracing::warn!(%admin, "the admin page is not available yet in this version; not listening");
+    }
+    let gateway = Gateway::start(config).await?;
+    tracing::info!(
+        gateway = config.gateway.name.as_deref().unwrap_or_default(),
+        services = config.service.len(),
+        "linkgate started"
+    );
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); break }
+            _ = hangup.recv() => {
+                tracing::warn!("SIGHUP: configuration reload is not available yet in this version; restart to apply changes");
+            }
+        }
+    }
+    gateway.shutdown(config.gateway.shutdown_grace.0).await;
+    tracing::info!("stopped");
+    Ok(())
+}

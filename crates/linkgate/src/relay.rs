@@ -1,0 +1,215 @@
+//! Relays bytes both ways between a client and its target until both sides
+//! have closed, passing half-closes on, counting bytes, and enforcing the
+//! idle timeout. Buffers are borrowed only while data flows ([`crate::bufpool`]).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::bufpool::PooledBuf;
+use crate::stream::Stream;
+
+/// How a relay ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both sides closed their sending direction: a clean end.
+    Closed,
+    /// No bytes moved either way for the idle timeout.
+    IdleTimeout,
+    /// The gateway was stopping and the grace period ran out.
+    Shutdown,
+    /// A read or write failed; the text says on which side and why.
+    Error(String),
+}
+
+/// Bytes moved and how the relay ended.
+#[derive(Debug)]
+pub struct RelayOutcome {
+    /// Client → target bytes delivered to the target.
+    pub bytes_up: u64,
+    /// Target → client bytes delivered to the client.
+    pub bytes_down: u64,
+    /// Why it stopped.
+    pub end: RelayEnd,
+}
+
+/// Relays between `client` and `target` until both directions are closed,
+/// nothing moves for `idle`, an I/O error occurs, or `stop` is cancelled.
+///
+/// Guarantees: bytes are written in the order read and never altered; a
+/// read EOF on one side becomes a write shutdown (FIN) on the other; the
+/// returned counts are bytes actually written to the receiving side.
+pub async fn relay(
+    client: &mut Stream,
+    target: &mut Stream,
+    idle: Duration,
+    stop: &CancellationToken,
+) -> RelayOutcome {
+    let mut both = Bidirectional {
+        client,
+        target,
+        up: Direction::new(),
+        down: Direction::new(),
+        last_activity: Instant::now(),
+    };
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let end = loop {
+        tokio::select! {
+            result = &mut both => break match result {
+                Ok(()) => RelayEnd::Closed,
+                Err(e) => RelayEnd::Error(e),
+            },
+            () = &mut sleep => {
+                let deadline = both.last_activity + idle;
+                if deadline <= Instant::now() {
+                    break RelayEnd::IdleTimeout;
+                }
+                sleep.as_mut().reset(deadline);
+            }
+            () = stop.cancelled() => break RelayEnd::Shutdown,
+        }
+    };
+    RelayOutcome {
+        bytes_up: both.up.bytes,
+        bytes_down: both.down.bytes,
+        end,
+    }
+}
+
+enum State {
+    /// Waiting for the source to be readable; holds no buffer.
+    Reading,
+    /// `buf[pos..end]` still has to be written to the sink.
+    Writing {
+        buf: PooledBuf,
+        pos: usize,
+        end: usize,
+    },
+    /// The source reached EOF; the sink is being shut down.
+    ShuttingDown,
+    Done,
+}
+
+struct Direction {
+    state: State,
+    bytes: u64,
+    /// Something was written since the last flush.
+    unflushed: bool,
+}
+
+enum Failure {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Direction {
+    fn new() -> Self {
+        Direction {
+            state: State::Reading,
+            bytes: 0,
+            unflushed: false,
+        }
+    }
+
+    /// Moves as many bytes as are ready; `Ready(Ok)` once the direction has
+    /// been shut down. Sets `*moved` when any byte was transferred.
+    fn poll_copy(
+        &mut self,
+        cx: &mut Context<'_>,
+        source: &mut Stream,
+        sink: &mut Stream,
+        moved: &mut bool,
+    ) -> Poll<Result<(), Failure>> {
+        loop {
+            match &mut self.state {
+                State::Reading => {
+                    let mut buf = PooledBuf::take();
+                    let mut read_buf = ReadBuf::new(&mut buf);
+                    match Pin::new(&mut *source).poll_read(cx, &mut read_buf) {
+                        Poll::Pending => {
+                            // `buf` goes back to the pool here: idle costs nothing.
+                            if self.unflushed {
+                                std::task::ready!(Pin::new(&mut *sink).poll_flush(cx))
+                                    .map_err(Failure::Write)?;
+                                self.unflushed = false;
+                            }
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
+                        Poll::Ready(Ok(())) => {
+                            let end = read_buf.filled().len();
+                            self.state = if end == 0 {
+                                State::ShuttingDown
+                            } else {
+                                *moved = true;
+                                State::Writing { buf, pos: 0, end }
+                            };
+                        }
+                    }
+                }
+                State::Writing { buf, pos, end } => {
+                    let n =
+                        std::task::ready!(Pin::new(&mut *sink).poll_write(cx, &buf[*pos..*end]))
+                            .map_err(Failure::Write)?;
+                    if n == 0 {
+                        return Poll::Ready(Err(Failure::Write(io::ErrorKind::WriteZero.into())));
+                    }
+                    *pos += n;
+                    self.bytes += n as u64;
+                    self.unflushed = true;
+                    *moved = true;
+                    if *pos == *end {
+                        self.state = State::Reading;
+                    }
+                }
+                State::ShuttingDown => {
+                    std::task::ready!(Pin::new(&mut *sink).poll_shutdown(cx))
+                        .map_err(Failure::Write)?;
+                    self.state = State::Done;
+                }
+                State::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+struct Bidirectional<'a> {
+    client: &'a mut Stream,
+    target: &'a mut Stream,
+    up: Direction,
+    down: Direction,
+    last_activity: Instant,
+}
+
+impl Future for Bidirectional<'_> {
+    type Output = Result<(), String>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut moved = false;
+        let up = this.up.poll_copy(cx, this.client, this.target, &mut moved);
+        let down = this
+            .down
+            .poll_copy(cx, this.target, this.client, &mut moved);
+        if moved {
+            this.last_activity = Instant::now();
+        }
+        let describe = |failure: Failure, reader: &str, writer: &str| match failure {
+            Failure::Read(e) => format!("reading from {reader}: {e}"),
+            Failure::Write(e) => format!("writing to {writer}: {e}"),
+        };
+        match (up, down) {
+            (Poll::Ready(Err(f)), _) => Poll::Ready(Err(describe(f, "client", "target"))),
+            (_, Poll::Ready(Err(f))) => Poll::Ready(Err(describe(f, "target", "client"))),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The services: what happens to a client connection once it is admitted.
+//! One module per service type; [`ServiceRuntime`] holds what they share.
+
+mod mapping;
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::access::{AccessList, Destinations};
+use crate::audit::{Audit, AuditResult};
+use crate::config::{ServiceConfig, ServiceKind};
+use crate::connector::Connector;
+use crate::inbound::Inbound;
+
+/// A configured service, ready to serve connections.
+#[derive(Debug)]
+pub struct ServiceRuntime {
+    /// The service's configuration as loaded.
+    pub config: ServiceConfig,
+    /// The name, shared with every audit record.
+    pub name: Arc<str>,
+    /// `allow`/`deny`.
+    pub access: AccessList,
+    /// `destinations`.
+    pub destinations: Destinations,
+    /// The outbound chain.
+    pub connector: Connector,
+    /// The chain as written in audit records.
+    pub via_text: Arc<str>,
+    slots: Arc<Semaphore>,
+}
+
+impl ServiceRuntime {
+    /// Builds the runtime of one validated service configuration.
+    pub fn new(config: ServiceConfig) -> Arc<Self> {
+        let connector = Connector::for_service(&config);
+        Arc::new(ServiceRuntime {
+            name: config.name.as_str().into(),
+            access: AccessList::for_service(&config),
+            destinations: Destinations::for_service(&config),
+            via_text: connector.via_text().into(),
+            connector,
+            slots: Arc::new(Semaphore::new(config.max_connections as usize)),
+            config,
+        })
+    }
+
+    /// Takes one of the service's `max_connections` slots, if any is free.
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Serves one admitted client until it is done, filling in `audit`.
+    /// `stop` is cancelled when the gateway's shutdown grace period is over.
+    pub async fn serve(&self, inbound: Inbound, audit: &mut Audit, stop: &CancellationToken) {
+        match self.config.kind {
+            ServiceKind::Mapping => mapping::serve(self, inbound, audit, stop).await,
+            // Validation refuses the others until they are built.
+            other => audit.finish(
+                AuditResult::Error,
+                format!("the {} service type is not available yet", other.as_str()),
+            ),
+        }
+    }
+}
