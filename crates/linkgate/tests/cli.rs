@@ -1,0 +1,189 @@
+//! The command line (DESIGN §1) and the configuration fixtures.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn fixtures(kind: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config").join(kind);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    files
+}
+
+/// Runs `linkgate check` from the fixture's folder, so messages name the
+/// file as the user would have typed it.
+fn check_in_dir(file: &Path) -> (i32, String, String) {
+    let out = std::process::Command::new(linkgate_bin())
+        .current_dir(file.parent().unwrap())
+        .args(["check", "-c"])
+        .arg(file.file_name().unwrap())
+        .env_remove("LINKGATE_TEST_SURELY_UNSET")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_invalid_fixture_fails_with_its_expected_message() {
+    let mut failures = Vec::new();
+    for file in fixtures("invalid") {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expected = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks an '# expect: ' first line", file.display()));
+        let (code, stdout, stderr) = check_in_dir(&file);
+        if code != 2 || !stdout.is_empty() || !stderr.contains(expected) {
+            failures.push(format!(
+                "{}: exit {code}\n expected: {expected}\n got:      {stderr}{stdout}",
+                file.display()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_valid_fixture_passes_or_only_names_features_not_built_yet() {
+    for file in fixtures("valid") {
+        let (code, stdout, stderr) = check_in_dir(&file);
+        if code == 0 {
+            assert!(!stdout.is_empty(), "{}: check printed no services", file.display());
+            continue;
+        }
+        assert_eq!(code, 2, "{}", file.display());
+        for line in stderr.lines() {
+            assert!(line.contains("not available yet"), "{}: {line}", file.display());
+        }
+    }
+}
+
+#[test]
+fn examples_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut count = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, _, stderr) = check_in_dir(&path);
+            assert_eq!(code, 0, "{}: {stderr}", path.display());
+            count += 1;
+        }
+    }
+    assert!(count > 0);
+}
+
+#[test]
+fn check_prints_one_line_per_service() {
+    let file = fixtures("valid").into_iter().find(|f| f.ends_with("mapping_every_key.toml")).unwrap();
+    let (code, stdout, _) = check_in_dir(&file);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        lines[0],
+        "intranet-web\tmapping\tlisten=0.0.0.0:2080,[::]:2080\ttarget=[2001:db8::10]:80\tvia=-"
+    );
+    assert!(lines[1].starts_with("mail\tmapping\tlisten=127.0.0.1:2525"));
+}
+
+#[test]
+fn check_of_missing_file_says_so() {
+    let (code, _, stderr) = run_cli(&["check", "-c", "/nonexistent/linkgate.toml"], "");
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/linkgate.toml: cannot read the configuration"), "{stderr}");
+}
+
+#[test]
+fn errors_never_show_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[[user]]\nname = \"alice\"\npassword = \"hunter2-secret\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_cli(&["check", "-c", path.to_str().unwrap()], "");
+    assert_eq!(code, 2);
+    assert!(stderr.contains("user[1].bogus: unknown field"), "{stderr}");
+    assert!(!stdout.contains("hunter2") && !stderr.contains("hunter2"));
+}
+
+#[test]
+fn default_config_is_printed_and_is_the_contracts() {
+    let (code, stdout, _) = run_cli(&["default-config"], "");
+    assert_eq!(code, 0);
+    let value: toml::Value = toml::from_str(&stdout).unwrap();
+    assert_eq!(value["gateway"]["admin"].as_str(), Some("127.0.0.1:9180"));
+    let services = value["service"].as_array().unwrap();
+    assert_eq!(services[0]["name"].as_str(), Some("socks"));
+    assert_eq!(services[0]["listen"].as_str(), Some("127.0.0.1:1080"));
+    assert_eq!(services[1]["name"].as_str(), Some("http"));
+    assert_eq!(services[1]["listen"].as_str(), Some("127.0.0.1:3128"));
+    // No `allow`: loopback clients only.
+    assert!(services.iter().all(|s| s.get("allow").is_none()));
+}
+
+#[test]
+fn passwd_prints_a_verifiable_argon2id_hash() {
+    use argon2::{Argon2, PasswordHash, PasswordVerifier};
+    let (code, stdout, _) = run_cli(&["passwd"], "s3cret pass\n");
+    assert_eq!(code, 0);
+    let phc = stdout.trim();
+    assert!(phc.starts_with("$argon2id$"), "{phc}");
+    let hash = PasswordHash::new(phc).unwrap();
+    assert!(Argon2::default().verify_password(b"s3cret pass", &hash).is_ok());
+    let (code, _, stderr) = run_cli(&["passwd"], "");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("password is empty"));
+}
+
+#[test]
+fn version_and_help() {
+    let (code, stdout, _) = run_cli(&["--version"], "");
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("linkgate "));
+    let (code, stdout, _) = run_cli(&["--help"], "");
+    assert_eq!(code, 0);
+    for word in ["run", "check", "passwd", "peer-record", "default-config", "status"] {
+        assert!(stdout.contains(word), "--help lacks {word}");
+    }
+}
+
+#[test]
+fn run_with_bad_config_exits_2_and_port_in_use_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[gateway]\nlog = \"xml\"\n").unwrap();
+    let (code, _, stderr) = run_cli(&["run", "-c", bad.to_str().unwrap()], "");
+    assert_eq!(code, 2);
+    assert!(stderr.contains("gateway.log"));
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let busy = dir.path().join("busy.toml");
+    std::fs::write(
+        &busy,
+        format!("[[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:{port}\"\ntarget = \"127.0.0.1:9\"\n"),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["run", "-c", busy.to_str().unwrap()], "");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(&format!("service \"web\": cannot listen on 127.0.0.1:{port}: Address already in use")),
+        "{stderr}"
+    );
+}
