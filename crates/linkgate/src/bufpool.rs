@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 
 /// Size of one relay buffer: large enough for bulk throughput on loopback.
-pub const BUF_SIZE: usize = 64 * 1024;
+pub const BUF_SIZE: usize = 256 * 1024;
 
 /// Buffers kept per worker thread; beyond this, returned buffers are freed.
 const CACHE_PER_THREAD: usize = 16;

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use common::*;
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config").join(kind);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(kind);
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -61,12 +63,20 @@ fn every_valid_fixture_passes_or_only_names_features_not_built_yet() {
     for file in fixtures("valid") {
         let (code, stdout, stderr) = check_in_dir(&file);
         if code == 0 {
-            assert!(!stdout.is_empty(), "{}: check printed no services", file.display());
+            assert!(
+                !stdout.is_empty(),
+                "{}: check printed no services",
+                file.display()
+            );
             continue;
         }
         assert_eq!(code, 2, "{}", file.display());
         for line in stderr.lines() {
-            assert!(line.contains("not available yet"), "{}: {line}", file.display());
+            assert!(
+                line.contains("not available yet"),
+                "{}: {line}",
+                file.display()
+            );
         }
     }
 }
@@ -88,7 +98,10 @@ fn examples_are_valid() {
 
 #[test]
 fn check_prints_one_line_per_service() {
-    let file = fixtures("valid").into_iter().find(|f| f.ends_with("mapping_every_key.toml")).unwrap();
+    let file = fixtures("valid")
+        .into_iter()
+        .find(|f| f.ends_with("mapping_every_key.toml"))
+        .unwrap();
     let (code, stdout, _) = check_in_dir(&file);
     assert_eq!(code, 0);
     let lines: Vec<&str> = stdout.lines().collect();
@@ -104,7 +117,10 @@ fn check_prints_one_line_per_service() {
 fn check_of_missing_file_says_so() {
     let (code, _, stderr) = run_cli(&["check", "-c", "/nonexistent/linkgate.toml"], "");
     assert_eq!(code, 2);
-    assert!(stderr.contains("/nonexistent/linkgate.toml: cannot read the configuration"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/linkgate.toml: cannot read the configuration"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -145,7 +161,9 @@ fn passwd_prints_a_verifiable_argon2id_hash() {
     let phc = stdout.trim();
     assert!(phc.starts_with("$argon2id$"), "{phc}");
     let hash = PasswordHash::new(phc).unwrap();
-    assert!(Argon2::default().verify_password(b"s3cret pass", &hash).is_ok());
+    assert!(Argon2::default()
+        .verify_password(b"s3cret pass", &hash)
+        .is_ok());
     let (code, _, stderr) = run_cli(&["passwd"], "");
     assert_eq!(code, 1);
     assert!(stderr.contains("password is empty"));
@@ -158,7 +176,14 @@ fn version_and_help() {
     assert!(stdout.starts_with("linkgate "));
     let (code, stdout, _) = run_cli(&["--help"], "");
     assert_eq!(code, 0);
-    for word in ["run", "check", "passwd", "peer-record", "default-config", "status"] {
+    for word in [
+        "run",
+        "check",
+        "passwd",
+        "peer-record",
+        "default-config",
+        "status",
+    ] {
         assert!(stdout.contains(word), "--help lacks {word}");
     }
 }
@@ -183,7 +208,9 @@ fn run_with_bad_config_exits_2_and_port_in_use_exits_1() {
     let (code, _, stderr) = run_cli(&["run", "-c", busy.to_str().unwrap()], "");
     assert_eq!(code, 1);
     assert!(
-        stderr.contains(&format!("service \"web\": cannot listen on 127.0.0.1:{port}: Address already in use")),
+        stderr.contains(&format!(
+            "service \"web\": cannot listen on 127.0.0.1:{port}: Address already in use"
+        )),
         "{stderr}"
     );
 }
