@@ -575,3 +575,42 @@ mod tests {
         assert!("10 parsecs".parse::<ConfigDuration>().is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// No input makes a parser panic; every error is a message.
+        #[test]
+        fn parsers_never_panic(s in "\\PC{0,40}") {
+            let _ = s.parse::<HostPort>();
+            let _ = s.parse::<Hop>();
+            let _ = s.parse::<AccessRule>();
+            let _ = s.parse::<DestinationRule>();
+            let _ = s.parse::<ConfigDuration>();
+            let _ = s.parse::<Listen>();
+        }
+
+        /// Displaying an address and parsing it back gives the same address.
+        #[test]
+        fn host_port_round_trips(ip in any::<std::net::IpAddr>(), port in any::<u16>()) {
+            let original = HostPort { host: Host::Ip(ip), port };
+            prop_assert_eq!(original.to_string().parse::<HostPort>().unwrap(), original);
+        }
+
+        /// Hops without passwords print exactly as they parse.
+        #[test]
+        fn hop_round_trips(name in "[a-z][a-z0-9-]{0,10}(\\.[a-z]{2,5})?", port in 1u16.., scheme in 0usize..5) {
+            let text = match scheme {
+                0 => format!("{name}:{port}"),
+                1 => format!("socks4://{name}:{port}"),
+                2 => format!("socks4a://{name}:{port}"),
+                3 => format!("socks5://{name}:{port}"),
+                _ => format!("http://{name}:{port}"),
+            };
+            prop_assert_eq!(text.parse::<Hop>().unwrap().to_string(), text);
+        }
+    }
+}
