@@ -1,3 +1,9 @@
 //! The encrypted, mutually authenticated, multiplexed link between two
-//! linkgate gateways (OPAQUE + Noise NNpsk0; see DESIGN §5). Lands with the
-//! link issue; the daemon refuses `[link]` and `[[peer]]` until then.
+//! linkgate gateways. `handshake`, `record` and `frame` are sans-IO (no
+//! sockets, no clock) and tested in memory; `session` drives them over a
+//! tokio TCP stream and multiplexes streams with per-stream flow control.
+//! The protocol is written down in docs/link-protocol.md.
+
+pub mod frame;
+pub mod handshake;
+pub mod record;

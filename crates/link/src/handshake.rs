@@ -1,0 +1,426 @@
+//! The link handshake, sans-IO (see docs/link-protocol.md):
+//!
+//! ```text
+//! M1 dialer -> hub : "LGK1" | version | user_len | user | KE1        (OPAQUE)
+//! M2 hub -> dialer : KE2                                              (OPAQUE)
+//! M3 dialer -> hub : KE3 | Noise NNpsk0 message 1 (psk, e)
+//! M4 hub -> dialer : 0x00 | Noise message 2 (e, ee)   or   0x01 | reason
+//! ```
+//!
+//! OPAQUE (opaque-ke, Ristretto255, 3DH, Argon2id) proves the password both
+//! ways and yields a session key; HKDF turns it into the PSK of a Noise
+//! `NNpsk0` handshake (snow) whose prologue hashes M1, M2 and KE3, so the
+//! Noise session is bound to this exact OPAQUE run. Noise's split gives the
+//! two record keys. There is one version and no options: nothing to downgrade.
+
+use hkdf::Hkdf;
+use opaque_ke::{
+    CipherSuite, ClientLogin, ClientLoginFinishParameters, ClientRegistration,
+    ClientRegistrationFinishParameters, CredentialFinalization, CredentialRequest,
+    CredentialResponse, RegistrationResponse, Ristretto255, ServerLogin, ServerLoginParameters,
+    ServerRegistration, ServerSetup, TripleDh,
+};
+use rand::{CryptoRng, RngCore};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// The OPAQUE cipher suite of link protocol version 1.
+pub struct LinkSuite;
+
+impl CipherSuite for LinkSuite {
+    type OprfCs = Ristretto255;
+    type KeyExchange = TripleDh<Ristretto255, sha2::Sha512>;
+    type Ksf = opaque_ke::argon2::Argon2<'static>;
+}
+
+/// First bytes of M1: protocol name and version.
+pub const MAGIC: &[u8; 4] = b"LGK1";
+/// The only protocol version.
+pub const VERSION: u8 = 1;
+/// Domain separation for the OPAQUE context, prologue and PSK derivation.
+const LABEL: &[u8] = b"linkgate link v1";
+const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
+/// Longest handshake message accepted.
+pub const MAX_HANDSHAKE_MESSAGE: usize = 4096;
+/// Longest user name in M1.
+pub const MAX_USER: usize = 64;
+
+/// Why a handshake failed.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum HandshakeError {
+    /// A message had the wrong form or length.
+    #[error("malformed handshake message: {0}")]
+    Malformed(&'static str),
+    /// The other side speaks another protocol or version.
+    #[error("not a linkgate link, or an unsupported version")]
+    Version,
+    /// OPAQUE or Noise verification failed: wrong password or unknown user
+    /// (the two are deliberately indistinguishable), or tampering.
+    #[error("authentication failed: wrong password or unknown user")]
+    Authentication,
+    /// The hub refused and said why.
+    #[error("the other gateway refused the link: {0}")]
+    Refused(String),
+}
+
+/// Keys and identity of an established link session.
+pub struct SessionKeys {
+    /// Key for records we send.
+    pub send: [u8; 32],
+    /// Key for records we receive.
+    pub recv: [u8; 32],
+    /// Noise handshake hash: unique per session (for logs and tests).
+    pub session_id: [u8; 32],
+}
+
+// === Hub identity and peer records ===
+
+/// The hub's long-term OPAQUE secrets (OPRF seed and key-exchange key pair).
+pub struct Identity(ServerSetup<LinkSuite>);
+
+impl Identity {
+    /// Generates a fresh identity.
+    pub fn generate<R: RngCore + CryptoRng>(rng: &mut R) -> Self {
+        Identity(ServerSetup::new(rng))
+    }
+    /// Serialized form for the identity file.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.serialize().to_vec()
+    }
+    /// Parses the identity file's contents.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HandshakeError> {
+        ServerSetup::deserialize(bytes)
+            .map(Identity)
+            .map_err(|_| HandshakeError::Malformed("invalid identity"))
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("Identity(********)")
+    }
+}
+
+/// A peer's OPAQUE registration record, as stored by the hub: it lets the
+/// hub verify the peer's password without knowing it.
+#[derive(Clone)]
+pub struct PeerRecord(ServerRegistration<LinkSuite>);
+
+impl std::fmt::Debug for PeerRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("PeerRecord(********)")
+    }
+}
+
+impl PeerRecord {
+    /// Runs OPAQUE registration for `user` with `password` against
+    /// `identity`, both sides locally (the hub knows the password at this
+    /// moment only).
+    pub fn register<R: RngCore + CryptoRng>(
+        rng: &mut R,
+        identity: &Identity,
+        user: &str,
+        password: &[u8],
+    ) -> Result<Self, HandshakeError> {
+        let start = ClientRegistration::<LinkSuite>::start(rng, password)
+            .map_err(|_| HandshakeError::Authentication)?;
+        let response = ServerRegistration::start(&identity.0, start.message, user.as_bytes())
+            .map_err(|_| HandshakeError::Authentication)?;
+        let finish = start
+            .state
+            .finish(
+                rng,
+                password,
+                RegistrationResponse::deserialize(&response.message.serialize())
+                    .map_err(|_| HandshakeError::Authentication)?,
+                ClientRegistrationFinishParameters::default(),
+            )
+            .map_err(|_| HandshakeError::Authentication)?;
+        Ok(PeerRecord(ServerRegistration::finish(finish.message)))
+    }
+
+    /// Serialized form (`linkgate peer-record` prints it in base64).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.serialize().to_vec()
+    }
+
+    /// Parses a serialized record.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HandshakeError> {
+        ServerRegistration::deserialize(bytes)
+            .map(PeerRecord)
+            .map_err(|_| HandshakeError::Malformed("invalid peer record"))
+    }
+}
+
+// === Dialer (OPAQUE client, Noise initiator) ===
+
+/// The dialer after sending M1, waiting for M2.
+pub struct ClientAwaitingKe2 {
+    login: ClientLogin<LinkSuite>,
+    password: Vec<u8>,
+    m1: Vec<u8>,
+}
+
+/// The dialer after sending M3, waiting for M4.
+pub struct ClientAwaitingFinal {
+    noise: snow::HandshakeState,
+}
+
+/// Starts a handshake as `user` with `password`; returns the state and M1.
+pub fn client_start<R: RngCore + CryptoRng>(
+    rng: &mut R,
+    user: &str,
+    password: &[u8],
+) -> Result<(ClientAwaitingKe2, Vec<u8>), HandshakeError> {
+    if user.is_empty() || user.len() > MAX_USER {
+        return Err(HandshakeError::Malformed("user name must be 1 to 64 bytes"));
+    }
+    let start = ClientLogin::<LinkSuite>::start(rng, password)
+        .map_err(|_| HandshakeError::Authentication)?;
+    let mut m1 = Vec::with_capacity(128);
+    m1.extend_from_slice(MAGIC);
+    m1.push(VERSION);
+    m1.push(user.len() as u8);
+    m1.extend_from_slice(user.as_bytes());
+    m1.extend_from_slice(&start.message.serialize());
+    let state = ClientAwaitingKe2 {
+        login: start.state,
+        password: password.to_vec(),
+        m1: m1.clone(),
+    };
+    Ok((state, m1))
+}
+
+impl ClientAwaitingKe2 {
+    /// Verifies the hub's M2 (this is where a wrong password is detected)
+    /// and returns M3. `ephemeral` fixes the Noise ephemeral key (tests only).
+    pub fn receive_ke2<R: RngCore + CryptoRng>(
+        self,
+        rng: &mut R,
+        m2: &[u8],
+        ephemeral: Option<&[u8; 32]>,
+    ) -> Result<(ClientAwaitingFinal, Vec<u8>), HandshakeError> {
+        let response = CredentialResponse::<LinkSuite>::deserialize(m2)
+            .map_err(|_| HandshakeError::Malformed("bad KE2"))?;
+        let params = ClientLoginFinishParameters::new(Some(LABEL), Default::default(), None);
+        let finish = self
+            .login
+            .finish(rng, &self.password, response, params)
+            .map_err(|_| HandshakeError::Authentication)?;
+        let ke3 = finish.message.serialize();
+        let prologue = prologue(&self.m1, m2, &ke3);
+        let psk = noise_psk(&finish.session_key);
+        let mut noise = noise_builder(&prologue, &psk, ephemeral)?
+            .build_initiator()
+            .map_err(|_| HandshakeError::Malformed("noise setup"))?;
+        let mut m3 = ke3.to_vec();
+        let mut buf = [0u8; 128];
+        let n = noise
+            .write_message(&[], &mut buf)
+            .map_err(|_| HandshakeError::Malformed("noise message 1"))?;
+        m3.extend_from_slice(&buf[..n]);
+        Ok((ClientAwaitingFinal { noise }, m3))
+    }
+}
+
+impl ClientAwaitingFinal {
+    /// Processes M4: the hub's acceptance (Noise message 2) or refusal.
+    pub fn receive_final(mut self, m4: &[u8]) -> Result<SessionKeys, HandshakeError> {
+        match m4.split_first() {
+            Some((0, noise_message)) => {
+                let mut buf = [0u8; 128];
+                self.noise
+                    .read_message(noise_message, &mut buf)
+                    .map_err(|_| HandshakeError::Authentication)?;
+                if !self.noise.is_handshake_finished() {
+                    return Err(HandshakeError::Malformed("noise handshake incomplete"));
+                }
+                let (initiator_to_responder, responder_to_initiator) =
+                    self.noise.dangerously_get_raw_split();
+                Ok(SessionKeys {
+                    send: initiator_to_responder,
+                    recv: responder_to_initiator,
+                    session_id: session_id(&self.noise),
+                })
+            }
+            Some((1, reason)) => Err(HandshakeError::Refused(
+                String::from_utf8_lossy(&reason[..reason.len().min(256)]).into_owned(),
+            )),
+            _ => Err(HandshakeError::Malformed("bad final message")),
+        }
+    }
+}
+
+// === Hub (OPAQUE server, Noise responder) ===
+
+/// M1, parsed.
+pub struct Hello {
+    /// The name the dialer logs in as (sent in clear; OPAQUE needs it).
+    pub user: String,
+    request: CredentialRequest<LinkSuite>,
+    m1: Vec<u8>,
+}
+
+/// Parses M1.
+pub fn parse_hello(m1: &[u8]) -> Result<Hello, HandshakeError> {
+    if m1.len() < 6 || &m1[..4] != MAGIC || m1[4] != VERSION {
+        return Err(HandshakeError::Version);
+    }
+    let user_len = m1[5] as usize;
+    let user = m1
+        .get(6..6 + user_len)
+        .ok_or(HandshakeError::Malformed("truncated hello"))?;
+    let user = std::str::from_utf8(user)
+        .ok()
+        .filter(|u| !u.is_empty())
+        .ok_or(HandshakeError::Malformed("user name is not UTF-8"))?
+        .to_string();
+    let request = CredentialRequest::deserialize(&m1[6 + user_len..])
+        .map_err(|_| HandshakeError::Malformed("bad KE1"))?;
+    Ok(Hello {
+        user,
+        request,
+        m1: m1.to_vec(),
+    })
+}
+
+/// The hub after sending M2, waiting for M3.
+pub struct ServerAwaitingFinish {
+    login: ServerLogin<LinkSuite>,
+    m1: Vec<u8>,
+    m2: Vec<u8>,
+}
+
+/// Answers M1 with M2. With `record = None` (unknown user) OPAQUE answers
+/// from a fake record, indistinguishable from a real one to the dialer.
+pub fn server_respond<R: RngCore + CryptoRng>(
+    rng: &mut R,
+    identity: &Identity,
+    record: Option<&PeerRecord>,
+    hello: Hello,
+) -> Result<(ServerAwaitingFinish, Vec<u8>), HandshakeError> {
+    let params = ServerLoginParameters {
+        context: Some(LABEL),
+        identifiers: Default::default(),
+    };
+    let start = ServerLogin::start(
+        rng,
+        &identity.0,
+        record.map(|r| r.0.clone()),
+        hello.request,
+        hello.user.as_bytes(),
+        params,
+    )
+    .map_err(|_| HandshakeError::Malformed("cannot answer KE1"))?;
+    let m2 = start.message.serialize().to_vec();
+    let state = ServerAwaitingFinish {
+        login: start.state,
+        m1: hello.m1,
+        m2: m2.clone(),
+    };
+    Ok((state, m2))
+}
+
+/// KE3's length in this suite (a MAC).
+const KE3_LEN: usize = 64;
+
+impl ServerAwaitingFinish {
+    /// Verifies M3; on success returns M4 and the session keys. On failure
+    /// returns the error and the refusal M4 to send before closing.
+    pub fn receive_finish(
+        self,
+        m3: &[u8],
+        ephemeral: Option<&[u8; 32]>,
+    ) -> Result<(Vec<u8>, SessionKeys), (HandshakeError, Vec<u8>)> {
+        let refuse = |e: HandshakeError| {
+            let mut m4 = vec![1u8];
+            m4.extend_from_slice(b"authentication failed: wrong password or unknown user");
+            (e, m4)
+        };
+        if m3.len() <= KE3_LEN {
+            return Err(refuse(HandshakeError::Malformed("short M3")));
+        }
+        let (ke3, noise_message) = m3.split_at(KE3_LEN);
+        let finalization = CredentialFinalization::<LinkSuite>::deserialize(ke3)
+            .map_err(|_| refuse(HandshakeError::Malformed("bad KE3")))?;
+        let params = ServerLoginParameters {
+            context: Some(LABEL),
+            identifiers: Default::default(),
+        };
+        let finish = self
+            .login
+            .finish(finalization, params)
+            .map_err(|_| refuse(HandshakeError::Authentication))?;
+        let prologue = prologue(&self.m1, &self.m2, ke3);
+        let psk = noise_psk(&finish.session_key);
+        let mut noise = noise_builder(&prologue, &psk, ephemeral)
+            .and_then(|b| {
+                b.build_responder()
+                    .map_err(|_| HandshakeError::Malformed("noise setup"))
+            })
+            .map_err(refuse)?;
+        let mut buf = [0u8; 128];
+        noise
+            .read_message(noise_message, &mut buf)
+            .map_err(|_| refuse(HandshakeError::Authentication))?;
+        let n = noise
+            .write_message(&[], &mut buf)
+            .map_err(|_| refuse(HandshakeError::Malformed("noise message 2")))?;
+        let mut m4 = vec![0u8];
+        m4.extend_from_slice(&buf[..n]);
+        let (initiator_to_responder, responder_to_initiator) = noise.dangerously_get_raw_split();
+        Ok((
+            m4,
+            SessionKeys {
+                send: responder_to_initiator,
+                recv: initiator_to_responder,
+                session_id: session_id(&noise),
+            },
+        ))
+    }
+}
+
+// === Shared pieces ===
+
+fn prologue(m1: &[u8], m2: &[u8], ke3: &[u8]) -> Vec<u8> {
+    let mut hash = Sha256::new();
+    for part in [m1, m2, ke3] {
+        hash.update((part.len() as u32).to_be_bytes());
+        hash.update(part);
+    }
+    let mut prologue = LABEL.to_vec();
+    prologue.extend_from_slice(&hash.finalize());
+    prologue
+}
+
+fn noise_psk(session_key: &[u8]) -> [u8; 32] {
+    let mut psk = [0u8; 32];
+    Hkdf::<Sha256>::new(None, session_key)
+        .expand(b"linkgate link v1 noise psk", &mut psk)
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    psk
+}
+
+fn noise_builder<'a>(
+    prologue: &'a [u8],
+    psk: &'a [u8; 32],
+    ephemeral: Option<&'a [u8; 32]>,
+) -> Result<snow::Builder<'a>, HandshakeError> {
+    let params = NOISE_PARAMS
+        .parse()
+        .map_err(|_| HandshakeError::Malformed("noise parameters"))?;
+    let mut builder = snow::Builder::new(params)
+        .prologue(prologue)
+        .and_then(|b| b.psk(0, psk))
+        .map_err(|_| HandshakeError::Malformed("noise setup"))?;
+    if let Some(key) = ephemeral {
+        builder = builder.fixed_ephemeral_key_for_testing_only(key);
+    }
+    Ok(builder)
+}
+
+fn session_id(noise: &snow::HandshakeState) -> [u8; 32] {
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&noise.get_handshake_hash()[..32]);
+    id
+}
