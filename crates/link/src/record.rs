@@ -75,7 +75,7 @@ impl CipherState {
     /// Advances the counter after a record, rekeying at each interval.
     fn advance(&mut self) {
         self.counter += 1;
-        if self.counter % self.rekey_interval == 0 {
+        if self.counter.is_multiple_of(self.rekey_interval) {
             self.raw = rekey(&self.raw);
             self.key = aead_key(&self.raw);
         }
