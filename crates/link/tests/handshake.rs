@@ -12,6 +12,7 @@ struct Transcript {
     m4: Vec<u8>,
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     Success {
         client: SessionKeys,
