@@ -6,4 +6,6 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod io;
 pub mod record;
+pub mod session;

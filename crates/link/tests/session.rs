@@ -1,0 +1,165 @@
+//! Sessions over real loopback TCP: handshake, many streams both ways,
+//! half-close, refusal, clean close and truncation.
+
+use std::time::Duration;
+
+use linkgate_link::handshake::{Identity, PeerRecord};
+use linkgate_link::session::{LinkEnd, OpenError, Role, Session, SessionConfig};
+use rand::rngs::OsRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn pair(
+    config: SessionConfig,
+) -> (
+    (
+        Session,
+        tokio::sync::mpsc::Receiver<linkgate_link::session::IncomingStream>,
+    ),
+    (
+        Session,
+        tokio::sync::mpsc::Receiver<linkgate_link::session::IncomingStream>,
+    ),
+) {
+    let identity = Identity::generate(&mut OsRng);
+    let record = PeerRecord::register(&mut OsRng, &identity, "branch", b"pw").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hub = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let (user, keys) = linkgate_link::io::accept(&mut tcp, &identity, |u| {
+            (u == "branch").then(|| record.clone())
+        })
+        .await
+        .map_err(|f| f.error.to_string())
+        .unwrap();
+        assert_eq!(user, "branch");
+        (tcp, keys)
+    });
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let keys = linkgate_link::io::dial(&mut tcp, "branch", b"pw")
+        .await
+        .unwrap();
+    let (hub_tcp, hub_keys) = hub.await.unwrap();
+    let dialer = Session::start(tcp, keys, Role::Dialer, config.clone());
+    let acceptor = Session::start(hub_tcp, hub_keys, Role::Acceptor, config);
+    (dialer, acceptor)
+}
+
+/// Echoes every accepted stream until its EOF, then half-closes.
+fn serve_echo(mut incoming: tokio::sync::mpsc::Receiver<linkgate_link::session::IncomingStream>) {
+    tokio::spawn(async move {
+        while let Some(request) = incoming.recv().await {
+            if request.service != "echo" {
+                request.refuse("no such service");
+                continue;
+            }
+            let stream = request.accept().unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(stream);
+                tokio::io::copy(&mut r, &mut w).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+        }
+    });
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_echo_intact_with_small_windows() {
+    let config = SessionConfig {
+        window: 16 * 1024,
+        ..SessionConfig::default()
+    };
+    let ((dialer, _), (_acceptor, incoming)) = pair(config).await;
+    serve_echo(incoming);
+    let mut tasks = Vec::new();
+    for i in 0..50u8 {
+        let dialer = dialer.clone();
+        tasks.push(tokio::spawn(async move {
+            let payload = data(200_000 + i as usize * 1000, i);
+            let stream = dialer.open("echo").await.unwrap();
+            let (mut r, mut w) = tokio::io::split(stream);
+            let sent = payload.clone();
+            let writer = tokio::spawn(async move {
+                w.write_all(&sent).await.unwrap();
+                w.shutdown().await.unwrap();
+                w
+            });
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.unwrap();
+            let _w = writer.await.unwrap();
+            assert!(back == payload, "stream {i} corrupted");
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("no deadlock")
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn either_side_opens_and_refusals_carry_the_reason() {
+    let ((dialer, dialer_incoming), (acceptor, acceptor_incoming)) =
+        pair(SessionConfig::default()).await;
+    serve_echo(dialer_incoming);
+    serve_echo(acceptor_incoming);
+    for session in [&dialer, &acceptor] {
+        let mut stream = session.open("echo").await.unwrap();
+        stream.write_all(b"hello").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"hello");
+    }
+    match dialer.open("nope").await {
+        Err(OpenError::Refused(reason)) => assert_eq!(reason, "no such service"),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn close_is_clean_on_both_sides_and_streams_fail_afterwards() {
+    let ((dialer, _), (acceptor, incoming)) = pair(SessionConfig::default()).await;
+    serve_echo(incoming);
+    dialer.close("bye");
+    assert_eq!(acceptor.ended().await, LinkEnd::Closed("bye".into()));
+    assert!(matches!(dialer.ended().await, LinkEnd::Closed(_)));
+    assert!(matches!(
+        dialer.open("echo").await,
+        Err(OpenError::LinkDown(_))
+    ));
+}
+
+#[tokio::test]
+async fn silence_is_detected() {
+    let config = SessionConfig {
+        keepalive: Duration::from_secs(3600),
+        dead_after: Duration::from_millis(300),
+        ..SessionConfig::default()
+    };
+    let ((dialer, _), (_acceptor, _)) = pair(config).await;
+    match dialer.ended().await {
+        LinkEnd::Failed(reason) => assert!(reason.contains("nothing received"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn keepalive_keeps_an_idle_link_up() {
+    let config = SessionConfig {
+        keepalive: Duration::from_millis(50),
+        dead_after: Duration::from_millis(400),
+        ..SessionConfig::default()
+    };
+    let ((dialer, _), (acceptor, _)) = pair(config).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!dialer.is_ended() && !acceptor.is_ended());
+}
