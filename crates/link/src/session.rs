@@ -348,6 +348,11 @@ impl Session {
         self.shared.end.borrow().is_some()
     }
 
+    /// Whether `other` is a handle to this same session.
+    pub fn same_session(&self, other: &Session) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Streams currently open.
     pub fn stream_count(&self) -> usize {
         self.shared.streams().len()

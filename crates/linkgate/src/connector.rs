@@ -4,11 +4,13 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
 use crate::config::{Hop, Host, HostPort, ServiceConfig};
+use crate::links::Links;
 use crate::stream::Stream;
 
 /// Why an outbound connection could not be made. The `Display` text is what
@@ -24,6 +26,12 @@ pub enum ConnectError {
     /// Every address of the destination refused or failed.
     #[error("cannot connect to {0}: {1}")]
     Connect(String, io::Error),
+    /// The link to the peer is not up.
+    #[error("link to peer {0:?} is down")]
+    LinkDown(String),
+    /// The peer refused the stream.
+    #[error("peer {0:?} refused: {1}")]
+    LinkRefused(String, String),
     /// The chain uses a kind of hop this build cannot use yet.
     #[error("{0} hops are not available yet")]
     NotAvailable(&'static str),
@@ -33,18 +41,27 @@ pub enum ConnectError {
 ///
 /// `connect` is cancel safe: dropping its future closes any half-open socket
 /// and leaves nothing behind.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Connector {
     via: Vec<Hop>,
     connect_timeout: Duration,
+    links: Arc<Links>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("Connector").field("via", &self.via).finish()
+    }
 }
 
 impl Connector {
-    /// The connector of `service` (its `via` and `connect_timeout`).
-    pub fn for_service(service: &ServiceConfig) -> Self {
+    /// The connector of `service` (its `via` and `connect_timeout`), opening
+    /// `link://` hops over `links`.
+    pub fn for_service(service: &ServiceConfig, links: Arc<Links>) -> Self {
         Connector {
             via: service.via.clone(),
             connect_timeout: service.connect_timeout.0,
+            links,
         }
     }
 
@@ -74,7 +91,25 @@ impl Connector {
         }
         match target {
             Hop::Direct(addr) => connect_tcp(addr).await.map(Stream::Tcp),
+            Hop::Link { peer, service } => self.open_link(peer, service).await,
             other => Err(ConnectError::NotAvailable(other.scheme())),
+        }
+    }
+
+    /// Opens a stream to `peer`'s `service`; fails at once if the link is down.
+    async fn open_link(&self, peer: &str, service: &str) -> Result<Stream, ConnectError> {
+        let session = self
+            .links
+            .session(peer)
+            .ok_or_else(|| ConnectError::LinkDown(peer.to_string()))?;
+        match session.open(service).await {
+            Ok(stream) => Ok(Stream::Boxed(Box::new(stream))),
+            Err(link::session::OpenError::Refused(reason)) => {
+                Err(ConnectError::LinkRefused(peer.to_string(), reason))
+            }
+            Err(link::session::OpenError::LinkDown(_)) => {
+                Err(ConnectError::LinkDown(peer.to_string()))
+            }
         }
     }
 }

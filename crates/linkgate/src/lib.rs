@@ -9,6 +9,7 @@ pub mod config;
 pub mod connector;
 pub mod gateway;
 pub mod inbound;
+pub mod links;
 pub mod logging;
 pub mod passwd;
 pub mod relay;

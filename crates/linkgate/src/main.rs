@@ -64,12 +64,7 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::Check { config } => check(&config),
         Command::Passwd => passwd(),
-        Command::PeerRecord { .. } => {
-            eprintln!(
-                "linkgate peer-record: encrypted links are not available yet in this version"
-            );
-            ExitCode::from(EXIT_CONFIG)
-        }
+        Command::PeerRecord { config, name } => peer_record(&config, &name),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -123,18 +118,59 @@ fn check(path: &PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn passwd() -> ExitCode {
+/// Reads one password line from stdin; `None` (after saying why) if empty.
+fn read_password(command: &str) -> Option<String> {
     let mut line = String::new();
     if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
-        eprintln!("linkgate passwd: cannot read the password from stdin: {e}");
-        return ExitCode::from(EXIT_RUNTIME);
+        eprintln!("linkgate {command}: cannot read the password from stdin: {e}");
+        return None;
     }
     let password = line.trim_end_matches(['\n', '\r']);
     if password.is_empty() {
-        eprintln!("linkgate passwd: the password is empty; type it on one line on stdin");
-        return ExitCode::from(EXIT_RUNTIME);
+        eprintln!("linkgate {command}: the password is empty; type it on one line on stdin");
+        return None;
     }
-    match linkgate::passwd::hash_password(password) {
+    Some(password.to_string())
+}
+
+fn peer_record(path: &PathBuf, name: &str) -> ExitCode {
+    use base64::Engine;
+    let loaded = match load(Some(path)) {
+        Ok(loaded) => loaded,
+        Err(e) => return config_failure(&e),
+    };
+    let identity = match linkgate::links::identity::load_or_create(&loaded.config.gateway.identity)
+    {
+        Ok(identity) => identity,
+        Err(e) => {
+            eprintln!("linkgate peer-record: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let Some(password) = read_password("peer-record") else {
+        return ExitCode::from(EXIT_RUNTIME);
+    };
+    let mut rng = rand::rngs::OsRng;
+    match link::handshake::PeerRecord::register(&mut rng, &identity, name, password.as_bytes()) {
+        Ok(record) => {
+            println!(
+                "{}",
+                base64::engine::general_purpose::STANDARD.encode(record.to_bytes())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("linkgate peer-record: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn passwd() -> ExitCode {
+    let Some(password) = read_password("passwd") else {
+        return ExitCode::from(EXIT_RUNTIME);
+    };
+    match linkgate::passwd::hash_password(&password) {
         Ok(phc) => {
             println!("{phc}");
             ExitCode::SUCCESS

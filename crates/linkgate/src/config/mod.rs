@@ -6,6 +6,8 @@ mod model;
 mod validate;
 mod values;
 
+pub use validate::decode_peer_record;
+
 pub use load::{
     load_file, parse_and_validate, ConfigError, KeyPath, KeySeg, LoadedConfig, Problem,
 };

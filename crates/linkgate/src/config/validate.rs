@@ -8,6 +8,10 @@ use std::path::Path;
 
 use super::load::{KeyPath, KeySeg};
 use super::model::{AuthMode, Config, ServiceConfig, ServiceKind};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use link::handshake::PeerRecord;
+
 use super::values::{AccessRule, Hop, Listen, Secret};
 
 /// A problem found by validation: where, and what.
@@ -142,6 +146,11 @@ fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
         }
         if dialing && peer.user.as_deref().is_some_and(|u| !valid_name(u)) {
             out.push((path("user"), named(NAME_RULE)));
+        }
+        if let Some(record) = &peer.record {
+            if let Err(why) = decode_peer_record(record.expose()) {
+                out.push((path("record"), named(&why)));
+            }
         }
         if !dialing && peer.user.is_some() {
             out.push((
@@ -379,54 +388,24 @@ fn not_available_yet(config: &Config) -> Vec<Finding> {
     let soon = |what: &str| format!("{what} is not available yet in this version of linkgate");
     for (i, service) in config.service.iter().enumerate() {
         let path = |key: &str| KeyPath::new([key_seg("service"), KeySeg::Index(i), key_seg(key)]);
+        let named = |what: &str| format!("service {:?}: {}", service.name, soon(what));
         if service.kind != ServiceKind::Mapping {
-            out.push((
-                path("type"),
-                format!(
-                    "service {:?}: {}",
-                    service.name,
-                    soon(&format!("the {} service type", service.kind.as_str()))
-                ),
-            ));
-        }
-        if service.listen.contains(&Listen::Link) {
-            out.push((
-                path("listen"),
-                format!(
-                    "service {:?}: {}",
-                    service.name,
-                    soon("listening on \"link\"")
-                ),
-            ));
-        }
-        if matches!(service.target, Some(Hop::Link { .. })) {
-            out.push((
-                path("target"),
-                format!("service {:?}: {}", service.name, soon("a link:// target")),
-            ));
+            let what = format!("the {} service type", service.kind.as_str());
+            out.push((path("type"), named(&what)));
         }
         if !service.via.is_empty() {
-            out.push((
-                path("via"),
-                format!(
-                    "service {:?}: {}",
-                    service.name,
-                    soon("an outbound via chain")
-                ),
-            ));
+            out.push((path("via"), named("an outbound via chain")));
         }
     }
-    if config.link.is_some() {
-        out.push((
-            KeyPath::new([key_seg("link")]),
-            soon("accepting encrypted links ([link])"),
-        ));
-    }
-    if !config.peer.is_empty() {
-        out.push((
-            KeyPath::new([key_seg("peer")]),
-            soon("linking to peers ([[peer]])"),
-        ));
-    }
     out
+}
+
+/// Decodes a `[[peer]] record` (base64 from `linkgate peer-record`).
+pub fn decode_peer_record(text: &str) -> Result<PeerRecord, String> {
+    let bytes = STANDARD.decode(text.trim()).map_err(|_| {
+        "record is not base64; paste the output of `linkgate peer-record` as is".to_string()
+    })?;
+    PeerRecord::from_bytes(&bytes).map_err(|_| {
+        "record is not a valid registration record; make it with `linkgate peer-record`".to_string()
+    })
 }

@@ -13,6 +13,7 @@ use crate::audit::{Audit, AuditResult};
 use crate::config::{ServiceConfig, ServiceKind};
 use crate::connector::Connector;
 use crate::inbound::Inbound;
+use crate::links::Links;
 
 /// A configured service, ready to serve connections.
 #[derive(Debug)]
@@ -34,8 +35,8 @@ pub struct ServiceRuntime {
 
 impl ServiceRuntime {
     /// Builds the runtime of one validated service configuration.
-    pub fn new(config: ServiceConfig) -> Arc<Self> {
-        let connector = Connector::for_service(&config);
+    pub fn new(config: ServiceConfig, links: Arc<Links>) -> Arc<Self> {
+        let connector = Connector::for_service(&config, links);
         Arc::new(ServiceRuntime {
             name: config.name.as_str().into(),
             access: AccessList::for_service(&config),

@@ -1,0 +1,122 @@
+//! Keeps the link to one `[[peer]]` with `connect` up: tries its addresses
+//! in order, authenticates, serves the session, and after any failure waits
+//! with exponential backoff and jitter (capped at 30 s) before trying again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use link::io::LinkHandshakeError;
+use link::session::{LinkEnd, Role, Session, SessionConfig};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use super::{serve_session, Links, StreamDispatch};
+use crate::config::{HostPort, Secret};
+use crate::connector::connect_tcp;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A link that stayed up this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// What a dialer needs to know about its peer.
+pub struct DialTarget {
+    /// Our local name for the peer.
+    pub peer: String,
+    /// Addresses, tried in order.
+    pub connect: Vec<HostPort>,
+    /// The name we log in as.
+    pub user: String,
+    /// The link password.
+    pub password: Secret,
+}
+
+/// Dials until `stop` is cancelled.
+pub async fn run_dialer(
+    target: DialTarget,
+    links: Arc<Links>,
+    dispatch: Arc<dyn StreamDispatch>,
+    config: SessionConfig,
+    stop: CancellationToken,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        if let Some((session, incoming, addr)) = establish(&target, &config).await {
+            tracing::info!(peer = %target.peer, %addr, "link up");
+            let started = Instant::now();
+            let end = tokio::select! {
+                end = serve_session(&links, &dispatch, &target.peer, session.clone(), incoming) => end,
+                () = stop.cancelled() => {
+                    session.close("gateway shutting down");
+                    return;
+                }
+            };
+            match &end {
+                LinkEnd::Closed(reason) => {
+                    tracing::info!(peer = %target.peer, %reason, "link closed by the other gateway")
+                }
+                LinkEnd::Failed(reason) => {
+                    tracing::warn!(peer = %target.peer, %reason, "link down")
+                }
+            }
+            if started.elapsed() >= STABLE_AFTER {
+                backoff = FIRST_BACKOFF;
+            }
+        }
+        // Jitter spreads reconnects of many offices after a hub restart.
+        let half = backoff / 2;
+        let wait = half + half.mul_f64(rand::thread_rng().gen::<f64>());
+        tracing::debug!(peer = %target.peer, wait = ?wait, "reconnecting after backoff");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One pass over the peer's addresses; logs each failure.
+async fn establish(
+    target: &DialTarget,
+    config: &SessionConfig,
+) -> Option<(
+    Session,
+    tokio::sync::mpsc::Receiver<link::session::IncomingStream>,
+    HostPort,
+)> {
+    for addr in &target.connect {
+        let mut tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect_tcp(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %target.peer, %addr, error = %e, "cannot reach the other gateway");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(peer = %target.peer, %addr, "connecting to the other gateway timed out");
+                continue;
+            }
+        };
+        let handshake = link::io::dial(&mut tcp, &target.user, target.password.expose().as_bytes());
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(keys)) => {
+                let (session, incoming) = Session::start(tcp, keys, Role::Dialer, config.clone());
+                return Some((session, incoming, addr.clone()));
+            }
+            Ok(Err(LinkHandshakeError::Handshake(e))) => tracing::error!(
+                peer = %target.peer,
+                %addr,
+                user = %target.user,
+                "authentication failed for peer '{}': {e}; check that both gateways have the same password and that the other side has a [[peer]] named '{}'",
+                target.peer,
+                target.user
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %target.peer, %addr, error = %e, "link handshake failed")
+            }
+            Err(_) => tracing::warn!(peer = %target.peer, %addr, "link handshake timed out"),
+        }
+    }
+    None
+}

@@ -1,0 +1,104 @@
+//! Links to other gateways: the registry of live sessions by peer name,
+//! the dialing loops (with backoff and failover) and the link listener.
+//! Streams arriving over a link are handed to the gateway's dispatcher.
+
+mod acceptor;
+mod dialer;
+pub mod identity;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use link::session::{IncomingStream, Session};
+
+pub use acceptor::{run_acceptor, AcceptContext, FailureTracker};
+pub use dialer::{run_dialer, DialTarget};
+
+/// Receives the streams a peer opens towards this gateway's services.
+pub trait StreamDispatch: Send + Sync + 'static {
+    /// Admits or refuses `request`, which arrived from `peer`.
+    fn dispatch(&self, peer: &str, request: IncomingStream);
+}
+
+/// Live link sessions, by the `[[peer]] name` of the gateway at the other end.
+#[derive(Default)]
+pub struct Links {
+    sessions: Mutex<HashMap<String, Session>>,
+}
+
+impl Links {
+    /// The live session to `peer`, if its link is up.
+    pub fn session(&self, peer: &str) -> Option<Session> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.get(peer).filter(|s| !s.is_ended()).cloned()
+    }
+
+    /// Names of peers whose link is up.
+    pub fn up(&self) -> Vec<String> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions
+            .iter()
+            .filter(|(_, s)| !s.is_ended())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Registers a new session for `peer`, closing any previous one.
+    fn register(&self, peer: &str, session: Session) {
+        let previous = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer.to_string(), session);
+        if let Some(old) = previous {
+            old.close("replaced by a new link from the same peer");
+        }
+    }
+
+    /// Removes `session` if it is still the one registered for `peer`.
+    fn unregister(&self, peer: &str, session: &Session) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.get(peer).is_some_and(|s| s.same_session(session)) {
+            sessions.remove(peer);
+        }
+    }
+
+    /// Closes every link with an authenticated close record.
+    pub fn close_all(&self, reason: &str) {
+        let sessions: Vec<Session> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for session in sessions {
+            session.close(reason);
+        }
+    }
+}
+
+/// Runs a new session: registers it, feeds its incoming streams to
+/// `dispatch`, and unregisters it when it ends. Returns how it ended.
+async fn serve_session(
+    links: &Arc<Links>,
+    dispatch: &Arc<dyn StreamDispatch>,
+    peer: &str,
+    session: Session,
+    mut incoming: tokio::sync::mpsc::Receiver<IncomingStream>,
+) -> link::session::LinkEnd {
+    links.register(peer, session.clone());
+    let dispatcher = {
+        let dispatch = dispatch.clone();
+        let peer = peer.to_string();
+        tokio::spawn(async move {
+            while let Some(request) = incoming.recv().await {
+                dispatch.dispatch(&peer, request);
+            }
+        })
+    };
+    let end = session.ended().await;
+    dispatcher.abort();
+    links.unregister(peer, &session);
+    end
+}
