@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod relay;
+pub mod servers;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,7 +32,12 @@ impl RunningGateway {
     /// Writes `config` to a temp dir and starts `linkgate run -c` on it,
     /// waiting until it logs "linkgate started" (or fails).
     pub fn start(config: &str) -> RunningGateway {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), config)
+    }
+
+    /// Like [`RunningGateway::start`], in a given directory (so a restarted
+    /// gateway finds its identity file again).
+    pub fn start_in(dir: tempfile::TempDir, config: &str) -> RunningGateway {
         let path = dir.path().join("linkgate.toml");
         std::fs::write(&path, config).unwrap();
         let mut child = Command::new(linkgate_bin())
@@ -134,6 +142,20 @@ impl RunningGateway {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// How many log lines satisfy `pred`.
+    pub fn count_lines(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.lines().iter().filter(|l| pred(l)).count()
+    }
+
+    /// Stops the process (SIGTERM), waits for it, and hands back its
+    /// directory for a restart.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        self.signal("TERM");
+        self.wait_exit(std::time::Duration::from_secs(20));
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
     }
 
     /// Waits for the process to exit, up to `timeout`.

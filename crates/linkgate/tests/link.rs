@@ -1,0 +1,411 @@
+//! Two gateway processes joined by an encrypted link, over loopback:
+//! transfers, reverse direction, restart, secrecy and attacks.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::relay::{contains, RelayPlan, TestRelay};
+use common::servers::*;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(30);
+const PASSWORD: &str = "correct horse battery staple";
+
+fn hub_config(services: &str) -> String {
+    format!(
+        "[gateway]\nname = \"hub\"\nlog = \"json\"\nshutdown_grace = \"2s\"\n\n[link]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[peer]]\nname = \"spoke\"\npassword = \"{PASSWORD}\"\n\n{services}"
+    )
+}
+
+fn spoke_config(connect: SocketAddr, password: &str, user: &str, services: &str) -> String {
+    format!(
+        "[gateway]\nname = \"spoke\"\nlog = \"json\"\nshutdown_grace = \"2s\"\n\n\
+         [[peer]]\nname = \"hub\"\nconnect = \"{connect}\"\nuser = \"{user}\"\npassword = \"{password}\"\n\n{services}"
+    )
+}
+
+fn link_addr(gateway: &RunningGateway) -> SocketAddr {
+    gateway
+        .records()
+        .iter()
+        .find(|r| r["message"] == "listening for links")
+        .and_then(|r| r["listen"].as_str()?.parse().ok())
+        .expect("hub listens for links")
+}
+
+/// Hub exporting `web` (→ `target`) to the spoke; spoke mapping `web` → link://hub/web.
+fn hub_service(target: SocketAddr) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"link\"\ntarget = \"{target}\"\nallow = [\"peer:spoke\"]\n"
+    )
+}
+
+const SPOKE_SERVICE: &str =
+    "[[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/web\"\n";
+
+fn wait_link_up(gateway: &RunningGateway, count: usize) {
+    let deadline = Instant::now() + WAIT;
+    while gateway.count_lines(|l| l.contains("\"link up\"")) < count {
+        assert!(
+            Instant::now() < deadline,
+            "link not up; log:\n{}",
+            gateway.lines().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a hub and a spoke whose link goes through `via` (if given).
+fn start_pair(
+    hub_services: &str,
+    spoke_services: &str,
+    relay_to: Option<&dyn Fn(SocketAddr) -> SocketAddr>,
+) -> (RunningGateway, RunningGateway) {
+    let hub = RunningGateway::start(&hub_config(hub_services));
+    let hub_link = link_addr(&hub);
+    let connect = relay_to.map_or(hub_link, |f| f(hub_link));
+    let spoke = RunningGateway::start(&spoke_config(connect, PASSWORD, "spoke", spoke_services));
+    wait_link_up(&spoke, 1);
+    (hub, spoke)
+}
+
+async fn echo_round_trip(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let sent = payload.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    back
+}
+
+#[test]
+fn fifty_megabytes_spoke_to_hub_to_python_http_server_arrive_intact() {
+    let site = tempfile::tempdir().unwrap();
+    let body = pseudo_random(50 * 1024 * 1024, 11);
+    std::fs::write(site.path().join("big.bin"), &body).unwrap();
+    let server = PythonHttpServer::start(site.path());
+    let (hub, spoke) = start_pair(&hub_service(server.addr), SPOKE_SERVICE, None);
+    let out = spoke.dir.path().join("download.bin");
+    let status = Command::new("curl")
+        .args(["-sS", "--fail", "-o"])
+        .arg(&out)
+        .arg(format!("http://{}/big.bin", spoke.addr("web")))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(sha256_file(&out), sha256_hex(&body));
+    let spoke_audit = &spoke.wait_for_audits(1, WAIT)[0];
+    assert_eq!(spoke_audit["target"], "link://hub/web");
+    assert_eq!(spoke_audit["result"], "ok");
+    let hub_audit = &hub.wait_for_audits(1, WAIT)[0];
+    assert_eq!(hub_audit["client"], "peer:spoke");
+    assert_eq!(hub_audit["result"], "ok");
+    assert!(hub_audit["bytes_down"].as_u64().unwrap() > body.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_streams_all_intact_and_reverse_direction_works() {
+    let echo = echo_server().await;
+    // Hub exports `web`; the spoke exports `back` and the hub maps to it (reverse tunnel).
+    let hub_services = format!(
+        "{}\n[[service]]\nname = \"reverse\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://spoke/back\"\n",
+        hub_service(echo)
+    );
+    let spoke_services = format!(
+        "{SPOKE_SERVICE}\n[[service]]\nname = \"back\"\ntype = \"mapping\"\nlisten = \"link\"\ntarget = \"{echo}\"\nallow = \"peer:hub\"\n"
+    );
+    let (hub, spoke) = start_pair(&hub_services, &spoke_services, None);
+    let addr = spoke.addr("web");
+    let mut tasks = Vec::new();
+    for i in 0..100u64 {
+        tasks.push(tokio::spawn(async move {
+            let data = pseudo_random(100_000 + i as usize * 331, i + 7);
+            assert!(
+                echo_round_trip(addr, &data).await == data,
+                "stream {i} corrupted"
+            );
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let data = pseudo_random(2_000_000, 5);
+    assert!(echo_round_trip(hub.addr("reverse"), &data).await == data);
+    let spoke_audits = spoke.wait_for_audits(101, WAIT);
+    assert!(spoke_audits
+        .iter()
+        .filter(|a| a["service"] == "back")
+        .all(|a| a["client"] == "peer:hub"));
+    assert!(
+        spoke_audits.iter().all(|a| a["result"] == "ok"),
+        "{spoke_audits:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_restart_is_survived_and_a_down_link_fails_fast() {
+    let echo = echo_server().await;
+    let (hub, spoke) = start_pair(&hub_service(echo), SPOKE_SERVICE, None);
+    let addr = spoke.addr("web");
+    assert_eq!(echo_round_trip(addr, b"before").await, b"before");
+    let hub_link = link_addr(&hub);
+    let dir = hub.stop();
+
+    // While the hub is down, connections fail within a second with a clear reason.
+    let started = Instant::now();
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = client.read(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    let audits = spoke.wait_for_audits(2, WAIT);
+    assert_eq!(audits[1]["result"], "error");
+    assert_eq!(audits[1]["reason"], "link to peer \"hub\" is down");
+
+    // Same port, same identity file: the spoke reconnects by itself.
+    let config = hub_config(&hub_service(echo)).replace("127.0.0.1:0", &hub_link.to_string());
+    let _hub = RunningGateway::start_in(dir, &config);
+    wait_link_up(&spoke, 2);
+    assert_eq!(echo_round_trip(addr, b"after").await, b"after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wire_shows_neither_tunnel_data_nor_the_password() {
+    let echo = echo_server().await;
+    let hub = RunningGateway::start(&hub_config(&hub_service(echo)));
+    let relay = TestRelay::start(link_addr(&hub), RelayPlan::default()).await;
+    let spoke = RunningGateway::start(&spoke_config(relay.addr, PASSWORD, "spoke", SPOKE_SERVICE));
+    wait_link_up(&spoke, 1);
+    let marker = b"MARKER-d41d8cd98f00b204e9800998ecf8427e";
+    let payload: Vec<u8> = marker
+        .iter()
+        .copied()
+        .cycle()
+        .take(marker.len() * 1000)
+        .collect();
+    assert_eq!(echo_round_trip(spoke.addr("web"), &payload).await, payload);
+    let wire = relay.recorded();
+    assert!(
+        wire.len() > payload.len() * 2,
+        "the tunnel went through the recorder"
+    );
+    assert!(
+        !contains(&wire, &marker[..16]),
+        "plaintext marker on the wire"
+    );
+    assert!(
+        !contains(&wire, PASSWORD.as_bytes()),
+        "password on the wire"
+    );
+    assert!(
+        !contains(&wire, b"horse"),
+        "part of the password on the wire"
+    );
+    // The user name is sent in clear (OPAQUE needs it), as documented.
+    assert!(contains(&wire, b"spoke"));
+}
+
+#[test]
+fn wrong_password_fails_clearly_on_both_sides_and_no_data_flows() {
+    let hub = RunningGateway::start(&hub_config(
+        "[[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"link\"\ntarget = \"127.0.0.1:9\"\nallow = \"peer:spoke\"\n",
+    ));
+    let spoke = RunningGateway::start(&spoke_config(
+        link_addr(&hub),
+        "wrong password",
+        "spoke",
+        SPOKE_SERVICE,
+    ));
+    spoke.wait_for_line(
+        |l| l.contains("authentication failed for peer 'hub': authentication failed: wrong password or unknown user"),
+        WAIT,
+    );
+    hub.wait_for_line(
+        |l| l.contains("authentication failed for peer 'spoke'"),
+        WAIT,
+    );
+    assert_eq!(spoke.count_lines(|l| l.contains("\"link up\"")), 0);
+    // A client of the spoke is refused at once: the link is not up.
+    let mut client = std::net::TcpStream::connect(spoke.addr("web")).unwrap();
+    let mut buf = [0u8; 4];
+    assert_eq!(std::io::Read::read(&mut client, &mut buf).unwrap_or(0), 0);
+    assert_eq!(
+        spoke.wait_for_audits(1, WAIT)[0]["reason"],
+        "link to peer \"hub\" is down"
+    );
+    assert!(hub.audits().is_empty());
+}
+
+#[test]
+fn unknown_user_fails_like_a_wrong_password() {
+    let hub = RunningGateway::start(&hub_config(""));
+    let spoke = RunningGateway::start(&spoke_config(
+        link_addr(&hub),
+        PASSWORD,
+        "intruder",
+        SPOKE_SERVICE,
+    ));
+    spoke.wait_for_line(|l| l.contains("wrong password or unknown user"), WAIT);
+    hub.wait_for_line(
+        |l| l.contains("authentication failed for peer 'intruder'"),
+        WAIT,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_handshake_is_refused_by_the_hub() {
+    let echo = echo_server().await;
+    let hub = RunningGateway::start(&hub_config(&hub_service(echo)));
+    let relay = TestRelay::start(link_addr(&hub), RelayPlan::default()).await;
+    let spoke = RunningGateway::start(&spoke_config(relay.addr, PASSWORD, "spoke", SPOKE_SERVICE));
+    wait_link_up(&spoke, 1);
+    wait_link_up(&hub, 1);
+    // The dialer's handshake messages are the first two frames it sent.
+    let up = relay.up.lock().unwrap().clone();
+    let frame_end = |at: usize| at + 2 + u16::from_be_bytes([up[at], up[at + 1]]) as usize;
+    let m1_end = frame_end(0);
+    let m3_end = frame_end(m1_end);
+    let mut attacker = TcpStream::connect(link_addr(&hub)).await.unwrap();
+    attacker.write_all(&up[..m1_end]).await.unwrap();
+    let mut m2 = vec![0u8; 2];
+    attacker.read_exact(&mut m2).await.unwrap();
+    let mut rest = vec![0u8; u16::from_be_bytes([m2[0], m2[1]]) as usize];
+    attacker.read_exact(&mut rest).await.unwrap();
+    attacker.write_all(&up[m1_end..m3_end]).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = attacker.read_to_end(&mut answer).await;
+    assert_eq!(answer.get(2), Some(&1u8), "the hub refuses (status 1)");
+    hub.wait_for_line(
+        |l| l.contains("authentication failed for peer 'spoke'"),
+        WAIT,
+    );
+    assert_eq!(hub.count_lines(|l| l.contains("\"link up\"")), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_data_byte_closes_the_link_and_is_never_delivered() {
+    let (sink, received) = sink_server().await;
+    let hub = RunningGateway::start(&hub_config(&hub_service(sink)));
+    // The handshake is well under 2 KB; byte 50,000 is inside stream data.
+    let plan = RelayPlan {
+        flip_up_at: Some(50_000),
+        ..RelayPlan::default()
+    };
+    let relay = TestRelay::start(link_addr(&hub), plan).await;
+    let spoke = RunningGateway::start(&spoke_config(relay.addr, PASSWORD, "spoke", SPOKE_SERVICE));
+    wait_link_up(&spoke, 1);
+    let payload = pseudo_random(1_000_000, 21);
+    let mut client = TcpStream::connect(spoke.addr("web")).await.unwrap();
+    let _ = client.write_all(&payload).await;
+    hub.wait_for_line(
+        |l| l.contains("link down") && l.contains("failed authentication"),
+        WAIT,
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = received.lock().unwrap().clone();
+    assert!(
+        got.len() < payload.len(),
+        "the tampered stream must not complete"
+    );
+    assert_eq!(
+        &payload[..got.len()],
+        &got[..],
+        "only an untouched prefix may be delivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncation_without_a_close_record_is_reported_as_an_error() {
+    let echo = echo_server().await;
+    let hub = RunningGateway::start(&hub_config(&hub_service(echo)));
+    let relay = TestRelay::start(link_addr(&hub), RelayPlan::default()).await;
+    let spoke = RunningGateway::start(&spoke_config(relay.addr, PASSWORD, "spoke", SPOKE_SERVICE));
+    wait_link_up(&spoke, 1);
+    wait_link_up(&hub, 1);
+    relay.cut();
+    for gateway in [&hub, &spoke] {
+        gateway.wait_for_line(
+            |l| l.contains("link down") && l.contains("without a close record (truncated)"),
+            WAIT,
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_link_with_bulk_both_ways_on_many_streams_does_not_deadlock() {
+    let echo = echo_server().await;
+    let hub = RunningGateway::start(&hub_config(&hub_service(echo)));
+    let plan = RelayPlan {
+        rate: 4 * 1024 * 1024,
+        ..RelayPlan::default()
+    };
+    let relay = TestRelay::start(link_addr(&hub), plan).await;
+    let spoke = RunningGateway::start(&spoke_config(relay.addr, PASSWORD, "spoke", SPOKE_SERVICE));
+    wait_link_up(&spoke, 1);
+    let addr = spoke.addr("web");
+    let mut tasks = Vec::new();
+    for i in 0..24u64 {
+        tasks.push(tokio::spawn(async move {
+            let data = pseudo_random(400_000, 100 + i);
+            assert!(
+                echo_round_trip(addr, &data).await == data,
+                "stream {i} corrupted"
+            );
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("no deadlock")
+            .unwrap();
+    }
+}
+
+#[test]
+fn streams_to_unexported_or_disallowed_services_are_refused_and_audited() {
+    let hub_services = "[[service]]\nname = \"private\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:9\"\n\n\
+        [[service]]\nname = \"closed\"\ntype = \"mapping\"\nlisten = \"link\"\ntarget = \"127.0.0.1:9\"\n";
+    let spoke_services = "[[service]]\nname = \"a\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/private\"\n\n\
+        [[service]]\nname = \"b\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/closed\"\n\n\
+        [[service]]\nname = \"c\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/missing\"\n";
+    let (hub, spoke) = start_pair(hub_services, spoke_services, None);
+    for name in ["a", "b", "c"] {
+        let mut client = std::net::TcpStream::connect(spoke.addr(name)).unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(std::io::Read::read(&mut client, &mut buf).unwrap_or(0), 0);
+    }
+    let hub_audits = hub.wait_for_audits(3, WAIT);
+    let reason = |service: &str| {
+        hub_audits.iter().find(|a| a["service"] == service).unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(hub_audits
+        .iter()
+        .all(|a| a["result"] == "denied" && a["client"] == "peer:spoke"));
+    assert!(reason("private").contains("not exported over links"));
+    assert!(reason("closed").contains("not in the service's allow list"));
+    assert!(reason("missing").contains("no service named \"missing\""));
+    let spoke_audits = spoke.wait_for_audits(3, WAIT);
+    assert!(spoke_audits.iter().all(|a| a["result"] == "error"
+        && a["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("peer \"hub\" refused: ")));
+}
