@@ -28,6 +28,7 @@ fn check_in_dir(file: &Path) -> (i32, String, String) {
         .args(["check", "-c"])
         .arg(file.file_name().unwrap())
         .env_remove("LINKGATE_TEST_SURELY_UNSET")
+        .env("LINKGATE_MAIN_PW", "example-password")
         .output()
         .unwrap();
     (
