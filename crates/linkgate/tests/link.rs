@@ -409,3 +409,41 @@ fn streams_to_unexported_or_disallowed_services_are_refused_and_audited() {
             .unwrap()
             .starts_with("peer \"hub\" refused: ")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialer_fails_over_to_the_next_address_and_hub_can_hold_a_record_instead_of_the_password() {
+    let echo = echo_server().await;
+    // The hub's [[peer]] holds a record made by `linkgate peer-record`.
+    let dir = tempfile::tempdir().unwrap();
+    let base = hub_config(&hub_service(echo));
+    std::fs::write(dir.path().join("linkgate.toml"), &base).unwrap();
+    let (code, record, stderr) = run_cli(
+        &[
+            "peer-record",
+            "-c",
+            dir.path().join("linkgate.toml").to_str().unwrap(),
+            "spoke",
+        ],
+        &format!("{PASSWORD}\n"),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let config = base.replace(
+        &format!("password = \"{PASSWORD}\""),
+        &format!("record = \"{}\"", record.trim()),
+    );
+    assert!(!config.contains(PASSWORD));
+    let hub = RunningGateway::start_in(dir, &config);
+    // First address refuses connections; the second is the hub.
+    let spoke_config = spoke_config(link_addr(&hub), PASSWORD, "spoke", SPOKE_SERVICE).replace(
+        "connect = \"",
+        &format!("connect = [\"{}\", \"", closed_port()),
+    );
+    let spoke_config = spoke_config.replacen("\"\nuser", "\"]\nuser", 1);
+    let spoke = RunningGateway::start(&spoke_config);
+    wait_link_up(&spoke, 1);
+    spoke.wait_for_line(|l| l.contains("cannot reach the other gateway"), WAIT);
+    assert_eq!(
+        echo_round_trip(spoke.addr("web"), b"via failover").await,
+        b"via failover"
+    );
+}

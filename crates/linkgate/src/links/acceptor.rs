@@ -171,3 +171,28 @@ async fn accept_one(
         LinkEnd::Failed(reason) => tracing::warn!(%peer, %reason, "link down"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_start_after_free_failures_grow_and_reset_on_success() {
+        let tracker = FailureTracker::default();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for _ in 0..FREE_FAILURES {
+            assert_eq!(tracker.delay(ip), Duration::ZERO);
+            tracker.failed(ip);
+        }
+        assert_eq!(tracker.delay(ip), Duration::from_millis(250));
+        tracker.failed(ip);
+        assert_eq!(tracker.delay(ip), Duration::from_millis(500));
+        for _ in 0..20 {
+            tracker.failed(ip);
+        }
+        assert_eq!(tracker.delay(ip), Duration::from_secs(10));
+        assert_eq!(tracker.delay("192.0.2.8".parse().unwrap()), Duration::ZERO);
+        tracker.succeeded(ip);
+        assert_eq!(tracker.delay(ip), Duration::ZERO);
+    }
+}
