@@ -92,6 +92,16 @@ impl Destinations {
         }
     }
 
+    /// Whether some entry is a network, so host names must be resolved
+    /// before [`Destinations::allows`] can judge them.
+    pub fn needs_resolution(&self) -> bool {
+        self.rules
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|rule| matches!(rule.host, HostPattern::Net(_)))
+    }
+
     /// Whether `host:port` as the client asked for it is allowed. `resolved`
     /// are the addresses a name resolved to, checked against CIDR entries.
     pub fn allows(&self, host: &Host, port: u16, resolved: &[IpAddr]) -> bool {

@@ -23,8 +23,9 @@ use crate::audit::{Audit, AuditResult};
 use crate::config::{Config, Host, HostPort, Listen};
 use crate::inbound::{ClientId, Inbound};
 use crate::links::{self, AcceptContext, DialTarget, FailureTracker, Links, StreamDispatch};
-use crate::service::ServiceRuntime;
+use crate::service::{ServiceRuntime, SharedContext};
 use crate::stream::Stream;
+use crate::users::UserDb;
 
 /// A failure while starting or running that is not the config's fault.
 #[derive(Debug, thiserror::Error)]
@@ -84,10 +85,14 @@ impl Gateway {
             close_all: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
+        let shared = SharedContext {
+            links: links.clone(),
+            users: Arc::new(UserDb::new(&config.user)),
+        };
         let mut services = HashMap::new();
         let mut listeners = Vec::new();
         for service in &config.service {
-            let runtime = ServiceRuntime::new(service.clone(), links.clone());
+            let runtime = ServiceRuntime::new(service.clone(), &shared);
             services.insert(service.name.clone(), runtime.clone());
             for listen in &service.listen {
                 let Listen::Tcp(addr) = listen else { continue };
@@ -370,6 +375,7 @@ fn admit_tcp(service: &Arc<ServiceRuntime>, tcp: TcpStream, peer: SocketAddr, sh
         return;
     };
     let inbound = Inbound {
+        local: tcp.local_addr().ok(),
         stream: tcp.into(),
         client,
     };
@@ -430,6 +436,7 @@ impl StreamDispatch for GatewayDispatch {
         let inbound = Inbound {
             stream: Stream::Boxed(Box::new(stream)),
             client,
+            local: None,
         };
         spawn_serve(service, inbound, slot, audit, &self.shutdown);
     }

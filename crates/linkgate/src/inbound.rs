@@ -37,4 +37,7 @@ pub struct Inbound {
     pub stream: Stream,
     /// Who the client is.
     pub client: ClientId,
+    /// The gateway's own address on a TCP connection (where BIND and UDP
+    /// ASSOCIATE open their sockets); `None` for link streams.
+    pub local: Option<std::net::SocketAddr>,
 }

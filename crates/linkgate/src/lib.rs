@@ -15,3 +15,4 @@ pub mod passwd;
 pub mod relay;
 pub mod service;
 pub mod stream;
+pub mod users;

@@ -2,6 +2,7 @@
 //! One module per service type; [`ServiceRuntime`] holds what they share.
 
 mod mapping;
+mod socks;
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use crate::config::{ServiceConfig, ServiceKind};
 use crate::connector::Connector;
 use crate::inbound::Inbound;
 use crate::links::Links;
+use crate::users::UserDb;
 
 /// A configured service, ready to serve connections.
 #[derive(Debug)]
@@ -30,19 +32,31 @@ pub struct ServiceRuntime {
     pub connector: Connector,
     /// The chain as written in audit records.
     pub via_text: Arc<str>,
+    /// Accounts for `auth = "password"`.
+    pub users: Arc<UserDb>,
     slots: Arc<Semaphore>,
+}
+
+/// What every service shares with the rest of the gateway.
+#[derive(Clone)]
+pub struct SharedContext {
+    /// Live links, for `link://` hops.
+    pub links: Arc<Links>,
+    /// `[[user]]` accounts.
+    pub users: Arc<UserDb>,
 }
 
 impl ServiceRuntime {
     /// Builds the runtime of one validated service configuration.
-    pub fn new(config: ServiceConfig, links: Arc<Links>) -> Arc<Self> {
-        let connector = Connector::for_service(&config, links);
+    pub fn new(config: ServiceConfig, shared: &SharedContext) -> Arc<Self> {
+        let connector = Connector::for_service(&config, shared.links.clone());
         Arc::new(ServiceRuntime {
             name: config.name.as_str().into(),
             access: AccessList::for_service(&config),
             destinations: Destinations::for_service(&config),
             via_text: connector.via_text().into(),
             connector,
+            users: shared.users.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections as usize)),
             config,
         })
@@ -58,6 +72,7 @@ impl ServiceRuntime {
     pub async fn serve(&self, inbound: Inbound, audit: &mut Audit, stop: &CancellationToken) {
         match self.config.kind {
             ServiceKind::Mapping => mapping::serve(self, inbound, audit, stop).await,
+            ServiceKind::Socks => socks::serve(self, inbound, audit, stop).await,
             // Validation refuses the others until they are built.
             other => audit.finish(
                 AuditResult::Error,

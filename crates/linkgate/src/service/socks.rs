@@ -1,0 +1,735 @@
+//! The SOCKS service (DESIGN §3): SOCKS4, 4a and 5 on one port, told apart
+//! by the first byte; no-auth and RFC 1929 username/password; CONNECT, BIND
+//! and UDP ASSOCIATE; reply codes that say what happened.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use proto::socks::{
+    self, v5consts as c, Address, Command, Greeting, PasswordAuth, Reply, Request, Socks4Reply,
+    Socks4Request, SocksError,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use super::ServiceRuntime;
+use crate::access::Verdict;
+use crate::audit::{Audit, AuditResult};
+use crate::config::{AuthMode, Hop, Host, HostPort};
+use crate::connector::ConnectError;
+use crate::inbound::{ClientId, Inbound};
+use crate::relay::{relay, RelayEnd, RelayOutcome};
+use crate::stream::Stream;
+
+/// Most bytes buffered before a request is complete (largest SOCKS4a
+/// request, with room for pipelined early data).
+const HANDSHAKE_CAP: usize = 1024;
+
+/// A negotiated request, ready to carry out.
+struct Negotiated {
+    version: u8,
+    command: Command,
+    destination: Address,
+    /// Bytes the client sent after its request (pipelined early data).
+    leftover: Vec<u8>,
+}
+
+/// Why negotiation ended without a request to carry out; the audit record
+/// has already been filled in and any reply sent.
+struct Ended;
+
+/// Reads a client's handshake messages with a hard size cap.
+struct HandshakeReader {
+    buf: Vec<u8>,
+}
+
+enum ReadFailure {
+    Closed,
+    TooLong,
+    Io(io::Error),
+    Protocol(SocksError),
+}
+
+impl HandshakeReader {
+    async fn next<T>(
+        &mut self,
+        stream: &mut Stream,
+        parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, SocksError>,
+    ) -> Result<T, ReadFailure> {
+        loop {
+            match parse(&self.buf) {
+                Ok(Some((value, used))) => {
+                    self.buf.drain(..used);
+                    return Ok(value);
+                }
+                Ok(None) if self.buf.len() >= HANDSHAKE_CAP => return Err(ReadFailure::TooLong),
+                Ok(None) => {}
+                Err(e) => return Err(ReadFailure::Protocol(e)),
+            }
+            let mut chunk = [0u8; 512];
+            let room = (HANDSHAKE_CAP - self.buf.len()).min(chunk.len());
+            match stream.read(&mut chunk[..room]).await {
+                Ok(0) => return Err(ReadFailure::Closed),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(ReadFailure::Io(e)),
+            }
+        }
+    }
+}
+
+/// Serves one SOCKS client.
+pub async fn serve(
+    service: &ServiceRuntime,
+    mut inbound: Inbound,
+    audit: &mut Audit,
+    stop: &CancellationToken,
+) {
+    let timeout = service.config.handshake_timeout;
+    let negotiated =
+        match tokio::time::timeout(timeout.0, negotiate(service, &mut inbound, audit)).await {
+            Ok(Ok(negotiated)) => negotiated,
+            Ok(Err(Ended)) => return,
+            Err(_) => {
+                audit.finish(
+                    AuditResult::Error,
+                    format!("handshake not finished within {timeout}"),
+                );
+                return;
+            }
+        };
+    audit.target = negotiated.destination.to_string();
+    if let Err(reason) = check_destination(service, &negotiated.destination).await {
+        send_reply(
+            &mut inbound.stream,
+            negotiated.version,
+            c::REPLY_NOT_ALLOWED,
+            None,
+        )
+        .await;
+        audit.finish(AuditResult::Denied, reason);
+        return;
+    }
+    match negotiated.command {
+        Command::Connect => connect(service, inbound, negotiated, audit, stop).await,
+        Command::Bind => bind(service, inbound, negotiated, audit, stop).await,
+        Command::UdpAssociate => udp_associate(service, inbound, negotiated, audit, stop).await,
+    }
+}
+
+async fn negotiate(
+    service: &ServiceRuntime,
+    inbound: &mut Inbound,
+    audit: &mut Audit,
+) -> Result<Negotiated, Ended> {
+    let mut reader = HandshakeReader {
+        buf: Vec::with_capacity(64),
+    };
+    let stream = &mut inbound.stream;
+    let fail = |audit: &mut Audit, failure: ReadFailure| {
+        let reason = match failure {
+            ReadFailure::Closed => "client closed during the SOCKS handshake".to_string(),
+            ReadFailure::TooLong => format!("SOCKS request longer than {HANDSHAKE_CAP} bytes"),
+            ReadFailure::Io(e) => format!("reading the SOCKS handshake: {e}"),
+            ReadFailure::Protocol(e) => e.to_string(),
+        };
+        audit.finish(AuditResult::Error, reason);
+        Ended
+    };
+    let mut first = [0u8; 1];
+    match stream.read(&mut first).await {
+        Ok(1) => reader.buf.push(first[0]),
+        Ok(_) => return Err(fail(audit, ReadFailure::Closed)),
+        Err(e) => return Err(fail(audit, ReadFailure::Io(e))),
+    }
+    match socks::version_of(first[0]) {
+        Ok(4) => {
+            let request = match reader.next(stream, Socks4Request::parse).await {
+                Ok(request) => request,
+                Err(failure) => {
+                    if matches!(failure, ReadFailure::Protocol(SocksError::Command(_))) {
+                        send_reply(stream, 4, c::REPLY_COMMAND_NOT_SUPPORTED, None).await;
+                    }
+                    return Err(fail(audit, failure));
+                }
+            };
+            if service.config.auth == AuthMode::Password {
+                send_reply(stream, 4, c::REPLY_NOT_ALLOWED, None).await;
+                audit.finish(
+                    AuditResult::AuthFailed,
+                    "SOCKS4 cannot carry a password and this service requires auth = \"password\"; use SOCKS5",
+                );
+                return Err(Ended);
+            }
+            Ok(Negotiated {
+                version: 4,
+                command: request.command,
+                destination: request.destination,
+                leftover: reader.buf,
+            })
+        }
+        Ok(_) => {
+            let greeting = reader
+                .next(stream, Greeting::parse)
+                .await
+                .map_err(|f| fail(audit, f))?;
+            let wanted = match service.config.auth {
+                AuthMode::Password => c::METHOD_PASSWORD,
+                AuthMode::None => c::METHOD_NONE,
+            };
+            if !greeting.methods.contains(&wanted) {
+                let _ = stream.write_all(&[5, c::METHOD_UNACCEPTABLE]).await;
+                let (result, reason) = match service.config.auth {
+                    AuthMode::Password => (
+                        AuditResult::AuthFailed,
+                        "client offered no username/password method",
+                    ),
+                    AuthMode::None => (
+                        AuditResult::Error,
+                        "client offered no method this service accepts",
+                    ),
+                };
+                audit.finish(result, reason);
+                return Err(Ended);
+            }
+            write_or_end(stream, &[5, wanted], audit).await?;
+            if wanted == c::METHOD_PASSWORD {
+                let credentials = reader
+                    .next(stream, PasswordAuth::parse)
+                    .await
+                    .map_err(|f| fail(audit, f))?;
+                login(service, stream, &inbound.client, credentials, audit).await?;
+            }
+            let request = match reader.next(stream, Request::parse).await {
+                Ok(request) => request,
+                Err(failure) => {
+                    let code = match &failure {
+                        ReadFailure::Protocol(SocksError::Command(_)) => {
+                            Some(c::REPLY_COMMAND_NOT_SUPPORTED)
+                        }
+                        ReadFailure::Protocol(SocksError::AddressType(_)) => {
+                            Some(c::REPLY_ADDRESS_TYPE_NOT_SUPPORTED)
+                        }
+                        ReadFailure::Protocol(_) | ReadFailure::TooLong => {
+                            Some(c::REPLY_GENERAL_FAILURE)
+                        }
+                        _ => None,
+                    };
+                    if let Some(code) = code {
+                        send_reply(stream, 5, code, None).await;
+                    }
+                    return Err(fail(audit, failure));
+                }
+            };
+            Ok(Negotiated {
+                version: 5,
+                command: request.command,
+                destination: request.destination,
+                leftover: reader.buf,
+            })
+        }
+        Err(e) => Err(fail(audit, ReadFailure::Protocol(e))),
+    }
+}
+
+async fn write_or_end(stream: &mut Stream, bytes: &[u8], audit: &mut Audit) -> Result<(), Ended> {
+    if let Err(e) = stream.write_all(bytes).await {
+        audit.finish(AuditResult::Error, format!("writing to client: {e}"));
+        return Err(Ended);
+    }
+    Ok(())
+}
+
+/// RFC 1929 login, then the `user:` access rules.
+async fn login(
+    service: &ServiceRuntime,
+    stream: &mut Stream,
+    client: &ClientId,
+    credentials: PasswordAuth,
+    audit: &mut Audit,
+) -> Result<(), Ended> {
+    audit.user = Some(credentials.user.clone());
+    if let Err(failure) = service
+        .users
+        .verify(&credentials.user, &credentials.password)
+        .await
+    {
+        let _ = stream.write_all(&[1, 1]).await;
+        audit.finish(
+            AuditResult::AuthFailed,
+            format!("{failure} for user {:?}", credentials.user),
+        );
+        return Err(Ended);
+    }
+    if let Verdict::Deny(why) = service.access.check(client, Some(&credentials.user)) {
+        let _ = stream.write_all(&[1, 1]).await;
+        audit.finish(AuditResult::Denied, why);
+        return Err(Ended);
+    }
+    write_or_end(stream, &[1, 0], audit).await
+}
+
+/// The `destinations` rules; names are resolved first when a rule is a network.
+async fn check_destination(service: &ServiceRuntime, destination: &Address) -> Result<(), String> {
+    let (host, port) = host_of(destination);
+    let resolved: Vec<IpAddr> = match (&host, service.destinations.needs_resolution()) {
+        (Host::Name(name), true) => tokio::net::lookup_host((name.as_str(), port))
+            .await
+            .map(|addrs| addrs.map(|a| a.ip()).collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    if service.destinations.allows(&host, port, &resolved) {
+        Ok(())
+    } else {
+        Err(format!(
+            "destination {destination} is not in the service's destinations"
+        ))
+    }
+}
+
+fn host_of(address: &Address) -> (Host, u16) {
+    match address {
+        Address::Ip(addr) => (Host::Ip(crate::access::canonical(addr.ip())), addr.port()),
+        Address::Domain(name, port) => (Host::Name(name.to_ascii_lowercase()), *port),
+    }
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+}
+
+/// Sends a reply in the client's SOCKS version (errors are ignored: the
+/// connection ends anyway).
+async fn send_reply(stream: &mut Stream, version: u8, code: u8, bound: Option<SocketAddr>) {
+    let bytes = if version == 4 {
+        let reply = if code == c::REPLY_SUCCEEDED {
+            Socks4Reply::Granted
+        } else {
+            Socks4Reply::Rejected
+        };
+        reply.encode(bound).to_vec()
+    } else {
+        Reply {
+            code,
+            bound: Address::Ip(bound.unwrap_or_else(unspecified)),
+        }
+        .encode()
+    };
+    let _ = stream.write_all(&bytes).await;
+}
+
+/// The SOCKS5 reply code for a failed outbound connection.
+fn reply_code(error: &ConnectError) -> u8 {
+    match error {
+        ConnectError::Timeout(..) => c::REPLY_TTL_EXPIRED,
+        ConnectError::Resolve(..) => c::REPLY_HOST_UNREACHABLE,
+        ConnectError::Connect(_, e) => match e.kind() {
+            io::ErrorKind::ConnectionRefused => c::REPLY_CONNECTION_REFUSED,
+            io::ErrorKind::HostUnreachable => c::REPLY_HOST_UNREACHABLE,
+            io::ErrorKind::NetworkUnreachable => c::REPLY_NETWORK_UNREACHABLE,
+            io::ErrorKind::TimedOut => c::REPLY_TTL_EXPIRED,
+            _ => c::REPLY_GENERAL_FAILURE,
+        },
+        _ => c::REPLY_GENERAL_FAILURE,
+    }
+}
+
+fn record_relay(
+    audit: &mut Audit,
+    outcome: RelayOutcome,
+    early: usize,
+    idle: crate::config::ConfigDuration,
+) {
+    audit.bytes_up = outcome.bytes_up + early as u64;
+    audit.bytes_down = outcome.bytes_down;
+    match outcome.end {
+        RelayEnd::Closed => audit.finish(AuditResult::Ok, "closed"),
+        RelayEnd::IdleTimeout => audit.finish(AuditResult::Ok, format!("idle timeout ({idle})")),
+        RelayEnd::Shutdown => audit.finish(
+            AuditResult::Error,
+            "gateway shutting down: grace period over",
+        ),
+        RelayEnd::Error(e) => audit.finish(AuditResult::Error, e),
+    }
+}
+
+// === CONNECT ===
+
+async fn connect(
+    service: &ServiceRuntime,
+    mut inbound: Inbound,
+    negotiated: Negotiated,
+    audit: &mut Audit,
+    stop: &CancellationToken,
+) {
+    let (host, port) = host_of(&negotiated.destination);
+    let target = Hop::Direct(HostPort { host, port });
+    let mut upstream = match service.connector.connect(&target).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            send_reply(
+                &mut inbound.stream,
+                negotiated.version,
+                reply_code(&e),
+                None,
+            )
+            .await;
+            audit.finish(AuditResult::Error, e.to_string());
+            return;
+        }
+    };
+    let bound = match &upstream {
+        Stream::Tcp(tcp) => tcp.local_addr().ok(),
+        Stream::Boxed(_) => None,
+    };
+    send_reply(
+        &mut inbound.stream,
+        negotiated.version,
+        c::REPLY_SUCCEEDED,
+        bound,
+    )
+    .await;
+    if !negotiated.leftover.is_empty() {
+        if let Err(e) = upstream.write_all(&negotiated.leftover).await {
+            audit.finish(AuditResult::Error, format!("writing to target: {e}"));
+            return;
+        }
+    }
+    let outcome = relay(
+        &mut inbound.stream,
+        &mut upstream,
+        service.config.idle_timeout.0,
+        stop,
+    )
+    .await;
+    record_relay(
+        audit,
+        outcome,
+        negotiated.leftover.len(),
+        service.config.idle_timeout,
+    );
+}
+
+// === BIND ===
+
+async fn bind(
+    service: &ServiceRuntime,
+    mut inbound: Inbound,
+    negotiated: Negotiated,
+    audit: &mut Audit,
+    stop: &CancellationToken,
+) {
+    let version = negotiated.version;
+    let Some(local) = inbound.local.filter(|_| service.config.via.is_empty()) else {
+        send_reply(
+            &mut inbound.stream,
+            version,
+            c::REPLY_COMMAND_NOT_SUPPORTED,
+            None,
+        )
+        .await;
+        audit.finish(
+            AuditResult::Error,
+            "BIND needs a direct TCP client and a service without via",
+        );
+        return;
+    };
+    let listener = match TcpListener::bind(SocketAddr::new(local.ip(), 0)).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            send_reply(&mut inbound.stream, version, c::REPLY_GENERAL_FAILURE, None).await;
+            audit.finish(
+                AuditResult::Error,
+                format!("cannot open a BIND listener: {e}"),
+            );
+            return;
+        }
+    };
+    send_reply(
+        &mut inbound.stream,
+        version,
+        c::REPLY_SUCCEEDED,
+        listener.local_addr().ok(),
+    )
+    .await;
+    let accepted = tokio::time::timeout(service.config.connect_timeout.0, listener.accept()).await;
+    let (incoming, from) = match accepted {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            send_reply(&mut inbound.stream, version, c::REPLY_GENERAL_FAILURE, None).await;
+            audit.finish(AuditResult::Error, format!("BIND accept failed: {e}"));
+            return;
+        }
+        Err(_) => {
+            send_reply(&mut inbound.stream, version, c::REPLY_TTL_EXPIRED, None).await;
+            audit.finish(
+                AuditResult::Error,
+                format!(
+                    "no connection to the BIND port within {}",
+                    service.config.connect_timeout
+                ),
+            );
+            return;
+        }
+    };
+    drop(listener);
+    // The request names the host expected to connect; anyone else is refused.
+    if let Address::Ip(expected) = &negotiated.destination {
+        let expected = crate::access::canonical(expected.ip());
+        if !expected.is_unspecified() && expected != crate::access::canonical(from.ip()) {
+            send_reply(&mut inbound.stream, version, c::REPLY_NOT_ALLOWED, None).await;
+            audit.finish(
+                AuditResult::Denied,
+                format!("BIND connection came from {from}, not from {expected}"),
+            );
+            return;
+        }
+    }
+    let _ = incoming.set_nodelay(true);
+    send_reply(&mut inbound.stream, version, c::REPLY_SUCCEEDED, Some(from)).await;
+    let mut incoming = Stream::Tcp(incoming);
+    if !negotiated.leftover.is_empty() && incoming.write_all(&negotiated.leftover).await.is_err() {
+        audit.finish(AuditResult::Error, "writing to the BIND peer failed");
+        return;
+    }
+    let outcome = relay(
+        &mut inbound.stream,
+        &mut incoming,
+        service.config.idle_timeout.0,
+        stop,
+    )
+    .await;
+    record_relay(
+        audit,
+        outcome,
+        negotiated.leftover.len(),
+        service.config.idle_timeout,
+    );
+}
+
+// === UDP ASSOCIATE ===
+
+/// Targets a client may have sent to and hear back from, bounded.
+const MAX_UDP_PEERS: usize = 4096;
+
+async fn udp_associate(
+    service: &ServiceRuntime,
+    mut inbound: Inbound,
+    negotiated: Negotiated,
+    audit: &mut Audit,
+    stop: &CancellationToken,
+) {
+    let version = negotiated.version;
+    let (Some(local), ClientId::Addr(client_tcp)) = (inbound.local, inbound.client.clone()) else {
+        send_reply(
+            &mut inbound.stream,
+            version,
+            c::REPLY_COMMAND_NOT_SUPPORTED,
+            None,
+        )
+        .await;
+        audit.finish(
+            AuditResult::Error,
+            "UDP ASSOCIATE needs a direct TCP client",
+        );
+        return;
+    };
+    if !service.config.via.is_empty() {
+        send_reply(
+            &mut inbound.stream,
+            version,
+            c::REPLY_COMMAND_NOT_SUPPORTED,
+            None,
+        )
+        .await;
+        audit.finish(AuditResult::Error, "UDP ASSOCIATE cannot go through via");
+        return;
+    }
+    let client_side = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+        Ok(socket) => socket,
+        Err(e) => {
+            send_reply(&mut inbound.stream, version, c::REPLY_GENERAL_FAILURE, None).await;
+            audit.finish(AuditResult::Error, format!("cannot open a UDP socket: {e}"));
+            return;
+        }
+    };
+    send_reply(
+        &mut inbound.stream,
+        version,
+        c::REPLY_SUCCEEDED,
+        client_side.local_addr().ok(),
+    )
+    .await;
+    // The client's UDP address: as announced, or learned from its first
+    // datagram (which must come from the control connection's host).
+    let client_ip = crate::access::canonical(client_tcp.ip());
+    let mut client_udp = match &negotiated.destination {
+        Address::Ip(addr) if !addr.ip().is_unspecified() && addr.port() != 0 => Some(*addr),
+        _ => None,
+    };
+    let mut association = UdpAssociation {
+        out: None,
+        peers: HashSet::new(),
+        resolved: HashMap::new(),
+        up: 0,
+        down: 0,
+    };
+    let mut from_client = vec![0u8; 65536];
+    let mut from_target = vec![0u8; 65536];
+    let mut control = [0u8; 64];
+    let idle = service.config.idle_timeout.0;
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let reason = loop {
+        tokio::select! {
+            received = client_side.recv_from(&mut from_client) => {
+                let Ok((n, from)) = received else { continue };
+                let expected = client_udp.map_or(crate::access::canonical(from.ip()) == client_ip, |c| c == from);
+                if !expected {
+                    continue; // not our client: dropped
+                }
+                client_udp = Some(from);
+                if association.forward(service, &from_client[..n]).await {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+            }
+            received = association.recv_from_target(&mut from_target) => {
+                let Ok((n, from)) = received else { continue };
+                let Some(client) = client_udp else { continue };
+                if !association.peers.contains(&from) {
+                    continue; // nobody the client talked to: dropped
+                }
+                let mut datagram = Vec::with_capacity(n + 22);
+                if socks::encode_udp_header(&Address::Ip(from), &mut datagram).is_ok() {
+                    datagram.extend_from_slice(&from_target[..n]);
+                    if client_side.send_to(&datagram, client).await.is_ok() {
+                        association.down += n as u64;
+                        sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
+                }
+            }
+            read = inbound.stream.read(&mut control) => match read {
+                Ok(0) => break "control connection closed".to_string(),
+                Ok(_) => continue,
+                Err(e) => break format!("control connection: {e}"),
+            },
+            () = &mut sleep => break format!("idle timeout ({})", service.config.idle_timeout),
+            () = stop.cancelled() => break "gateway shutting down: grace period over".to_string(),
+        }
+    };
+    audit.bytes_up = association.up;
+    audit.bytes_down = association.down;
+    let result = if reason.starts_with("gateway") {
+        AuditResult::Error
+    } else {
+        AuditResult::Ok
+    };
+    audit.finish(result, reason);
+}
+
+struct UdpAssociation {
+    out: Option<UdpSocket>,
+    /// Where the client sent datagrams: only these may answer.
+    peers: HashSet<SocketAddr>,
+    /// Names already resolved for this association.
+    resolved: HashMap<String, Option<IpAddr>>,
+    up: u64,
+    down: u64,
+}
+
+impl UdpAssociation {
+    /// Forwards one datagram from the client; false if it was dropped.
+    async fn forward(&mut self, service: &ServiceRuntime, datagram: &[u8]) -> bool {
+        let Ok((header, offset)) = socks::parse_udp_header(datagram) else {
+            return false;
+        };
+        if header.fragment != 0 || check_destination(service, &header.address).await.is_err() {
+            return false;
+        }
+        let target = match &header.address {
+            Address::Ip(addr) => *addr,
+            Address::Domain(name, port) => {
+                if !self.resolved.contains_key(name) {
+                    let ip = tokio::net::lookup_host((name.as_str(), *port))
+                        .await
+                        .ok()
+                        .and_then(|mut addrs| addrs.next())
+                        .map(|a| a.ip());
+                    if self.resolved.len() >= MAX_UDP_PEERS {
+                        self.resolved.clear();
+                    }
+                    self.resolved.insert(name.clone(), ip);
+                }
+                match self.resolved.get(name).copied().flatten() {
+                    Some(ip) => SocketAddr::new(ip, *port),
+                    None => return false,
+                }
+            }
+        };
+        let (socket, wire_target) = match self.socket_for(target).await {
+            Ok(found) => found,
+            Err(_) => return false,
+        };
+        let payload = &datagram[offset..];
+        if socket.send_to(payload, wire_target).await.is_err() {
+            return false;
+        }
+        let target = SocketAddr::new(crate::access::canonical(target.ip()), target.port());
+        if self.peers.len() >= MAX_UDP_PEERS {
+            self.peers.clear();
+        }
+        self.peers.insert(target);
+        self.up += payload.len() as u64;
+        true
+    }
+
+    /// The outbound socket: one dual-stack IPv6 socket reaches IPv4 targets
+    /// too (as mapped addresses); an IPv4-only host gets an IPv4 socket.
+    async fn socket_for(&mut self, target: SocketAddr) -> io::Result<(&UdpSocket, SocketAddr)> {
+        if self.out.is_none() {
+            self.out = Some(outbound_udp_socket()?);
+        }
+        let socket = self.out.as_ref().expect("just set");
+        let target = match (socket.local_addr()?.is_ipv6(), target) {
+            (true, SocketAddr::V4(v4)) => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            (_, other) => other,
+        };
+        Ok((socket, target))
+    }
+
+    async fn recv_from_target(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match &self.out {
+            Some(socket) => {
+                let (n, from) = socket.recv_from(buf).await?;
+                Ok((
+                    n,
+                    SocketAddr::new(crate::access::canonical(from.ip()), from.port()),
+                ))
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+fn outbound_udp_socket() -> io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let dual_stack = Socket::new(Domain::IPV6, Type::DGRAM, None).and_then(|socket| {
+        socket.set_only_v6(false)?;
+        socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        Ok(socket)
+    });
+    let socket = match dual_stack {
+        Ok(socket) => socket,
+        Err(_) => {
+            let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
+            socket
+        }
+    };
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
+}
