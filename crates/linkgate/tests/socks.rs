@@ -13,7 +13,7 @@ use proto::socks::{
     encode_udp_header, parse_udp_header, Address, Command as SocksCommand, Reply, Request,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 
 const WAIT: Duration = Duration::from_secs(20);
 
