@@ -95,3 +95,20 @@ def tree_cpu_seconds(pid):
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def time_wait_sockets():
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("tw") + 1])
+    return 0
+
+
+def wait_for_time_wait_drain(limit=1000, timeout=75):
+    """Connection-rate runs leave tens of thousands of sockets in TIME_WAIT,
+    which can exhaust the ephemeral ports that tests bind; wait them out."""
+    deadline = time.time() + timeout
+    while time_wait_sockets() > limit and time.time() < deadline:
+        time.sleep(1)

@@ -375,7 +375,6 @@ fn admit_tcp(service: &Arc<ServiceRuntime>, tcp: TcpStream, peer: SocketAddr, sh
         return;
     };
     let inbound = Inbound {
-        local: tcp.local_addr().ok(),
         stream: tcp.into(),
         client,
     };
@@ -436,7 +435,6 @@ impl StreamDispatch for GatewayDispatch {
         let inbound = Inbound {
             stream: Stream::Boxed(Box::new(stream)),
             client,
-            local: None,
         };
         spawn_serve(service, inbound, slot, audit, &self.shutdown);
     }

@@ -37,7 +37,16 @@ pub struct Inbound {
     pub stream: Stream,
     /// Who the client is.
     pub client: ClientId,
+}
+
+impl Inbound {
     /// The gateway's own address on a TCP connection (where BIND and UDP
-    /// ASSOCIATE open their sockets); `None` for link streams.
-    pub local: Option<std::net::SocketAddr>,
+    /// ASSOCIATE open their sockets); `None` for link streams. Asked of the
+    /// socket only when needed: most connections never do.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.stream {
+            Stream::Tcp(tcp) => tcp.local_addr().ok(),
+            Stream::Boxed(_) => None,
+        }
+    }
 }

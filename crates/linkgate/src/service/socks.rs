@@ -53,6 +53,16 @@ enum ReadFailure {
 }
 
 impl HandshakeReader {
+    /// The bytes after the request, in an allocation no larger than they are
+    /// (a tunnel may live for hours; its handshake buffer should not).
+    fn into_leftover(self) -> Vec<u8> {
+        if self.buf.is_empty() {
+            Vec::new()
+        } else {
+            self.buf.as_slice().to_vec()
+        }
+    }
+
     async fn next<T>(
         &mut self,
         stream: &mut Stream,
@@ -68,11 +78,14 @@ impl HandshakeReader {
                 Ok(None) => {}
                 Err(e) => return Err(ReadFailure::Protocol(e)),
             }
-            let mut chunk = [0u8; 512];
-            let room = (HANDSHAKE_CAP - self.buf.len()).min(chunk.len());
-            match stream.read(&mut chunk[..room]).await {
+            // Reads into spare capacity only, so the cap holds; no stack
+            // buffer, so an idle tunnel's task stays small.
+            self.buf.reserve(HANDSHAKE_CAP - self.buf.len());
+            let room = HANDSHAKE_CAP - self.buf.len();
+            let mut limited = (&mut *stream).take(room as u64);
+            match limited.read_buf(&mut self.buf).await {
                 Ok(0) => return Err(ReadFailure::Closed),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
                 Err(e) => return Err(ReadFailure::Io(e)),
             }
         }
@@ -137,13 +150,13 @@ async fn negotiate(
         audit.finish(AuditResult::Error, reason);
         Ended
     };
-    let mut first = [0u8; 1];
-    match stream.read(&mut first).await {
-        Ok(1) => reader.buf.push(first[0]),
-        Ok(_) => return Err(fail(audit, ReadFailure::Closed)),
+    // One read takes the whole greeting (or SOCKS4 request) in the usual case.
+    match stream.read_buf(&mut reader.buf).await {
+        Ok(0) => return Err(fail(audit, ReadFailure::Closed)),
+        Ok(_) => {}
         Err(e) => return Err(fail(audit, ReadFailure::Io(e))),
     }
-    match socks::version_of(first[0]) {
+    match socks::version_of(reader.buf[0]) {
         Ok(4) => {
             let request = match reader.next(stream, Socks4Request::parse).await {
                 Ok(request) => request,
@@ -166,7 +179,7 @@ async fn negotiate(
                 version: 4,
                 command: request.command,
                 destination: request.destination,
-                leftover: reader.buf,
+                leftover: reader.into_leftover(),
             })
         }
         Ok(_) => {
@@ -226,7 +239,7 @@ async fn negotiate(
                 version: 5,
                 command: request.command,
                 destination: request.destination,
-                leftover: reader.buf,
+                leftover: reader.into_leftover(),
             })
         }
         Err(e) => Err(fail(audit, ReadFailure::Protocol(e))),
@@ -422,7 +435,10 @@ async fn bind(
     stop: &CancellationToken,
 ) {
     let version = negotiated.version;
-    let Some(local) = inbound.local.filter(|_| service.config.via.is_empty()) else {
+    let Some(local) = inbound
+        .local_addr()
+        .filter(|_| service.config.via.is_empty())
+    else {
         send_reply(
             &mut inbound.stream,
             version,
@@ -522,7 +538,8 @@ async fn udp_associate(
     stop: &CancellationToken,
 ) {
     let version = negotiated.version;
-    let (Some(local), ClientId::Addr(client_tcp)) = (inbound.local, inbound.client.clone()) else {
+    let (Some(local), ClientId::Addr(client_tcp)) = (inbound.local_addr(), inbound.client.clone())
+    else {
         send_reply(
             &mut inbound.stream,
             version,

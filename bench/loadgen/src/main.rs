@@ -1,0 +1,143 @@
+//! SOCKS5 load generator for `bench/socks.py`, single-threaded so that the
+//! server under test keeps the other core.
+//!
+//! - `loadgen echo PORT_FILE`: an echo server on 127.0.0.1:0; writes its
+//!   port to PORT_FILE and serves until killed.
+//! - `loadgen rate PROXY TARGET CLIENTS SECONDS`: CLIENTS concurrent loops of
+//!   connect, SOCKS5 no-auth CONNECT to TARGET, 64-byte round trip, close;
+//!   prints connections/s and setup latency percentiles as JSON.
+//! - `loadgen hold PROXY TARGET COUNT`: opens COUNT SOCKS5 tunnels and keeps
+//!   them idle; prints "ready" and waits for stdin to close.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use proto::socks::{Address, Command, Request};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+type Error = Box<dyn std::error::Error>;
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match args.get(1).map(String::as_str) {
+        Some("echo") => runtime.block_on(echo(&args[2])),
+        Some("rate") => runtime.block_on(rate(args[2].parse()?, args[3].parse()?, args[4].parse()?, args[5].parse()?)),
+        Some("hold") => runtime.block_on(hold(args[2].parse()?, args[3].parse()?, args[4].parse()?)),
+        _ => Err("usage: loadgen echo PORT_FILE | rate PROXY TARGET CLIENTS SECONDS | hold PROXY TARGET COUNT".into()),
+    }
+}
+
+async fn echo(port_file: &str) -> Result<(), Error> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    std::fs::write(port_file, listener.local_addr()?.port().to_string())?;
+    loop {
+        let (mut socket, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = socket.read(&mut buf).await {
+                if n == 0 || socket.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Connects through the proxy to `target`; returns the tunnel.
+async fn tunnel(proxy: SocketAddr, target: SocketAddr) -> Result<TcpStream, Error> {
+    let mut stream = TcpStream::connect(proxy).await?;
+    stream.set_nodelay(true)?;
+    // Step by step, as curl does (some servers drop pipelined requests).
+    stream.write_all(&[5, 1, 0]).await?;
+    let mut method = [0u8; 2];
+    stream.read_exact(&mut method).await?;
+    if method != [5, 0] {
+        return Err(format!("method refused: {method:?}").into());
+    }
+    let request = Request {
+        command: Command::Connect,
+        destination: Address::Ip(target),
+    }
+    .encode()?;
+    stream.write_all(&request).await?;
+    let mut reply = [0u8; 10];
+    stream.read_exact(&mut reply).await?;
+    if reply[1] != 0 {
+        return Err(format!("request refused: {reply:?}").into());
+    }
+    Ok(stream)
+}
+
+async fn rate(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    clients: usize,
+    seconds: u64,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut workers = Vec::new();
+    for _ in 0..clients {
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let payload = [7u8; 64];
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                let round = async {
+                    let mut stream = tunnel(proxy, target).await?;
+                    stream.write_all(&payload).await?;
+                    let mut back = [0u8; 64];
+                    stream.read_exact(&mut back).await?;
+                    Ok::<_, Error>(())
+                };
+                // A server that drops a request must not stall the run.
+                match tokio::time::timeout(Duration::from_secs(2), round).await {
+                    Ok(Ok(())) => latencies.push(started.elapsed().as_secs_f64() * 1000.0),
+                    _ => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (latencies, e) = worker.await?;
+        all.extend(latencies);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    println!(
+        "{{\"connections\": {}, \"errors\": {errors}, \"per_second\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}}}",
+        all.len(),
+        all.len() as f64 / elapsed,
+        pct(0.50),
+        pct(0.99)
+    );
+    Ok(())
+}
+
+async fn hold(proxy: SocketAddr, target: SocketAddr, count: usize) -> Result<(), Error> {
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count {
+        held.push(tunnel(proxy, target).await?);
+    }
+    println!("ready");
+    let mut line = String::new();
+    let _ = tokio::io::BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await;
+    drop(held);
+    Ok(())
+}
