@@ -53,6 +53,8 @@ pub struct Audit {
     /// Why, in words.
     pub reason: String,
     started: Instant,
+    /// Set when the connection's requests wrote records of their own.
+    suppressed: bool,
 }
 
 impl Audit {
@@ -70,6 +72,7 @@ impl Audit {
             result: AuditResult::Ok,
             reason: String::new(),
             started: Instant::now(),
+            suppressed: false,
         }
     }
 
@@ -79,8 +82,18 @@ impl Audit {
         self.reason = reason.into();
     }
 
-    /// Writes the record to the log (target `audit`, message `audit`).
+    /// Marks the record as not to be written: the connection's requests
+    /// (HTTP proxy) each wrote their own.
+    pub fn suppress(&mut self) {
+        self.suppressed = true;
+    }
+
+    /// Writes the record to the log (target `audit`, message `audit`),
+    /// unless suppressed.
     pub fn emit(&self) {
+        if self.suppressed {
+            return;
+        }
         let duration_ms = self.started.elapsed().as_millis() as u64;
         tracing::info!(
             target: "audit",

@@ -389,7 +389,10 @@ fn not_available_yet(config: &Config) -> Vec<Finding> {
     for (i, service) in config.service.iter().enumerate() {
         let path = |key: &str| KeyPath::new([key_seg("service"), KeySeg::Index(i), key_seg(key)]);
         let named = |what: &str| format!("service {:?}: {}", service.name, soon(what));
-        if !matches!(service.kind, ServiceKind::Mapping | ServiceKind::Socks) {
+        if !matches!(
+            service.kind,
+            ServiceKind::Mapping | ServiceKind::Socks | ServiceKind::Http
+        ) {
             let what = format!("the {} service type", service.kind.as_str());
             out.push((path("type"), named(&what)));
         }

@@ -1,6 +1,7 @@
 //! The services: what happens to a client connection once it is admitted.
 //! One module per service type; [`ServiceRuntime`] holds what they share.
 
+mod http_proxy;
 mod mapping;
 mod socks;
 
@@ -34,6 +35,8 @@ pub struct ServiceRuntime {
     pub via_text: Arc<str>,
     /// Accounts for `auth = "password"`.
     pub users: Arc<UserDb>,
+    /// The upstream connection pool (http services only).
+    pub http_client: Option<http_proxy::ProxyClient>,
     slots: Arc<Semaphore>,
 }
 
@@ -55,6 +58,8 @@ impl ServiceRuntime {
             access: AccessList::for_service(&config),
             destinations: Destinations::for_service(&config),
             via_text: connector.via_text().into(),
+            http_client: (config.kind == ServiceKind::Http)
+                .then(|| http_proxy::ProxyClient::new(connector.clone())),
             connector,
             users: shared.users.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections as usize)),
@@ -73,11 +78,39 @@ impl ServiceRuntime {
         match self.config.kind {
             ServiceKind::Mapping => mapping::serve(self, inbound, audit, stop).await,
             ServiceKind::Socks => socks::serve(self, inbound, audit, stop).await,
+            ServiceKind::Http => http_proxy::serve(self, inbound, audit, stop).await,
             // Validation refuses the others until they are built.
             other => audit.finish(
                 AuditResult::Error,
                 format!("the {} service type is not available yet", other.as_str()),
             ),
         }
+    }
+}
+
+/// Applies the service's `destinations` to `target`; names are resolved
+/// first when a rule is a network. `Err` says why it is refused.
+pub(crate) async fn check_destination(
+    service: &ServiceRuntime,
+    target: &crate::config::HostPort,
+) -> Result<(), String> {
+    use crate::config::Host;
+    let resolved: Vec<std::net::IpAddr> =
+        match (&target.host, service.destinations.needs_resolution()) {
+            (Host::Name(name), true) => tokio::net::lookup_host((name.as_str(), target.port))
+                .await
+                .map(|addrs| addrs.map(|a| a.ip()).collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+    if service
+        .destinations
+        .allows(&target.host, target.port, &resolved)
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "destination {target} is not in the service's destinations"
+        ))
     }
 }

@@ -283,23 +283,12 @@ async fn login(
     write_or_end(stream, &[1, 0], audit).await
 }
 
-/// The `destinations` rules; names are resolved first when a rule is a network.
+/// The `destinations` rules, for a SOCKS address.
 async fn check_destination(service: &ServiceRuntime, destination: &Address) -> Result<(), String> {
     let (host, port) = host_of(destination);
-    let resolved: Vec<IpAddr> = match (&host, service.destinations.needs_resolution()) {
-        (Host::Name(name), true) => tokio::net::lookup_host((name.as_str(), port))
-            .await
-            .map(|addrs| addrs.map(|a| a.ip()).collect())
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    };
-    if service.destinations.allows(&host, port, &resolved) {
-        Ok(())
-    } else {
-        Err(format!(
-            "destination {destination} is not in the service's destinations"
-        ))
-    }
+    super::check_destination(service, &HostPort { host, port })
+        .await
+        .map_err(|_| format!("destination {destination} is not in the service's destinations"))
 }
 
 fn host_of(address: &Address) -> (Host, u16) {
