@@ -8,6 +8,10 @@
 //!   prints connections/s and setup latency percentiles as JSON.
 //! - `loadgen hold PROXY TARGET COUNT`: opens COUNT SOCKS5 tunnels and keeps
 //!   them idle; prints "ready" and waits for stdin to close.
+//! - `loadgen source PORT_FILE`: a server that sends zeros as fast as it can
+//!   to whoever connects.
+//! - `loadgen tunnel PROXY TARGET SECONDS`: an HTTP `CONNECT` tunnel to
+//!   TARGET (a source) read for SECONDS; prints the Gbit/s as JSON.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -27,6 +31,8 @@ fn main() -> Result<(), Error> {
         Some("echo") => runtime.block_on(echo(&args[2])),
         Some("rate") => runtime.block_on(rate(args[2].parse()?, args[3].parse()?, args[4].parse()?, args[5].parse()?)),
         Some("hold") => runtime.block_on(hold(args[2].parse()?, args[3].parse()?, args[4].parse()?)),
+        Some("source") => runtime.block_on(source(&args[2])),
+        Some("tunnel") => runtime.block_on(connect_tunnel(&args[2], &args[3], args[4].parse()?)),
         _ => Err("usage: loadgen echo PORT_FILE | rate PROXY TARGET CLIENTS SECONDS | hold PROXY TARGET COUNT".into()),
     }
 }
@@ -139,5 +145,49 @@ async fn hold(proxy: SocketAddr, target: SocketAddr, count: usize) -> Result<(),
         .read_line(&mut line)
         .await;
     drop(held);
+    Ok(())
+}
+
+async fn source(port_file: &str) -> Result<(), Error> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    std::fs::write(port_file, listener.local_addr()?.port().to_string())?;
+    loop {
+        let (mut socket, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let zeros = vec![0u8; 256 * 1024];
+            while socket.write_all(&zeros).await.is_ok() {}
+        });
+    }
+}
+
+async fn connect_tunnel(proxy: &str, target: &str, seconds: u64) -> Result<(), Error> {
+    let mut stream = TcpStream::connect(proxy).await?;
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    // Read the response head up to the blank line; any bytes after it are tunnel data.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await? == 0 {
+            return Err("proxy closed during CONNECT".into());
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {
+        return Err(format!("CONNECT refused: {}", String::from_utf8_lossy(&head)).into());
+    }
+    let mut buf = vec![0u8; 256 * 1024];
+    let started = Instant::now();
+    let mut total = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("{{\"bytes\": {total}, \"gbps\": {:.3}}}", total as f64 * 8.0 / elapsed / 1e9);
     Ok(())
 }
