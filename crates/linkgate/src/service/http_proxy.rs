@@ -1,7 +1,12 @@
 //! The HTTP proxy service (DESIGN §3), on hyper: absolute-URI requests are
-//! forwarded over pooled keep-alive upstream connections (through the
-//! service's connector, so `via` and links apply), `CONNECT` opens tunnels;
-//! bodies stream both ways, never buffered whole.
+//! forwarded over keep-alive upstream connections (through the service's
+//! connector, so `via` and links apply), `CONNECT` opens tunnels; bodies
+//! stream both ways, never buffered whole.
+//!
+//! Each client connection keeps its own small pool of upstream connections
+//! (at most [`MAX_UPSTREAMS`], by destination), and drives them inside its
+//! own task: a request and its upstream exchange never hop between tasks or
+//! threads, which is what makes small keep-alive requests cheap.
 //!
 //! Audit: one record per request or tunnel (when its response body ends);
 //! a connection that carried no request gets one record of its own.
@@ -12,7 +17,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -23,16 +27,16 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use super::ServiceRuntime;
 use crate::access::Verdict;
 use crate::audit::{Audit, AuditResult};
-use crate::config::{AuthMode, Hop, Host, HostPort};
-use crate::connector::{ConnectError, Connector};
+use crate::config::{AuthMode, Hop, HostPort};
+use crate::connector::ConnectError;
 use crate::inbound::Inbound;
 use crate::relay::{relay, RelayEnd};
 use crate::stream::Stream;
@@ -43,26 +47,95 @@ type Body = BoxBody<Bytes, hyper::Error>;
 const MAX_HEAD: usize = 64 * 1024;
 const VIA: &str = "1.1 linkgate";
 
-/// The upstream side of one HTTP service: a bounded keep-alive pool.
-#[derive(Clone)]
-pub struct ProxyClient(Client<UpstreamConnector, Body>);
+/// Most upstream connections one client connection keeps for reuse.
+pub const MAX_UPSTREAMS: usize = 8;
 
-impl ProxyClient {
-    /// A pool that opens connections with `connector`.
-    pub fn new(connector: Connector) -> Self {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(32)
-            .set_host(false)
-            .build(UpstreamConnector(connector));
-        ProxyClient(client)
+/// Upstream connections of one client connection, and the futures that
+/// drive them (polled by the client connection's own task).
+struct Upstreams {
+    idle: Mutex<Vec<(HostPort, SendRequest<Body>)>>,
+    drivers: Mutex<Drivers>,
+}
+
+#[derive(Default)]
+struct Drivers {
+    running: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    waker: Option<std::task::Waker>,
+}
+
+impl Upstreams {
+    fn new() -> Self {
+        Upstreams {
+            idle: Mutex::new(Vec::new()),
+            drivers: Mutex::new(Drivers::default()),
+        }
+    }
+
+    /// Adds an upstream connection's driver to this task's set.
+    fn drive(&self, connection: impl Future<Output = ()> + Send + 'static) {
+        let mut drivers = self.drivers.lock().unwrap_or_else(|p| p.into_inner());
+        drivers.running.push(Box::pin(connection));
+        if let Some(waker) = drivers.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Polls every upstream connection; never completes.
+    fn poll_drivers(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut drivers = self.drivers.lock().unwrap_or_else(|p| p.into_inner());
+        while let Poll::Ready(Some(())) = drivers.running.poll_next_unpin(cx) {}
+        drivers.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// An idle connection to `target` that can take a request now.
+    async fn checkout(&self, target: &HostPort) -> Option<SendRequest<Body>> {
+        loop {
+            let found = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let index = idle.iter().position(|(key, _)| key == target)?;
+                idle.swap_remove(index).1
+            };
+            let mut sender = found;
+            if !sender.is_closed() && sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Returns a connection for reuse, evicting the oldest beyond the bound.
+    fn checkin(&self, target: HostPort, sender: SendRequest<Body>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() >= MAX_UPSTREAMS {
+            idle.remove(0);
+        }
+        idle.push((target, sender));
+    }
+
+    /// A ready connection to `target`: reused, or newly opened.
+    async fn connection(&self, service: &ServiceRuntime, target: &HostPort) -> Result<SendRequest<Body>, UpstreamError> {
+        if let Some(sender) = self.checkout(target).await {
+            return Ok(sender);
+        }
+        let stream = service
+            .connector
+            .connect(&Hop::Direct(target.clone()))
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Http)?;
+        self.drive(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
     }
 }
 
-impl std::fmt::Debug for ProxyClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("ProxyClient")
-    }
+enum UpstreamError {
+    Connect(ConnectError),
+    Http(hyper::Error),
 }
 
 // === Serving a client connection ===
@@ -74,11 +147,8 @@ pub async fn serve(
     audit: &mut Audit,
     stop: &CancellationToken,
 ) {
-    let Some(client) = service.http_client.clone() else {
-        audit.finish(AuditResult::Error, "http service without a client pool");
-        return;
-    };
     let state = Arc::new(ConnState {
+        upstreams: Upstreams::new(),
         requests: AtomicU64::new(0),
         login: Mutex::new(None),
         tunnel: Mutex::new(None),
@@ -92,12 +162,7 @@ pub async fn serve(
             let state = state.clone();
             let template = template.clone();
             let client_id = client_id.clone();
-            let client = client.clone();
-            async move {
-                Ok::<_, Infallible>(
-                    handle(service, &state, &template, &client_id, &client, request).await,
-                )
-            }
+            async move { Ok::<_, Infallible>(handle(service, &state, &template, &client_id, request).await) }
         })
     };
     let connection = hyper::server::conn::http1::Builder::new()
@@ -107,8 +172,10 @@ pub async fn serve(
         .keep_alive(true)
         .serve_connection(io, handler)
         .with_upgrades();
+    let drive = std::future::poll_fn(|cx| state.upstreams.poll_drivers(cx));
     let result = tokio::select! {
         result = connection => result,
+        () = drive => unreachable!("the drivers future never completes"),
         () = stop.cancelled() => {
             audit.finish(AuditResult::Error, "gateway shutting down: grace period over");
             return;
@@ -134,6 +201,7 @@ pub async fn serve(
 
 /// Per-connection state shared with the request handler.
 struct ConnState {
+    upstreams: Upstreams,
     requests: AtomicU64,
     /// The last `Proxy-Authorization` value that verified, and its user:
     /// Argon2 runs once per connection, not once per request.
@@ -182,7 +250,6 @@ async fn handle(
     state: &ConnState,
     template: &AuditTemplate,
     client_id: &crate::inbound::ClientId,
-    client: &ProxyClient,
     request: Request<Incoming>,
 ) -> Response<Body> {
     state.requests.fetch_add(1, Ordering::Relaxed);
@@ -211,7 +278,7 @@ async fn handle(
     if request.method() == Method::CONNECT {
         return connect(service, state, audit, request).await;
     }
-    forward(service, audit, client, request).await
+    forward(service, state, audit, request).await
 }
 
 /// Checks `Proxy-Authorization: Basic` against `[[user]]`; returns the user.
@@ -258,8 +325,8 @@ async fn login(
 
 async fn forward(
     service: &ServiceRuntime,
+    state: &ConnState,
     mut audit: Audit,
-    client: &ProxyClient,
     request: Request<Incoming>,
 ) -> Response<Body> {
     let (mut parts, body) = request.into_parts();
@@ -307,66 +374,44 @@ async fn forward(
         .headers
         .append(header::VIA, HeaderValue::from_static(VIA));
     parts.version = Version::HTTP_11;
+    // The upstream gets origin-form (RFC 9112 §3.2.1).
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/")
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("/"));
     let uploaded = Arc::new(AtomicU64::new(0));
-    let body = Counted {
-        inner: body,
-        counter: uploaded.clone(),
-    }
-    .boxed();
+    let body = Counted { inner: body, counter: uploaded.clone() }.boxed();
     let upstream_request = Request::from_parts(parts, body);
-    match client.0.request(upstream_request).await {
+    let failed = |mut audit: Audit, status: StatusCode, reason: String| {
+        audit.bytes_up = uploaded.load(Ordering::Relaxed);
+        audit.finish(AuditResult::Error, reason.clone());
+        audit.emit();
+        error(status, &reason)
+    };
+    let mut sender = match state.upstreams.connection(service, &target).await {
+        Ok(sender) => sender,
+        Err(UpstreamError::Connect(e)) => {
+            let status = if matches!(e, ConnectError::Timeout(..)) { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+            return failed(audit, status, e.to_string());
+        }
+        Err(UpstreamError::Http(e)) => return failed(audit, StatusCode::BAD_GATEWAY, format!("upstream failed: {}", describe(&e))),
+    };
+    match sender.send_request(upstream_request).await {
         Ok(response) => {
+            state.upstreams.checkin(target, sender);
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            parts
-                .headers
-                .append(header::VIA, HeaderValue::from_static(VIA));
+            parts.headers.append(header::VIA, HeaderValue::from_static(VIA));
             let status = parts.status;
-            audit.finish(
-                AuditResult::Ok,
-                format!(
-                    "{} {}",
-                    status.as_u16(),
-                    status.canonical_reason().unwrap_or("")
-                )
-                .trim_end()
-                .to_string(),
-            );
-            let body = AuditedBody {
-                inner: body,
-                audit: Some(audit),
-                uploaded,
-                downloaded: 0,
-            };
+            audit.finish(AuditResult::Ok, format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("")).trim_end().to_string());
+            let body = AuditedBody { inner: body, audit: Some(audit), uploaded, downloaded: 0 };
             Response::from_parts(parts, body.boxed())
         }
-        Err(e) => {
-            let (status, reason) = upstream_failure(&e);
-            audit.bytes_up = uploaded.load(Ordering::Relaxed);
-            audit.finish(AuditResult::Error, reason.clone());
-            audit.emit();
-            error(status, &reason)
-        }
+        Err(e) => failed(audit, StatusCode::BAD_GATEWAY, format!("upstream failed: {}", describe(&e))),
     }
-}
-
-/// 504 for timeouts, 502 for everything else, with the cause in words.
-fn upstream_failure(error: &hyper_util::client::legacy::Error) -> (StatusCode, String) {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if let Some(connect) = current.downcast_ref::<ConnectError>() {
-            let status = match connect {
-                ConnectError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
-                _ => StatusCode::BAD_GATEWAY,
-            };
-            return (status, connect.to_string());
-        }
-        source = current.source();
-    }
-    (
-        StatusCode::BAD_GATEWAY,
-        format!("upstream failed: {}", describe(error)),
-    )
 }
 
 fn describe(error: &dyn std::error::Error) -> String {
@@ -658,81 +703,5 @@ impl Drop for AuditedBody {
                 .then(|| "client went away before the response ended".to_string());
             self.finish(incomplete);
         }
-    }
-}
-
-// === Upstream connections through the service's connector ===
-
-/// Opens upstream connections for the pool with the service's [`Connector`].
-#[derive(Clone)]
-pub struct UpstreamConnector(Connector);
-
-/// An upstream connection as hyper's client sees it.
-pub struct UpstreamIo(TokioIo<Stream>);
-
-impl tower_service::Service<Uri> for UpstreamConnector {
-    type Response = UpstreamIo;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connector = self.0.clone();
-        Box::pin(async move {
-            let host = uri
-                .host()
-                .unwrap_or_default()
-                .trim_start_matches('[')
-                .trim_end_matches(']');
-            let host = match host.parse() {
-                Ok(ip) => Host::Ip(ip),
-                Err(_) => Host::Name(host.to_ascii_lowercase()),
-            };
-            let target = Hop::Direct(HostPort {
-                host,
-                port: uri.port_u16().unwrap_or(80),
-            });
-            connector
-                .connect(&target)
-                .await
-                .map(|stream| UpstreamIo(TokioIo::new(stream)))
-        })
-    }
-}
-
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for UpstreamIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for UpstreamIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

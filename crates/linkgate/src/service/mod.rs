@@ -35,8 +35,6 @@ pub struct ServiceRuntime {
     pub via_text: Arc<str>,
     /// Accounts for `auth = "password"`.
     pub users: Arc<UserDb>,
-    /// The upstream connection pool (http services only).
-    pub http_client: Option<http_proxy::ProxyClient>,
     slots: Arc<Semaphore>,
 }
 
@@ -58,8 +56,6 @@ impl ServiceRuntime {
             access: AccessList::for_service(&config),
             destinations: Destinations::for_service(&config),
             via_text: connector.via_text().into(),
-            http_client: (config.kind == ServiceKind::Http)
-                .then(|| http_proxy::ProxyClient::new(connector.clone())),
             connector,
             users: shared.users.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections as usize)),
