@@ -188,6 +188,9 @@ async fn connect_tunnel(proxy: &str, target: &str, seconds: u64) -> Result<(), E
         total += n as u64;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    println!("{{\"bytes\": {total}, \"gbps\": {:.3}}}", total as f64 * 8.0 / elapsed / 1e9);
+    println!(
+        "{{\"bytes\": {total}, \"gbps\": {:.3}}}",
+        total as f64 * 8.0 / elapsed / 1e9
+    );
     Ok(())
 }

@@ -1,18 +1,120 @@
 //! Log output on stderr: human text or one JSON object per line.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// Flushes what is queued when dropped (keep it until exit).
+pub struct LogGuard(Arc<Batch>);
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.0.flush();
+    }
+}
+
+/// Log lines gathered in memory and written to stderr by one thread in
+/// batches: a proxy writing an audit record per request then pays no system
+/// call per record on its network threads (and no spinning hand-off).
+struct Batch {
+    buffer: Mutex<Vec<u8>>,
+    wake: Condvar,
+}
+
+/// Pending bytes that make the writer thread flush at once.
+const FLUSH_AT: usize = 64 * 1024;
+/// Pending bytes beyond which loggers write through themselves (stderr is
+/// stalled): memory stays bounded and nothing is dropped.
+const HARD_LIMIT: usize = 8 * 1024 * 1024;
+/// Longest a line waits before it is written.
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
+
+impl Batch {
+    fn flush(&self) {
+        let pending = std::mem::take(&mut *self.buffer.lock().unwrap_or_else(|p| p.into_inner()));
+        if !pending.is_empty() {
+            let _ = std::io::stderr().lock().write_all(&pending);
+        }
+    }
+
+    fn run(self: Arc<Self>) {
+        loop {
+            let pending = {
+                let buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+                let (mut buffer, _) = self
+                    .wake
+                    .wait_timeout_while(buffer, FLUSH_EVERY, |b| b.len() < FLUSH_AT)
+                    .unwrap_or_else(|p| p.into_inner());
+                std::mem::take(&mut *buffer)
+            };
+            if !pending.is_empty() {
+                let _ = std::io::stderr().lock().write_all(&pending);
+            }
+        }
+    }
+}
+
+/// One log record's writer: appends to the batch.
+pub struct BatchWriter(Arc<Batch>);
+
+impl Write for BatchWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let mut buffer = self.0.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        if buffer.len() + bytes.len() > HARD_LIMIT {
+            let pending = std::mem::take(&mut *buffer);
+            drop(buffer);
+            let mut stderr = std::io::stderr().lock();
+            stderr.write_all(&pending)?;
+            stderr.write_all(bytes)?;
+            return Ok(bytes.len());
+        }
+        buffer.extend_from_slice(bytes);
+        if buffer.len() >= FLUSH_AT {
+            self.0.wake.notify_one();
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct BatchMaker(Arc<Batch>);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchMaker {
+    type Writer = BatchWriter;
+    fn make_writer(&'a self) -> BatchWriter {
+        BatchWriter(self.0.clone())
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default level
 /// (`info`). Safe to call once; later calls are ignored.
-pub fn init(format: LogFormat) {
+///
+/// Records are written in batches by a dedicated thread, at most
+/// 20 ms after they were logged; nothing is dropped. Keep the returned guard
+/// until exit: dropping it writes what is still queued.
+pub fn init(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let batch = Arc::new(Batch {
+        buffer: Mutex::new(Vec::with_capacity(FLUSH_AT)),
+        wake: Condvar::new(),
+    });
+    let flusher = batch.clone();
+    let _ = std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || flusher.run());
+    let writer = BatchMaker(batch.clone());
+    let guard = LogGuard(batch);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         // Colours only for a person at a terminal, never in files or pipes.
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     let _ = match format {
@@ -26,4 +128,5 @@ pub fn init(format: LogFormat) {
             .with_current_span(false)
             .try_init(),
     };
+    guard
 }

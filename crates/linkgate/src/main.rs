@@ -187,7 +187,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         Ok(loaded) => loaded,
         Err(e) => return config_failure(&e),
     };
-    linkgate::logging::init(loaded.config.gateway.log);
+    let _log_guard = linkgate::logging::init(loaded.config.gateway.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -198,7 +198,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     match runtime.block_on(serve(loaded)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{e}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }

@@ -20,15 +20,15 @@ use std::task::{Context, Poll};
 
 use base64::Engine;
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use hyper::client::conn::http1::SendRequest;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
@@ -113,7 +113,11 @@ impl Upstreams {
     }
 
     /// A ready connection to `target`: reused, or newly opened.
-    async fn connection(&self, service: &ServiceRuntime, target: &HostPort) -> Result<SendRequest<Body>, UpstreamError> {
+    async fn connection(
+        &self,
+        service: &ServiceRuntime,
+        target: &HostPort,
+    ) -> Result<SendRequest<Body>, UpstreamError> {
         if let Some(sender) = self.checkout(target).await {
             return Ok(sender);
         }
@@ -162,7 +166,9 @@ pub async fn serve(
             let state = state.clone();
             let template = template.clone();
             let client_id = client_id.clone();
-            async move { Ok::<_, Infallible>(handle(service, &state, &template, &client_id, request).await) }
+            async move {
+                Ok::<_, Infallible>(handle(service, &state, &template, &client_id, request).await)
+            }
         })
     };
     let connection = hyper::server::conn::http1::Builder::new()
@@ -383,7 +389,11 @@ async fn forward(
         .parse()
         .unwrap_or_else(|_| Uri::from_static("/"));
     let uploaded = Arc::new(AtomicU64::new(0));
-    let body = Counted { inner: body, counter: uploaded.clone() }.boxed();
+    let body = Counted {
+        inner: body,
+        counter: uploaded.clone(),
+    }
+    .boxed();
     let upstream_request = Request::from_parts(parts, body);
     let failed = |mut audit: Audit, status: StatusCode, reason: String| {
         audit.bytes_up = uploaded.load(Ordering::Relaxed);
@@ -394,23 +404,53 @@ async fn forward(
     let mut sender = match state.upstreams.connection(service, &target).await {
         Ok(sender) => sender,
         Err(UpstreamError::Connect(e)) => {
-            let status = if matches!(e, ConnectError::Timeout(..)) { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+            let status = if matches!(e, ConnectError::Timeout(..)) {
+                StatusCode::GATEWAY_TIMEOUT
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
             return failed(audit, status, e.to_string());
         }
-        Err(UpstreamError::Http(e)) => return failed(audit, StatusCode::BAD_GATEWAY, format!("upstream failed: {}", describe(&e))),
+        Err(UpstreamError::Http(e)) => {
+            return failed(
+                audit,
+                StatusCode::BAD_GATEWAY,
+                format!("upstream failed: {}", describe(&e)),
+            )
+        }
     };
     match sender.send_request(upstream_request).await {
         Ok(response) => {
             state.upstreams.checkin(target, sender);
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            parts.headers.append(header::VIA, HeaderValue::from_static(VIA));
+            parts
+                .headers
+                .append(header::VIA, HeaderValue::from_static(VIA));
             let status = parts.status;
-            audit.finish(AuditResult::Ok, format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("")).trim_end().to_string());
-            let body = AuditedBody { inner: body, audit: Some(audit), uploaded, downloaded: 0 };
+            audit.finish(
+                AuditResult::Ok,
+                format!(
+                    "{} {}",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or("")
+                )
+                .trim_end()
+                .to_string(),
+            );
+            let body = AuditedBody {
+                inner: body,
+                audit: Some(audit),
+                uploaded,
+                downloaded: 0,
+            };
             Response::from_parts(parts, body.boxed())
         }
-        Err(e) => failed(audit, StatusCode::BAD_GATEWAY, format!("upstream failed: {}", describe(&e))),
+        Err(e) => failed(
+            audit,
+            StatusCode::BAD_GATEWAY,
+            format!("upstream failed: {}", describe(&e)),
+        ),
     }
 }
 
