@@ -213,3 +213,37 @@ impl Future for Bidirectional<'_> {
         }
     }
 }
+
+/// Sends `early` (bytes the client sent along with its request) to the
+/// target, relays until the end, and records bytes and outcome in `audit`.
+/// `closed` is the reason written for a clean end.
+pub async fn relay_and_record(
+    client: &mut Stream,
+    target: &mut Stream,
+    early: &[u8],
+    idle: crate::config::ConfigDuration,
+    stop: &CancellationToken,
+    audit: &mut crate::audit::Audit,
+    closed: &str,
+) {
+    use crate::audit::AuditResult;
+    use tokio::io::AsyncWriteExt;
+    if !early.is_empty() {
+        if let Err(e) = target.write_all(early).await {
+            audit.finish(AuditResult::Error, format!("writing to target: {e}"));
+            return;
+        }
+    }
+    let outcome = relay(client, target, idle.0, stop).await;
+    audit.bytes_up = outcome.bytes_up + early.len() as u64;
+    audit.bytes_down = outcome.bytes_down;
+    match outcome.end {
+        RelayEnd::Closed => audit.finish(AuditResult::Ok, closed),
+        RelayEnd::IdleTimeout => audit.finish(AuditResult::Ok, format!("idle timeout ({idle})")),
+        RelayEnd::Shutdown => audit.finish(
+            AuditResult::Error,
+            "gateway shutting down: grace period over",
+        ),
+        RelayEnd::Error(e) => audit.finish(AuditResult::Error, e),
+    }
+}

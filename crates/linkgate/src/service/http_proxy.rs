@@ -38,7 +38,7 @@ use crate::audit::{Audit, AuditResult};
 use crate::config::{AuthMode, Hop, HostPort};
 use crate::connector::ConnectError;
 use crate::inbound::Inbound;
-use crate::relay::{relay, RelayEnd};
+use crate::relay::relay_and_record;
 use crate::stream::Stream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -537,35 +537,17 @@ async fn run_tunnel(service: &ServiceRuntime, tunnel: Tunnel, stop: &Cancellatio
             Bytes::new(),
         ),
     };
-    if !early.is_empty() {
-        use tokio::io::AsyncWriteExt;
-        if let Err(e) = upstream.write_all(&early).await {
-            audit.finish(AuditResult::Error, format!("writing to target: {e}"));
-            audit.emit();
-            return;
-        }
-    }
-    let outcome = relay(
+    let idle = service.config.idle_timeout;
+    relay_and_record(
         &mut client,
         &mut upstream,
-        service.config.idle_timeout.0,
+        &early,
+        idle,
         stop,
+        &mut audit,
+        "tunnel closed",
     )
     .await;
-    audit.bytes_up = outcome.bytes_up + early.len() as u64;
-    audit.bytes_down = outcome.bytes_down;
-    match outcome.end {
-        RelayEnd::Closed => audit.finish(AuditResult::Ok, "tunnel closed"),
-        RelayEnd::IdleTimeout => audit.finish(
-            AuditResult::Ok,
-            format!("idle timeout ({})", service.config.idle_timeout),
-        ),
-        RelayEnd::Shutdown => audit.finish(
-            AuditResult::Error,
-            "gateway shutting down: grace period over",
-        ),
-        RelayEnd::Error(e) => audit.finish(AuditResult::Error, e),
-    }
     audit.emit();
 }
 

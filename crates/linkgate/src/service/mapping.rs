@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 use super::ServiceRuntime;
 use crate::audit::{Audit, AuditResult};
 use crate::inbound::Inbound;
-use crate::relay::{relay, RelayEnd};
+use crate::relay::relay_and_record;
 
 /// Connects `inbound` to the service's target and relays until done.
 pub async fn serve(
@@ -29,25 +29,15 @@ pub async fn serve(
             return;
         }
     };
-    let outcome = relay(
+    let idle = service.config.idle_timeout;
+    relay_and_record(
         &mut inbound.stream,
         &mut upstream,
-        service.config.idle_timeout.0,
+        &[],
+        idle,
         stop,
+        audit,
+        "closed",
     )
     .await;
-    audit.bytes_up = outcome.bytes_up;
-    audit.bytes_down = outcome.bytes_down;
-    match outcome.end {
-        RelayEnd::Closed => audit.finish(AuditResult::Ok, "closed"),
-        RelayEnd::IdleTimeout => audit.finish(
-            AuditResult::Ok,
-            format!("idle timeout ({})", service.config.idle_timeout),
-        ),
-        RelayEnd::Shutdown => audit.finish(
-            AuditResult::Error,
-            "gateway shutting down: grace period over",
-        ),
-        RelayEnd::Error(e) => audit.finish(AuditResult::Error, e),
-    }
 }

@@ -20,7 +20,7 @@ use crate::audit::{Audit, AuditResult};
 use crate::config::{AuthMode, Hop, Host, HostPort};
 use crate::connector::ConnectError;
 use crate::inbound::{ClientId, Inbound};
-use crate::relay::{relay, RelayEnd, RelayOutcome};
+use crate::relay::relay_and_record;
 use crate::stream::Stream;
 
 /// Most bytes buffered before a request is complete (largest SOCKS4a
@@ -338,25 +338,6 @@ fn reply_code(error: &ConnectError) -> u8 {
     }
 }
 
-fn record_relay(
-    audit: &mut Audit,
-    outcome: RelayOutcome,
-    early: usize,
-    idle: crate::config::ConfigDuration,
-) {
-    audit.bytes_up = outcome.bytes_up + early as u64;
-    audit.bytes_down = outcome.bytes_down;
-    match outcome.end {
-        RelayEnd::Closed => audit.finish(AuditResult::Ok, "closed"),
-        RelayEnd::IdleTimeout => audit.finish(AuditResult::Ok, format!("idle timeout ({idle})")),
-        RelayEnd::Shutdown => audit.finish(
-            AuditResult::Error,
-            "gateway shutting down: grace period over",
-        ),
-        RelayEnd::Error(e) => audit.finish(AuditResult::Error, e),
-    }
-}
-
 // === CONNECT ===
 
 async fn connect(
@@ -393,25 +374,18 @@ async fn connect(
         bound,
     )
     .await;
-    if !negotiated.leftover.is_empty() {
-        if let Err(e) = upstream.write_all(&negotiated.leftover).await {
-            audit.finish(AuditResult::Error, format!("writing to target: {e}"));
-            return;
-        }
-    }
-    let outcome = relay(
+    let idle = service.config.idle_timeout;
+    let early = negotiated.leftover;
+    relay_and_record(
         &mut inbound.stream,
         &mut upstream,
-        service.config.idle_timeout.0,
+        &early,
+        idle,
         stop,
+        audit,
+        "closed",
     )
     .await;
-    record_relay(
-        audit,
-        outcome,
-        negotiated.leftover.len(),
-        service.config.idle_timeout,
-    );
 }
 
 // === BIND ===
@@ -495,23 +469,18 @@ async fn bind(
     let _ = incoming.set_nodelay(true);
     send_reply(&mut inbound.stream, version, c::REPLY_SUCCEEDED, Some(from)).await;
     let mut incoming = Stream::Tcp(incoming);
-    if !negotiated.leftover.is_empty() && incoming.write_all(&negotiated.leftover).await.is_err() {
-        audit.finish(AuditResult::Error, "writing to the BIND peer failed");
-        return;
-    }
-    let outcome = relay(
+    let idle = service.config.idle_timeout;
+    let early = negotiated.leftover;
+    relay_and_record(
         &mut inbound.stream,
         &mut incoming,
-        service.config.idle_timeout.0,
+        &early,
+        idle,
         stop,
+        audit,
+        "closed",
     )
     .await;
-    record_relay(
-        audit,
-        outcome,
-        negotiated.leftover.len(),
-        service.config.idle_timeout,
-    );
 }
 
 // === UDP ASSOCIATE ===
