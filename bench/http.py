@@ -4,7 +4,8 @@
 
 Requests: wrk, one thread, 64 keep-alive connections, absolute-URI GETs
 through each proxy (and directly to nginx for reference), proxies taken in
-alternating order; requests/s and p99 latency.
+alternating order; requests/s and p99 latency. linkgate runs twice: with
+its default worker count (one per core) and with `threads = 1`.
 
 CONNECT: one tunnel through each proxy to a local source of zeros, read for
 --seconds; Gbit/s.
@@ -52,13 +53,14 @@ http {{
     return Relay("nginx", ["nginx", "-p", tmp, "-c", conf, "-g", "daemon off;"], port, tmp)
 
 
-def start_linkgate(tmp):
+def start_linkgate(tmp, threads=None):
     port = free_port()
-    conf = os.path.join(tmp, "linkgate.toml")
+    name = "linkgate" if threads is None else f"linkgate-t{threads}"
+    conf = os.path.join(tmp, f"{name}.toml")
     with open(conf, "w") as f:
-        f.write(f'[gateway]\nshutdown_grace = "1s"\n[[service]]\nname = "web"\ntype = "http"\n'
-                f'listen = "127.0.0.1:{port}"\nmax_connections = 100000\n')
-    return Relay("linkgate", [LINKGATE, "run", "-c", conf], port, tmp)
+        f.write(f'[gateway]\nshutdown_grace = "1s"\n' + (f"threads = {threads}\n" if threads else "") +
+                f'[[service]]\nname = "web"\ntype = "http"\nlisten = "127.0.0.1:{port}"\nmax_connections = 100000\n')
+    return Relay(name, [LINKGATE, "run", "-c", conf], port, tmp)
 
 
 def start_squid(tmp):
@@ -125,7 +127,9 @@ def main():
         try:
             nginx = start_nginx(tmp)
             procs.append(nginx)
-            proxies = [start_linkgate(tmp), start_squid(tmp), start_tinyproxy(tmp)]
+            # linkgate as configured by default (one worker per core), and with
+            # `threads = 1`, which is how squid and tinyproxy run.
+            proxies = [start_linkgate(tmp), start_linkgate(tmp, threads=1), start_squid(tmp), start_tinyproxy(tmp)]
             procs.extend(proxies)
             time.sleep(1)
             rps, p99, _ = wrk(nginx.port, nginx.port, args.seconds, direct=True)

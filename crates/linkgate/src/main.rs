@@ -188,7 +188,12 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         Err(e) => return config_failure(&e),
     };
     let _log_guard = linkgate::logging::init(loaded.config.gateway.log);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = loaded.config.gateway.threads {
+        builder.worker_threads(usize::from(threads));
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");

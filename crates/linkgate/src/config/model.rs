@@ -58,6 +58,8 @@ pub struct GatewayConfig {
     /// before they are closed; default 30s. (Extension of the contract.)
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: ConfigDuration,
+    /// Worker threads; default: one per CPU core. (Extension of the contract.)
+    pub threads: Option<u16>,
 }
 
 impl Default for GatewayConfig {
@@ -68,6 +70,7 @@ impl Default for GatewayConfig {
             log: LogFormat::Text,
             admin: None,
             shutdown_grace: default_shutdown_grace(),
+            threads: None,
         }
     }
 }

@@ -79,6 +79,12 @@ fn check_gateway(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
         None => gateway.name = Some(host_name()),
     }
     gateway.identity = base.join(&gateway.identity);
+    if gateway.threads == Some(0) {
+        out.push((
+            KeyPath::new([key_seg("gateway"), key_seg("threads")]),
+            "must be at least 1 (or omitted: one per CPU core)".into(),
+        ));
+    }
     if let Some(link) = &config.link {
         if link.listen.is_empty() {
             out.push((
