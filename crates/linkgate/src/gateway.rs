@@ -58,12 +58,27 @@ struct Shutdown {
 /// A started gateway. Dropping it does not stop it; call [`Gateway::shutdown`].
 pub struct Gateway {
     shutdown: Shutdown,
-    accept_loops: TaskTracker,
     /// Cancelled after the drain: closes links (with close records).
     stop_links: CancellationToken,
     link_tasks: TaskTracker,
     links: Arc<Links>,
-    bound: Vec<(String, SocketAddr)>,
+    /// The running services, by name; shared with the link dispatcher.
+    services: ServiceTable,
+    /// Each running service's listeners.
+    listeners: HashMap<String, ServiceListeners>,
+    /// The configuration running now.
+    config: Config,
+    link_bound: Vec<SocketAddr>,
+}
+
+/// The services streams and connections are dispatched to (swapped on reload).
+type ServiceTable = Arc<std::sync::RwLock<HashMap<String, Arc<ServiceRuntime>>>>;
+
+/// One service's accept loops, stoppable without touching its connections.
+struct ServiceListeners {
+    stop: CancellationToken,
+    loops: TaskTracker,
+    bound: Vec<SocketAddr>,
 }
 
 /// Numbers connections across the whole gateway (for logs and audit).
@@ -71,7 +86,7 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Admits streams that peers open to this gateway's services.
 struct GatewayDispatch {
-    services: HashMap<String, Arc<ServiceRuntime>>,
+    services: ServiceTable,
     shutdown: Shutdown,
 }
 
@@ -89,21 +104,12 @@ impl Gateway {
             links: links.clone(),
             users: Arc::new(UserDb::new(&config.user)),
         };
-        let mut services = HashMap::new();
-        let mut listeners = Vec::new();
+        let mut runtimes = HashMap::new();
+        let mut bound_listeners = Vec::new();
         for service in &config.service {
             let runtime = ServiceRuntime::new(service.clone(), &shared);
-            services.insert(service.name.clone(), runtime.clone());
-            for listen in &service.listen {
-                let Listen::Tcp(addr) = listen else { continue };
-                for listener in bind(addr).await.map_err(|source| RuntimeError::Listen {
-                    what: format!("service {:?}", service.name),
-                    addr: addr.to_string(),
-                    source,
-                })? {
-                    listeners.push((runtime.clone(), listener));
-                }
-            }
+            bound_listeners.push((runtime.clone(), bind_service(service).await?));
+            runtimes.insert(service.name.clone(), runtime);
         }
         let mut link_listeners = Vec::new();
         if let Some(link) = &config.link {
@@ -116,18 +122,15 @@ impl Gateway {
             }
         }
 
-        let accept_loops = TaskTracker::new();
-        let mut bound = Vec::new();
-        for (service, listener) in listeners {
-            let local = local_addr(&listener);
-            tracing::info!(service = &*service.name, kind = service.config.kind.as_str(), listen = %local, "listening");
-            bound.push((service.config.name.clone(), local));
-            accept_loops.spawn(accept_loop(listener, service, shutdown.clone()));
+        let mut listeners = HashMap::new();
+        for (runtime, sockets) in bound_listeners {
+            let started = start_accepting(&runtime, sockets, &shutdown);
+            listeners.insert(runtime.config.name.clone(), started);
         }
-        accept_loops.close();
-
+        let services: ServiceTable = Arc::new(std::sync::RwLock::new(runtimes));
+        let mut link_bound = Vec::new();
         let dispatch: Arc<dyn StreamDispatch> = Arc::new(GatewayDispatch {
-            services,
+            services: services.clone(),
             shutdown: shutdown.clone(),
         });
         let stop_links = CancellationToken::new();
@@ -150,7 +153,7 @@ impl Gateway {
             for listener in link_listeners {
                 let local = local_addr(&listener);
                 tracing::info!(service = "[link]", listen = %local, "listening for links");
-                bound.push(("[link]".into(), local));
+                link_bound.push(local);
                 link_tasks.spawn(links::run_acceptor(
                     listener,
                     context.clone(),
@@ -180,18 +183,110 @@ impl Gateway {
         link_tasks.close();
         Ok(Gateway {
             shutdown,
-            accept_loops,
             stop_links,
             link_tasks,
             links,
-            bound,
+            services,
+            listeners,
+            config: config.clone(),
+            link_bound,
         })
     }
 
     /// The addresses actually bound, by service name (`[link]` for the link
     /// listener); ports chosen by the OS when the config said `:0`.
-    pub fn bound_addresses(&self) -> &[(String, SocketAddr)] {
-        &self.bound
+    pub fn bound_addresses(&self) -> Vec<(String, SocketAddr)> {
+        let mut all: Vec<(String, SocketAddr)> = self
+            .listeners
+            .iter()
+            .flat_map(|(name, l)| l.bound.iter().map(move |addr| (name.clone(), *addr)))
+            .collect();
+        all.extend(
+            self.link_bound
+                .iter()
+                .map(|addr| ("[link]".to_string(), *addr)),
+        );
+        all
+    }
+
+    /// Applies a new, validated configuration (SIGHUP). Services whose
+    /// configuration did not change keep running untouched; removed or
+    /// changed ones stop accepting (their established connections go on
+    /// until they end); new and changed ones start. Changes to `[gateway]`,
+    /// `[link]` and `[[peer]]` need a restart and are reported as such.
+    pub async fn reload(&mut self, new: Config) {
+        if new.gateway != self.config.gateway
+            || new.link != self.config.link
+            || new.peer != self.config.peer
+        {
+            tracing::warn!(
+                "reload: changes to [gateway], [link] or [[peer]] take effect only after a restart"
+            );
+        }
+        let users_changed = new.user != self.config.user;
+        let shared = SharedContext {
+            links: self.links.clone(),
+            users: Arc::new(UserDb::new(&new.user)),
+        };
+        let unchanged = |service: &crate::config::ServiceConfig| {
+            let old = self
+                .config
+                .service
+                .iter()
+                .find(|old| old.name == service.name);
+            old == Some(service)
+                && !(users_changed && service.auth == crate::config::AuthMode::Password)
+        };
+        let keep: Vec<String> = new
+            .service
+            .iter()
+            .filter(|s| unchanged(s))
+            .map(|s| s.name.clone())
+            .collect();
+        // Stop what goes away or changes first, so its ports are free again.
+        let stopping: Vec<String> = self
+            .listeners
+            .keys()
+            .filter(|name| !keep.contains(name))
+            .cloned()
+            .collect();
+        for name in &stopping {
+            if let Some(old) = self.listeners.remove(name) {
+                old.stop.cancel();
+                old.loops.wait().await;
+            }
+            self.services
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+        }
+        let (mut started, mut failed) = (0, 0);
+        for service in new.service.iter().filter(|s| !keep.contains(&s.name)) {
+            let runtime = ServiceRuntime::new(service.clone(), &shared);
+            match bind_service(service).await {
+                Ok(sockets) => {
+                    let accepting = start_accepting(&runtime, sockets, &self.shutdown);
+                    self.listeners.insert(service.name.clone(), accepting);
+                    self.services
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(service.name.clone(), runtime);
+                    started += 1;
+                }
+                Err(e) => {
+                    tracing::error!("reload: {e}; the service stays stopped");
+                    failed += 1;
+                }
+            }
+        }
+        tracing::info!(
+            kept = keep.len(),
+            stopped = stopping.len(),
+            started,
+            failed,
+            "configuration reloaded"
+        );
+        self.config = new;
     }
 
     /// Stops accepting, lets live connections finish for up to `grace`,
@@ -199,7 +294,9 @@ impl Gateway {
     /// links with authenticated close records.
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.stop_accepting.cancel();
-        self.accept_loops.wait().await;
+        for listeners in self.listeners.values() {
+            listeners.loops.wait().await;
+        }
         self.shutdown.tracker.close();
         let live = self.shutdown.tracker.len();
         if live > 0 {
@@ -266,6 +363,47 @@ async fn peer_records(
     Ok(records)
 }
 
+/// Binds every TCP listener of `service`.
+async fn bind_service(
+    service: &crate::config::ServiceConfig,
+) -> Result<Vec<TcpListener>, RuntimeError> {
+    let mut sockets = Vec::new();
+    for listen in &service.listen {
+        let Listen::Tcp(addr) = listen else { continue };
+        sockets.extend(bind(addr).await.map_err(|source| RuntimeError::Listen {
+            what: format!("service {:?}", service.name),
+            addr: addr.to_string(),
+            source,
+        })?);
+    }
+    Ok(sockets)
+}
+
+/// Starts the accept loops of one service; they stop with the gateway or
+/// on their own token (reload).
+fn start_accepting(
+    runtime: &Arc<ServiceRuntime>,
+    sockets: Vec<TcpListener>,
+    shutdown: &Shutdown,
+) -> ServiceListeners {
+    let stop = shutdown.stop_accepting.child_token();
+    let loops = TaskTracker::new();
+    let mut bound = Vec::new();
+    for listener in sockets {
+        let local = local_addr(&listener);
+        tracing::info!(service = &*runtime.name, kind = runtime.config.kind.as_str(), listen = %local, "listening");
+        bound.push(local);
+        loops.spawn(accept_loop(
+            listener,
+            runtime.clone(),
+            shutdown.clone(),
+            stop.clone(),
+        ));
+    }
+    loops.close();
+    ServiceListeners { stop, loops, bound }
+}
+
 /// Opens listening sockets for `addr` (every address a name resolves to).
 /// IPv6 sockets are IPv6-only so `0.0.0.0:P` and `[::]:P` can coexist.
 async fn bind(addr: &HostPort) -> io::Result<Vec<TcpListener>> {
@@ -290,10 +428,15 @@ async fn bind(addr: &HostPort) -> io::Result<Vec<TcpListener>> {
     Ok(listeners)
 }
 
-async fn accept_loop(listener: TcpListener, service: Arc<ServiceRuntime>, shutdown: Shutdown) {
+async fn accept_loop(
+    listener: TcpListener,
+    service: Arc<ServiceRuntime>,
+    shutdown: Shutdown,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
-            () = shutdown.stop_accepting.cancelled() => return,
+            () = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -384,7 +527,13 @@ fn admit_tcp(service: &Arc<ServiceRuntime>, tcp: TcpStream, peer: SocketAddr, sh
 impl StreamDispatch for GatewayDispatch {
     fn dispatch(&self, peer: &str, request: IncomingStream) {
         let client = ClientId::Peer(peer.to_string());
-        let Some(service) = self.services.get(&request.service) else {
+        let service = self
+            .services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&request.service)
+            .cloned();
+        let Some(service) = service else {
             let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
             let mut audit = Audit::start(
                 request.service.as_str().into(),
@@ -398,6 +547,7 @@ impl StreamDispatch for GatewayDispatch {
             request.refuse(&reason);
             return;
         };
+        let service = &service;
         let mut audit = new_audit(service, &client);
         let refuse =
             |mut audit: Audit, result: AuditResult, reason: String, request: IncomingStream| {

@@ -200,7 +200,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    match runtime.block_on(serve(loaded)) {
+    match runtime.block_on(serve(loaded, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -209,7 +209,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn serve(loaded: LoadedConfig) -> anyhow::Result<()> {
+async fn serve(loaded: LoadedConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = &loaded.config;
     let mut terminate =
@@ -219,7 +219,7 @@ async fn serve(loaded: LoadedConfig) -> anyhow::Result<()> {
     if let Some(admin) = &config.gateway.admin {
         tracing::warn!(%admin, "the admin page is not available yet in this version; not listening");
     }
-    let gateway = Gateway::start(config).await?;
+    let mut gateway = Gateway::start(config).await?;
     tracing::info!(
         gateway = config.gateway.name.as_deref().unwrap_or_default(),
         services = config.service.len(),
@@ -229,9 +229,13 @@ async fn serve(loaded: LoadedConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break }
             _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); break }
-            _ = hangup.recv() => {
-                tracing::warn!("SIGHUP: configuration reload is not available yet in this version; restart to apply changes");
-            }
+            _ = hangup.recv() => match load(path.as_ref()) {
+                Ok(new) => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    gateway.reload(new.config).await;
+                }
+                Err(e) => tracing::error!("SIGHUP: the new configuration is rejected, the running one stays: {e}"),
+            },
         }
     }
     gateway.shutdown(config.gateway.shutdown_grace.0).await;

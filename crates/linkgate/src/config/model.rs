@@ -10,7 +10,7 @@ use super::values::{
 };
 
 /// The whole file.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `[gateway]`: this gateway's identity, logging and admin page.
@@ -41,7 +41,7 @@ pub enum LogFormat {
 }
 
 /// `[gateway]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Name in logs and link handshakes; default: the host name.
@@ -84,7 +84,7 @@ fn default_shutdown_grace() -> ConfigDuration {
 }
 
 /// `[link]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkConfig {
     /// Addresses where peers' links are accepted.
@@ -93,7 +93,7 @@ pub struct LinkConfig {
 }
 
 /// `[[peer]]`: another gateway, which we dial (`connect` set) or which dials us.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     /// Our local name for that gateway; `peer:NAME` and `link://NAME/...` refer to it.
@@ -114,7 +114,7 @@ pub struct PeerConfig {
 }
 
 /// `[[user]]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     /// The login name.
@@ -174,7 +174,7 @@ pub enum AuthMode {
 }
 
 /// `[[service]]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// Unique name; peers address it as `link://<gateway>/<name>`.
