@@ -32,6 +32,9 @@ pub enum ConnectError {
     /// The peer refused the stream.
     #[error("peer {0:?} refused: {1}")]
     LinkRefused(String, String),
+    /// A proxy in the `via` chain refused or failed.
+    #[error("via {0}: {1}")]
+    Proxy(String, String),
     /// The chain uses a kind of hop this build cannot use yet.
     #[error("{0} hops are not available yet")]
     NotAvailable(&'static str),
@@ -87,7 +90,31 @@ impl Connector {
 
     async fn connect_chain(&self, target: &Hop) -> Result<Stream, ConnectError> {
         if let Some(first) = self.via.first() {
-            return Err(ConnectError::NotAvailable(first.scheme()));
+            // Validation guarantees: proxy hops only, and a host:port target.
+            let Hop::Direct(final_target) = target else {
+                return Err(ConnectError::NotAvailable(target.scheme()));
+            };
+            let mut stream = match first {
+                Hop::Socks4(addr)
+                | Hop::Socks4a(addr)
+                | Hop::Socks5(addr, _)
+                | Hop::Http(addr, _) => connect_tcp(addr).await.map(Stream::Tcp)?,
+                other => return Err(ConnectError::NotAvailable(other.scheme())),
+            };
+            for (i, hop) in self.via.iter().enumerate() {
+                let next = match self.via.get(i + 1) {
+                    Some(
+                        Hop::Socks4(addr)
+                        | Hop::Socks4a(addr)
+                        | Hop::Socks5(addr, _)
+                        | Hop::Http(addr, _),
+                    ) => addr,
+                    Some(other) => return Err(ConnectError::NotAvailable(other.scheme())),
+                    None => final_target,
+                };
+                stream = crate::cascade::through(hop, stream, next).await?;
+            }
+            return Ok(stream);
         }
         match target {
             Hop::Direct(addr) => connect_tcp(addr).await.map(Stream::Tcp),

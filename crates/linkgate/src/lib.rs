@@ -5,6 +5,7 @@
 pub mod access;
 pub mod audit;
 pub mod bufpool;
+pub mod cascade;
 pub mod config;
 pub mod connector;
 pub mod gateway;

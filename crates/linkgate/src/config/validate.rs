@@ -402,8 +402,8 @@ fn not_available_yet(config: &Config) -> Vec<Finding> {
             let what = format!("the {} service type", service.kind.as_str());
             out.push((path("type"), named(&what)));
         }
-        if !service.via.is_empty() {
-            out.push((path("via"), named("an outbound via chain")));
+        if matches!(service.via.first(), Some(Hop::Link { .. })) {
+            out.push((path("via"), named("a link:// hop in via")));
         }
     }
     out
