@@ -111,6 +111,7 @@ pub fn init(format: LogFormat) -> LogGuard {
         .name("log-writer".into())
         .spawn(move || flusher.run());
     let writer = BatchMaker(batch.clone());
+    let _ = AUDIT_SINK.set((batch.clone(), format));
     let guard = LogGuard(batch);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -129,4 +130,52 @@ pub fn init(format: LogFormat) -> LogGuard {
             .try_init(),
     };
     guard
+}
+
+/// Where audit records go once logging is set up.
+static AUDIT_SINK: std::sync::OnceLock<(Arc<Batch>, LogFormat)> = std::sync::OnceLock::new();
+
+/// Writes one audit record in the configured format; false if logging is
+/// not set up (the caller then falls back to a tracing event).
+pub fn write_audit(record: &crate::audit::AuditRecord<'_>) -> bool {
+    use std::fmt::Write as _;
+    let Some((batch, format)) = AUDIT_SINK.get() else {
+        return false;
+    };
+    let timestamp = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+    let mut line = String::with_capacity(320);
+    match format {
+        LogFormat::Json => {
+            // {"timestamp":..,"level":"INFO","message":"audit", then the fields}
+            let _ = write!(
+                line,
+                "{{\"timestamp\":\"{timestamp}\",\"level\":\"INFO\",\"message\":\"audit\","
+            );
+            match serde_json::to_string(record) {
+                Ok(fields) => line.push_str(&fields[1..]),
+                Err(_) => return false,
+            }
+        }
+        LogFormat::Text => {
+            let _ = write!(
+                line,
+                "{timestamp}  INFO audit: audit service={:?} conn_id={} client={:?} user={:?} target={:?} via={:?} \
+                 bytes_up={} bytes_down={} duration_ms={} result={:?} reason={:?}",
+                record.service,
+                record.conn_id,
+                record.client,
+                record.user,
+                record.target,
+                record.via,
+                record.bytes_up,
+                record.bytes_down,
+                record.duration_ms,
+                record.result,
+                record.reason,
+            );
+        }
+    }
+    line.push('\n');
+    let mut writer = BatchWriter(batch.clone());
+    writer.write_all(line.as_bytes()).is_ok()
 }
