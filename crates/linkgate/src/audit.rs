@@ -55,6 +55,8 @@ pub struct Audit {
     started: Instant,
     /// Set when the connection's requests wrote records of their own.
     suppressed: bool,
+    /// The service's counters, updated when the record is written.
+    pub metrics: Option<Arc<crate::metrics::ServiceMetrics>>,
 }
 
 impl Audit {
@@ -73,6 +75,7 @@ impl Audit {
             reason: String::new(),
             started: Instant::now(),
             suppressed: false,
+            metrics: None,
         }
     }
 
@@ -98,6 +101,9 @@ impl Audit {
     pub fn emit(&self) {
         if self.suppressed {
             return;
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.record(self.result, self.bytes_up, self.bytes_down);
         }
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let record = AuditRecord {

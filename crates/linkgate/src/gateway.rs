@@ -71,8 +71,7 @@ pub struct Gateway {
     link_bound: Vec<SocketAddr>,
 }
 
-/// The services streams and connections are dispatched to (swapped on reload).
-type ServiceTable = Arc<std::sync::RwLock<HashMap<String, Arc<ServiceRuntime>>>>;
+use crate::admin::ServiceTable;
 
 /// One service's accept loops, stoppable without touching its connections.
 struct ServiceListeners {
@@ -191,6 +190,22 @@ impl Gateway {
             config: config.clone(),
             link_bound,
         })
+    }
+
+    /// What the admin endpoint reports on.
+    pub fn admin_state(&self, started: std::time::Instant) -> crate::admin::AdminState {
+        crate::admin::AdminState {
+            gateway: self.config.gateway.name.clone().unwrap_or_default(),
+            services: self.services.clone(),
+            links: self.links.clone(),
+            peers: self
+                .config
+                .peer
+                .iter()
+                .map(|p| (p.name.clone(), !p.connect.is_empty()))
+                .collect(),
+            started,
+        }
     }
 
     /// The addresses actually bound, by service name (`[link]` for the link
@@ -461,6 +476,7 @@ fn new_audit(service: &ServiceRuntime, client: &ClientId) -> Audit {
     if let Some(target) = &service.config.target {
         audit.target = target.to_string();
     }
+    audit.metrics = Some(service.metrics.clone());
     audit
 }
 
@@ -501,6 +517,7 @@ fn spawn_serve(
     let close_all = shutdown.close_all.clone();
     shutdown.tracker.spawn(async move {
         let _slot = slot;
+        let _active = service.metrics.active();
         service
             .serve(inbound, &mut audit, &close_all)
             .instrument(span)

@@ -3,6 +3,7 @@
 //! gateways. See DESIGN.md for the contract; `main.rs` is the command line.
 
 pub mod access;
+pub mod admin;
 pub mod audit;
 pub mod bufpool;
 pub mod cascade;
@@ -12,6 +13,7 @@ pub mod gateway;
 pub mod inbound;
 pub mod links;
 pub mod logging;
+pub mod metrics;
 pub mod passwd;
 pub mod relay;
 pub mod service;

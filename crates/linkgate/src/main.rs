@@ -69,12 +69,7 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
-        Command::Status { admin } => {
-            eprintln!(
-                "linkgate status: the admin API ({admin}) is not available yet in this version"
-            );
-            ExitCode::from(EXIT_RUNTIME)
-        }
+        Command::Status { admin } => status(&admin),
     }
 }
 
@@ -88,6 +83,80 @@ fn load(path: Option<&PathBuf>) -> Result<LoadedConfig, ConfigError> {
 fn config_failure(error: &ConfigError) -> ExitCode {
     eprintln!("{error}");
     ExitCode::from(EXIT_CONFIG)
+}
+
+/// `linkgate status`: asks a running gateway's admin API and prints it.
+fn status(admin: &str) -> ExitCode {
+    match fetch_status(admin) {
+        Ok(status) => {
+            println!(
+                "gateway {} (linkgate {}, up {} s)",
+                status.gateway, status.version, status.uptime_s
+            );
+            println!(
+                "{:<20} {:<8} {:>6} {:>8} {:>7} {:>11} {:>7} {:>14} {:>14}  listen",
+                "SERVICE",
+                "TYPE",
+                "ACTIVE",
+                "OK",
+                "DENIED",
+                "AUTH_FAILED",
+                "ERRORS",
+                "BYTES_UP",
+                "BYTES_DOWN"
+            );
+            for s in &status.services {
+                let c = &s.counters;
+                println!(
+                    "{:<20} {:<8} {:>6} {:>8} {:>7} {:>11} {:>7} {:>14} {:>14}  {}",
+                    s.name,
+                    s.kind,
+                    c.active,
+                    c.ok,
+                    c.denied,
+                    c.auth_failed,
+                    c.error,
+                    c.bytes_up,
+                    c.bytes_down,
+                    s.listen.join(",")
+                );
+            }
+            for l in &status.links {
+                println!("link {:<20} {:<8} {}", l.peer, l.role, l.state);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("linkgate status: cannot get the status from {admin}: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn fetch_status(admin: &str) -> anyhow::Result<linkgate::admin::Status> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let addr = admin
+        .to_socket_addrs()
+        .context("bad address")?
+        .next()
+        .context("the address does not resolve")?;
+    let timeout = std::time::Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .context("is the gateway running with [gateway] admin?")?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET /api/status HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .context("not an HTTP answer")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "answer: {}",
+        head.lines().next().unwrap_or("")
+    );
+    serde_json::from_str(body).context("not a linkgate status")
 }
 
 fn check(path: &PathBuf) -> ExitCode {
@@ -216,10 +285,19 @@ async fn serve(loaded: LoadedConfig, path: Option<PathBuf>) -> anyhow::Result<()
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    if let Some(admin) = &config.gateway.admin {
-        tracing::warn!(%admin, "the admin page is not available yet in this version; not listening");
-    }
+    let started = std::time::Instant::now();
     let mut gateway = Gateway::start(config).await?;
+    let stop_admin = tokio_util::sync::CancellationToken::new();
+    if let Some(admin) = &config.gateway.admin {
+        let addr = tokio::net::lookup_host(admin.to_string())
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .with_context(|| format!("cannot resolve the admin address {admin}"))?;
+        linkgate::admin::start(addr, gateway.admin_state(started), stop_admin.clone())
+            .await
+            .with_context(|| format!("admin: cannot listen on {admin}"))?;
+    }
     tracing::info!(
         gateway = config.gateway.name.as_deref().unwrap_or_default(),
         services = config.service.len(),
@@ -238,6 +316,7 @@ async fn serve(loaded: LoadedConfig, path: Option<PathBuf>) -> anyhow::Result<()
             },
         }
     }
+    stop_admin.cancel();
     gateway.shutdown(config.gateway.shutdown_grace.0).await;
     tracing::info!("stopped");
     Ok(())

@@ -356,6 +356,7 @@ async fn the_default_config_serves_socks_and_http() {
     let config = linkgate::config::DEFAULT_CONFIG
         .replace("127.0.0.1:1080", "127.0.0.1:0")
         .replace("127.0.0.1:3128", "127.0.0.1:0")
+        .replace("127.0.0.1:9180", "127.0.0.1:0")
         .replace("[gateway]\n", "[gateway]\nlog = \"json\"\n");
     let gateway = RunningGateway::start(&config);
     let url = format!("http://{origin}/");

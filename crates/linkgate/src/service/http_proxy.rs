@@ -229,6 +229,7 @@ struct AuditTemplate {
     conn_id: u64,
     client: String,
     via: Arc<str>,
+    metrics: Option<Arc<crate::metrics::ServiceMetrics>>,
 }
 
 impl AuditTemplate {
@@ -238,16 +239,19 @@ impl AuditTemplate {
             conn_id: audit.conn_id,
             client: audit.client.clone(),
             via: audit.via.clone(),
+            metrics: audit.metrics.clone(),
         }
     }
 
     fn start(&self) -> Audit {
-        Audit::start(
+        let mut audit = Audit::start(
             self.service.clone(),
             self.conn_id,
             self.client.clone(),
             self.via.clone(),
-        )
+        );
+        audit.metrics = self.metrics.clone();
+        audit
     }
 }
 

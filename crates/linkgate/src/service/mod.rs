@@ -35,6 +35,8 @@ pub struct ServiceRuntime {
     pub via_text: Arc<str>,
     /// Accounts for `auth = "password"`.
     pub users: Arc<UserDb>,
+    /// Counters for the admin page.
+    pub metrics: Arc<crate::metrics::ServiceMetrics>,
     slots: Arc<Semaphore>,
 }
 
@@ -58,6 +60,7 @@ impl ServiceRuntime {
             via_text: connector.via_text().into(),
             connector,
             users: shared.users.clone(),
+            metrics: Arc::default(),
             slots: Arc::new(Semaphore::new(config.max_connections as usize)),
             config,
         })

@@ -1,0 +1,123 @@
+//! The admin endpoint and `linkgate status`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::servers::*;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_metrics_page_and_the_status_command() {
+    let echo = echo_server().await;
+    let config = format!(
+        "[gateway]\nname = \"office\"\nlog = \"json\"\nadmin = \"127.0.0.1:0\"\n\n\
+         [[peer]]\nname = \"hub\"\nconnect = \"{}\"\npassword = \"pw\"\n\n\
+         [[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{echo}\"\n\n\
+         [[service]]\nname = \"closed\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{echo}\"\nallow = \"10.0.0.0/8\"\n",
+        closed_port()
+    );
+    let gateway = RunningGateway::start(&config);
+    let admin = gateway
+        .records()
+        .iter()
+        .find(|r| r["message"] == "admin listening")
+        .and_then(|r| r["listen"].as_str().map(str::to_string))
+        .expect("admin address in the log");
+    let mut client = TcpStream::connect(gateway.addr("web")).await.unwrap();
+    client.write_all(b"12345").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    client.read_to_end(&mut back).await.unwrap();
+    let mut refused = TcpStream::connect(gateway.addr("closed")).await.unwrap();
+    let _ = refused.read(&mut [0u8; 1]).await;
+    // One live connection too.
+    let mut live = TcpStream::connect(gateway.addr("web")).await.unwrap();
+    live.write_all(b"x").await.unwrap();
+    live.read_exact(&mut [0u8; 1]).await.unwrap();
+    gateway.wait_for_audits(2, WAIT);
+
+    let http = reqwest::Client::new();
+    let body = http
+        .get(format!("http://{admin}/api/status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["gateway"], "office");
+    let web = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            web["type"].as_str(),
+            web["active"].as_i64(),
+            web["ok"].as_u64()
+        ),
+        (Some("mapping"), Some(1), Some(1))
+    );
+    assert_eq!(
+        (web["bytes_up"].as_u64(), web["bytes_down"].as_u64()),
+        (Some(5), Some(5))
+    );
+    let closed = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "closed")
+        .unwrap()
+        .clone();
+    assert_eq!(closed["denied"], 1);
+    assert_eq!(status["links"][0]["peer"], "hub");
+    assert_eq!(status["links"][0]["role"], "dials");
+    assert_eq!(status["links"][0]["state"], "down");
+
+    let metrics = http
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("linkgate_connections_total{service=\"web\",result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("linkgate_connections_active{service=\"web\"} 1"));
+    assert!(metrics.contains("linkgate_bytes_total{service=\"web\",direction=\"up\"} 5"));
+    assert!(metrics.contains("linkgate_link_up{peer=\"hub\"} 0"));
+    let page = http
+        .get(format!("http://{admin}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("<h1>linkgate office</h1>") && page.contains("<td>web</td>"));
+
+    let (code, out, err) = run_cli(&["status", "--admin", &admin], "");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("gateway office (linkgate "), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("web ") && l.contains("mapping")),
+        "{out}"
+    );
+    assert!(out.contains("link hub"), "{out}");
+    let (code, _, err) = run_cli(&["status", "--admin", &closed_port().to_string()], "");
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot get the status from"), "{err}");
+}
