@@ -94,7 +94,7 @@ pub enum OpenError {
 }
 
 /// Outbox size beyond which DATA waits (control frames never wait).
-const HIGH_WATER: usize = 512 * 1024;
+const HIGH_WATER: usize = 1024 * 1024;
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 256 * 1024;
 
