@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::servers::*;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -24,20 +24,6 @@ fn proxies() -> RunningGateway {
 
 fn via_mapping(name: &str, target: &str, via: &str) -> String {
     format!("[[service]]\nname = \"{name}\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{target}\"\nvia = {via}\n\n")
-}
-
-async fn round_trip(addr: std::net::SocketAddr, data: &[u8]) -> Vec<u8> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut r, mut w) = stream.into_split();
-    let sent = data.to_vec();
-    let writer = tokio::spawn(async move {
-        w.write_all(&sent).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let mut back = Vec::new();
-    r.read_to_end(&mut back).await.unwrap();
-    writer.await.unwrap();
-    back
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,20 +75,6 @@ fn start_pair(
     (hub, spoke)
 }
 
-async fn echo_round_trip(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut r, mut w) = stream.into_split();
-    let sent = payload.to_vec();
-    let writer = tokio::spawn(async move {
-        w.write_all(&sent).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let mut back = Vec::new();
-    r.read_to_end(&mut back).await.unwrap();
-    writer.await.unwrap();
-    back
-}
-
 #[test]
 fn fifty_megabytes_spoke_to_hub_to_python_http_server_arrive_intact() {
     let site = tempfile::tempdir().unwrap();
@@ -132,7 +118,7 @@ async fn hundred_concurrent_streams_all_intact_and_reverse_direction_works() {
         tasks.push(tokio::spawn(async move {
             let data = pseudo_random(100_000 + i as usize * 331, i + 7);
             assert!(
-                echo_round_trip(addr, &data).await == data,
+                round_trip(addr, &data).await == data,
                 "stream {i} corrupted"
             );
         }));
@@ -141,7 +127,7 @@ async fn hundred_concurrent_streams_all_intact_and_reverse_direction_works() {
         task.await.unwrap();
     }
     let data = pseudo_random(2_000_000, 5);
-    assert!(echo_round_trip(hub.addr("reverse"), &data).await == data);
+    assert!(round_trip(hub.addr("reverse"), &data).await == data);
     let spoke_audits = spoke.wait_for_audits(101, WAIT);
     assert!(spoke_audits
         .iter()
@@ -158,7 +144,7 @@ async fn hub_restart_is_survived_and_a_down_link_fails_fast() {
     let echo = echo_server().await;
     let (hub, spoke) = start_pair(&hub_service(echo), SPOKE_SERVICE, None);
     let addr = spoke.addr("web");
-    assert_eq!(echo_round_trip(addr, b"before").await, b"before");
+    assert_eq!(round_trip(addr, b"before").await, b"before");
     let hub_link = link_addr(&hub);
     let dir = hub.stop();
 
@@ -181,7 +167,7 @@ async fn hub_restart_is_survived_and_a_down_link_fails_fast() {
     let config = hub_config(&hub_service(echo)).replace("127.0.0.1:0", &hub_link.to_string());
     let _hub = RunningGateway::start_in(dir, &config);
     wait_link_up(&spoke, 2);
-    assert_eq!(echo_round_trip(addr, b"after").await, b"after");
+    assert_eq!(round_trip(addr, b"after").await, b"after");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +184,7 @@ async fn the_wire_shows_neither_tunnel_data_nor_the_password() {
         .cycle()
         .take(marker.len() * 1000)
         .collect();
-    assert_eq!(echo_round_trip(spoke.addr("web"), &payload).await, payload);
+    assert_eq!(round_trip(spoke.addr("web"), &payload).await, payload);
     let wire = relay.recorded();
     assert!(
         wire.len() > payload.len() * 2,
@@ -363,7 +349,7 @@ async fn slow_link_with_bulk_both_ways_on_many_streams_does_not_deadlock() {
         tasks.push(tokio::spawn(async move {
             let data = pseudo_random(400_000, 100 + i);
             assert!(
-                echo_round_trip(addr, &data).await == data,
+                round_trip(addr, &data).await == data,
                 "stream {i} corrupted"
             );
         }));
@@ -443,7 +429,7 @@ async fn dialer_fails_over_to_the_next_address_and_hub_can_hold_a_record_instead
     wait_link_up(&spoke, 1);
     spoke.wait_for_line(|l| l.contains("cannot reach the other gateway"), WAIT);
     assert_eq!(
-        echo_round_trip(spoke.addr("web"), b"via failover").await,
+        round_trip(spoke.addr("web"), b"via failover").await,
         b"via failover"
     );
 }

@@ -102,3 +102,19 @@ pub async fn sink_server() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u
     });
     (addr, seen)
 }
+
+/// Sends `data` on a new connection to `addr`, half-closes, and returns
+/// everything that came back until the other side closed.
+pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let sent = data.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    back
+}
