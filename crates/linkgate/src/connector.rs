@@ -78,7 +78,9 @@ impl Connector {
     /// Connects to `target` (a `host:port` or `link://` hop), within the
     /// service's `connect_timeout` for the whole chain.
     pub async fn connect(&self, target: &Hop) -> Result<Stream, ConnectError> {
-        let attempt = self.connect_chain(target);
+        // Boxed: a chain's handshakes make a large future, which would
+        // otherwise stay inside every connection's task after connecting.
+        let attempt = Box::pin(self.connect_chain(target));
         match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(ConnectError::Timeout(

@@ -515,7 +515,7 @@ fn spawn_serve(
     let span = tracing::info_span!("conn", service = &*service.name, client = %inbound.client, conn_id = audit.conn_id);
     let service = service.clone();
     let close_all = shutdown.close_all.clone();
-    shutdown.tracker.spawn(async move {
+    let task = async move {
         let _slot = slot;
         let _active = service.metrics.active();
         service
@@ -523,7 +523,8 @@ fn spawn_serve(
             .instrument(span)
             .await;
         audit.emit();
-    });
+    };
+    shutdown.tracker.spawn(task);
 }
 
 fn admit_tcp(service: &Arc<ServiceRuntime>, tcp: TcpStream, peer: SocketAddr, shutdown: &Shutdown) {

@@ -75,9 +75,12 @@ impl ServiceRuntime {
     /// `stop` is cancelled when the gateway's shutdown grace period is over.
     pub async fn serve(&self, inbound: Inbound, audit: &mut Audit, stop: &CancellationToken) {
         match self.config.kind {
+            // The protocol services' futures are large (handshake buffers,
+            // hyper's connection state); boxed, they cost their size only to
+            // their own connections, not to every idle mapped one.
             ServiceKind::Mapping => mapping::serve(self, inbound, audit, stop).await,
-            ServiceKind::Socks => socks::serve(self, inbound, audit, stop).await,
-            ServiceKind::Http => http_proxy::serve(self, inbound, audit, stop).await,
+            ServiceKind::Socks => Box::pin(socks::serve(self, inbound, audit, stop)).await,
+            ServiceKind::Http => Box::pin(http_proxy::serve(self, inbound, audit, stop)).await,
             // Validation refuses the others until they are built.
             other => audit.finish(
                 AuditResult::Error,
