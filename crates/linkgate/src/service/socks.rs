@@ -101,7 +101,9 @@ pub async fn serve(
 ) {
     let timeout = service.config.handshake_timeout;
     let negotiated =
-        match tokio::time::timeout(timeout.0, negotiate(service, &mut inbound, audit)).await {
+        match tokio::time::timeout(timeout.0, Box::pin(negotiate(service, &mut inbound, audit)))
+            .await
+        {
             Ok(Ok(negotiated)) => negotiated,
             Ok(Err(Ended)) => return,
             Err(_) => {
@@ -126,8 +128,10 @@ pub async fn serve(
     }
     match negotiated.command {
         Command::Connect => connect(service, inbound, negotiated, audit, stop).await,
-        Command::Bind => bind(service, inbound, negotiated, audit, stop).await,
-        Command::UdpAssociate => udp_associate(service, inbound, negotiated, audit, stop).await,
+        Command::Bind => Box::pin(bind(service, inbound, negotiated, audit, stop)).await,
+        Command::UdpAssociate => {
+            Box::pin(udp_associate(service, inbound, negotiated, audit, stop)).await
+        }
     }
 }
 
