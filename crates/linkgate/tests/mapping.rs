@@ -50,16 +50,7 @@ async fn two_hundred_concurrent_connections_all_intact() {
     for i in 0..200u64 {
         tasks.push(tokio::spawn(async move {
             let data = pseudo_random(128 * 1024 + i as usize * 97, i + 1);
-            let stream = TcpStream::connect(addr).await.unwrap();
-            let (mut r, mut w) = stream.into_split();
-            let sent = data.clone();
-            let writer = tokio::spawn(async move {
-                w.write_all(&sent).await.unwrap();
-                w.shutdown().await.unwrap();
-            });
-            let mut back = Vec::new();
-            r.read_to_end(&mut back).await.unwrap();
-            writer.await.unwrap();
+            let back = round_trip(addr, &data).await;
             assert_eq!(
                 sha256_hex(&back),
                 sha256_hex(&data),
