@@ -352,11 +352,6 @@ impl Session {
     pub fn same_session(&self, other: &Session) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
-
-    /// Streams currently open.
-    pub fn stream_count(&self) -> usize {
-        self.shared.streams().len()
-    }
 }
 
 impl IncomingStream {

@@ -94,10 +94,9 @@ impl Audit {
     /// Writes the record to the log (target `audit`, message `audit`),
     /// unless suppressed.
     ///
-    /// Once logging is set up, records bypass the tracing machinery and are
-    /// formatted straight into the log writer (they are the hot path of a
-    /// busy proxy: one per request), in the same shapes as other records.
-    /// They are written whatever the log level.
+    /// Records bypass the tracing machinery and are formatted straight into
+    /// the log writer (they are the hot path of a busy proxy: one per
+    /// request), in the same shapes as other records, whatever the log level.
     pub fn emit(&self) {
         if self.suppressed {
             return;
@@ -119,24 +118,7 @@ impl Audit {
             result: self.result.as_str(),
             reason: &self.reason,
         };
-        if crate::logging::write_audit(&record) {
-            return;
-        }
-        tracing::info!(
-            target: "audit",
-            service = &*self.service,
-            conn_id = self.conn_id,
-            client = self.client.as_str(),
-            user = self.user.as_deref().unwrap_or(""),
-            target = self.target.as_str(),
-            via = &*self.via,
-            bytes_up = self.bytes_up,
-            bytes_down = self.bytes_down,
-            duration_ms,
-            result = self.result.as_str(),
-            reason = self.reason.as_str(),
-            "audit"
-        );
+        crate::logging::write_audit(&record);
     }
 }
 

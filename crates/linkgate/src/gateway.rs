@@ -68,7 +68,6 @@ pub struct Gateway {
     listeners: HashMap<String, ServiceListeners>,
     /// The configuration running now.
     config: Config,
-    link_bound: Vec<SocketAddr>,
 }
 
 use crate::admin::ServiceTable;
@@ -77,7 +76,6 @@ use crate::admin::ServiceTable;
 struct ServiceListeners {
     stop: CancellationToken,
     loops: TaskTracker,
-    bound: Vec<SocketAddr>,
 }
 
 /// Numbers connections across the whole gateway (for logs and audit).
@@ -127,7 +125,6 @@ impl Gateway {
             listeners.insert(runtime.config.name.clone(), started);
         }
         let services: ServiceTable = Arc::new(std::sync::RwLock::new(runtimes));
-        let mut link_bound = Vec::new();
         let dispatch: Arc<dyn StreamDispatch> = Arc::new(GatewayDispatch {
             services: services.clone(),
             shutdown: shutdown.clone(),
@@ -152,7 +149,6 @@ impl Gateway {
             for listener in link_listeners {
                 let local = local_addr(&listener);
                 tracing::info!(service = "[link]", listen = %local, "listening for links");
-                link_bound.push(local);
                 link_tasks.spawn(links::run_acceptor(
                     listener,
                     context.clone(),
@@ -188,7 +184,6 @@ impl Gateway {
             services,
             listeners,
             config: config.clone(),
-            link_bound,
         })
     }
 
@@ -206,22 +201,6 @@ impl Gateway {
                 .collect(),
             started,
         }
-    }
-
-    /// The addresses actually bound, by service name (`[link]` for the link
-    /// listener); ports chosen by the OS when the config said `:0`.
-    pub fn bound_addresses(&self) -> Vec<(String, SocketAddr)> {
-        let mut all: Vec<(String, SocketAddr)> = self
-            .listeners
-            .iter()
-            .flat_map(|(name, l)| l.bound.iter().map(move |addr| (name.clone(), *addr)))
-            .collect();
-        all.extend(
-            self.link_bound
-                .iter()
-                .map(|addr| ("[link]".to_string(), *addr)),
-        );
-        all
     }
 
     /// Applies a new, validated configuration (SIGHUP). Services whose
@@ -403,11 +382,9 @@ fn start_accepting(
 ) -> ServiceListeners {
     let stop = shutdown.stop_accepting.child_token();
     let loops = TaskTracker::new();
-    let mut bound = Vec::new();
     for listener in sockets {
         let local = local_addr(&listener);
         tracing::info!(service = &*runtime.name, kind = runtime.config.kind.as_str(), listen = %local, "listening");
-        bound.push(local);
         loops.spawn(accept_loop(
             listener,
             runtime.clone(),
@@ -416,7 +393,7 @@ fn start_accepting(
         ));
     }
     loops.close();
-    ServiceListeners { stop, loops, bound }
+    ServiceListeners { stop, loops }
 }
 
 /// Opens listening sockets for `addr` (every address a name resolves to).

@@ -135,13 +135,12 @@ pub fn init(format: LogFormat) -> LogGuard {
 /// Where audit records go once logging is set up.
 static AUDIT_SINK: std::sync::OnceLock<(Arc<Batch>, LogFormat)> = std::sync::OnceLock::new();
 
-/// Writes one audit record in the configured format; false if logging is
-/// not set up (the caller then falls back to a tracing event).
-pub fn write_audit(record: &crate::audit::AuditRecord<'_>) -> bool {
+/// Writes one audit record in the configured format; before logging is set
+/// up (library use), as text straight to stderr.
+pub fn write_audit(record: &crate::audit::AuditRecord<'_>) {
     use std::fmt::Write as _;
-    let Some((batch, format)) = AUDIT_SINK.get() else {
-        return false;
-    };
+    let sink = AUDIT_SINK.get();
+    let format = sink.map_or(LogFormat::Text, |(_, format)| *format);
     let timestamp = humantime::format_rfc3339_micros(std::time::SystemTime::now());
     let mut line = String::with_capacity(320);
     match format {
@@ -153,7 +152,7 @@ pub fn write_audit(record: &crate::audit::AuditRecord<'_>) -> bool {
             );
             match serde_json::to_string(record) {
                 Ok(fields) => line.push_str(&fields[1..]),
-                Err(_) => return false,
+                Err(_) => return,
             }
         }
         LogFormat::Text => {
@@ -176,6 +175,8 @@ pub fn write_audit(record: &crate::audit::AuditRecord<'_>) -> bool {
         }
     }
     line.push('\n');
-    let mut writer = BatchWriter(batch.clone());
-    writer.write_all(line.as_bytes()).is_ok()
+    let _ = match sink {
+        Some((batch, _)) => BatchWriter(batch.clone()).write_all(line.as_bytes()),
+        None => std::io::stderr().lock().write_all(line.as_bytes()),
+    };
 }

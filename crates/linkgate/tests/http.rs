@@ -369,3 +369,20 @@ async fn the_default_config_serves_socks_and_http() {
     ]);
     assert!(ok && body == "hello", "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_a_request_uri_never_reach_the_audit_log() {
+    let origin = origin().await;
+    let gateway = RunningGateway::start(&http_config(""));
+    let mut client = TcpStream::connect(gateway.addr("web")).await.unwrap();
+    let request = format!(
+        "GET http://bob:hunter2@{origin}/ HTTP/1.1\r\nHost: {origin}\r\nConnection: close\r\n\r\n"
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer).ends_with("hello"));
+    let audits = gateway.wait_for_audits(1, WAIT);
+    assert_eq!(audits[0]["target"], format!("http://{origin}/"));
+    assert!(!gateway.lines().join("\n").contains("hunter2"));
+}

@@ -264,16 +264,14 @@ async fn handle(
 ) -> Response<Body> {
     state.requests.fetch_add(1, Ordering::Relaxed);
     let mut audit = template.start();
-    audit.target = request.uri().to_string();
+    audit.target = without_userinfo(request.uri());
     // Authentication, then the access rules that depend on the user.
     let user = if service.config.auth == AuthMode::Password {
         match login(service, state, request.headers()).await {
             Ok(user) => Some(user),
             Err(failure) => {
                 let response = proxy_auth_required(&failure);
-                audit.finish(AuditResult::AuthFailed, failure);
-                audit.emit();
-                return response;
+                return answer(audit, AuditResult::AuthFailed, failure, response);
             }
         }
     } else {
@@ -281,9 +279,8 @@ async fn handle(
     };
     audit.user = user.clone();
     if let Verdict::Deny(why) = service.access.check(client_id, user.as_deref()) {
-        audit.finish(AuditResult::Denied, why.clone());
-        audit.emit();
-        return error(StatusCode::FORBIDDEN, &format!("access denied: {why}"));
+        let response = error(StatusCode::FORBIDDEN, &format!("access denied: {why}"));
+        return answer(audit, AuditResult::Denied, why, response);
     }
     if request.method() == Method::CONNECT {
         return connect(service, state, audit, request).await;
@@ -341,36 +338,32 @@ async fn forward(
 ) -> Response<Body> {
     let (mut parts, body) = request.into_parts();
     let Some(authority) = parts.uri.authority().cloned() else {
-        audit.finish(AuditResult::Error, "request without an absolute URI");
-        audit.emit();
-        return error(
-            StatusCode::BAD_REQUEST,
-            "this is a proxy: send an absolute URI (GET http://host/path) or CONNECT host:port",
+        let shown =
+            "this is a proxy: send an absolute URI (GET http://host/path) or CONNECT host:port";
+        let response = error(StatusCode::BAD_REQUEST, shown);
+        return answer(
+            audit,
+            AuditResult::Error,
+            "request without an absolute URI",
+            response,
         );
     };
     if parts.uri.scheme_str() != Some("http") {
-        audit.finish(
-            AuditResult::Error,
-            format!("unsupported scheme in {}", parts.uri),
-        );
-        audit.emit();
-        return error(
+        let response = error(
             StatusCode::BAD_REQUEST,
             "only http:// URIs are forwarded; use CONNECT for https",
         );
+        let reason = format!("unsupported scheme in {}", audit.target);
+        return answer(audit, AuditResult::Error, reason, response);
     }
-    let target = match authority_target(authority.as_str(), 80) {
-        Some(target) => target,
-        None => {
-            audit.finish(AuditResult::Error, format!("bad host in {}", parts.uri));
-            audit.emit();
-            return error(StatusCode::BAD_REQUEST, "the URI's host is not valid");
-        }
+    let Some(target) = authority_target(authority.as_str(), 80) else {
+        let response = error(StatusCode::BAD_REQUEST, "the URI's host is not valid");
+        let reason = format!("bad host in {}", audit.target);
+        return answer(audit, AuditResult::Error, reason, response);
     };
     if let Err(reason) = super::check_destination(service, &target).await {
-        audit.finish(AuditResult::Denied, reason.clone());
-        audit.emit();
-        return error(StatusCode::FORBIDDEN, &reason);
+        let response = error(StatusCode::FORBIDDEN, &reason);
+        return answer(audit, AuditResult::Denied, reason, response);
     }
     // RFC 9110 §7.6: drop hop-by-hop fields; Host follows the URI; add Via.
     strip_hop_by_hop(&mut parts.headers);
@@ -401,19 +394,13 @@ async fn forward(
     let upstream_request = Request::from_parts(parts, body);
     let failed = |mut audit: Audit, status: StatusCode, reason: String| {
         audit.bytes_up = uploaded.load(Ordering::Relaxed);
-        audit.finish(AuditResult::Error, reason.clone());
-        audit.emit();
-        error(status, &reason)
+        let response = error(status, &reason);
+        answer(audit, AuditResult::Error, reason, response)
     };
     let mut sender = match state.upstreams.connection(service, &target).await {
         Ok(sender) => sender,
         Err(UpstreamError::Connect(e)) => {
-            let status = if matches!(e, ConnectError::Timeout(..)) {
-                StatusCode::GATEWAY_TIMEOUT
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
-            return failed(audit, status, e.to_string());
+            return failed(audit, connect_failure_status(&e), e.to_string())
         }
         Err(UpstreamError::Http(e)) => {
             return failed(
@@ -482,27 +469,24 @@ async fn connect(
         .authority()
         .and_then(|a| authority_target(a.as_str(), 443))
     else {
-        audit.finish(AuditResult::Error, "CONNECT without host:port");
-        audit.emit();
-        return error(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+        let response = error(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+        return answer(
+            audit,
+            AuditResult::Error,
+            "CONNECT without host:port",
+            response,
+        );
     };
     audit.target = target.to_string();
     if let Err(reason) = super::check_destination(service, &target).await {
-        audit.finish(AuditResult::Denied, reason.clone());
-        audit.emit();
-        return error(StatusCode::FORBIDDEN, &reason);
+        let response = error(StatusCode::FORBIDDEN, &reason);
+        return answer(audit, AuditResult::Denied, reason, response);
     }
     let upstream = match service.connector.connect(&Hop::Direct(target)).await {
         Ok(upstream) => upstream,
         Err(e) => {
-            let status = if matches!(e, ConnectError::Timeout(..)) {
-                StatusCode::GATEWAY_TIMEOUT
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
-            audit.finish(AuditResult::Error, e.to_string());
-            audit.emit();
-            return error(status, &e.to_string());
+            let response = error(connect_failure_status(&e), &e.to_string());
+            return answer(audit, AuditResult::Error, e.to_string(), response);
         }
     };
     let upgrade = hyper::upgrade::on(request);
@@ -568,6 +552,22 @@ fn authority_target(authority: &str, default_port: u16) -> Option<HostPort> {
     with_port.parse().ok()
 }
 
+/// The URI as written in audit records: any `user:password@` is left out,
+/// since records must never carry secrets.
+fn without_userinfo(uri: &Uri) -> String {
+    match uri.authority().map(|a| a.as_str()) {
+        Some(authority) if authority.contains('@') => {
+            let host = authority.rsplit('@').next().unwrap_or_default();
+            let path = uri.path_and_query().map_or("", |pq| pq.as_str());
+            match uri.scheme_str() {
+                Some(scheme) => format!("{scheme}://{host}{path}"),
+                None => host.to_string(),
+            }
+        }
+        _ => uri.to_string(),
+    }
+}
+
 /// Hop-by-hop fields (RFC 9110 §7.6.1), including those `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -598,6 +598,27 @@ fn empty() -> Body {
     Full::new(Bytes::new())
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// Writes the request's audit record (`result`, `reason`) and returns the
+/// response that tells the client.
+fn answer(
+    mut audit: Audit,
+    result: AuditResult,
+    reason: impl Into<String>,
+    response: Response<Body>,
+) -> Response<Body> {
+    audit.finish(result, reason);
+    audit.emit();
+    response
+}
+
+/// 504 when connecting timed out, 502 for every other upstream failure.
+fn connect_failure_status(error: &ConnectError) -> StatusCode {
+    match error {
+        ConnectError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
 }
 
 /// A short plain-text response saying why.

@@ -116,15 +116,15 @@ pub async fn serve(
         };
     audit.target = negotiated.destination.to_string();
     if let Err(reason) = check_destination(service, &negotiated.destination).await {
-        send_reply(
+        return refuse(
             &mut inbound.stream,
             negotiated.version,
             c::REPLY_NOT_ALLOWED,
-            None,
+            audit,
+            AuditResult::Denied,
+            reason,
         )
         .await;
-        audit.finish(AuditResult::Denied, reason);
-        return;
     }
     match negotiated.command {
         Command::Connect => connect(service, inbound, negotiated, audit, stop).await,
@@ -326,6 +326,19 @@ async fn send_reply(stream: &mut Stream, version: u8, code: u8, bound: Option<So
     let _ = stream.write_all(&bytes).await;
 }
 
+/// Answers the client with reply `code` and records why the request ended.
+async fn refuse(
+    stream: &mut Stream,
+    version: u8,
+    code: u8,
+    audit: &mut Audit,
+    result: AuditResult,
+    reason: impl Into<String>,
+) {
+    send_reply(stream, version, code, None).await;
+    audit.finish(result, reason);
+}
+
 /// The SOCKS5 reply code for a failed outbound connection.
 fn reply_code(error: &ConnectError) -> u8 {
     match error {
@@ -406,28 +419,28 @@ async fn bind(
         .local_addr()
         .filter(|_| service.config.via.is_empty())
     else {
-        send_reply(
+        return refuse(
             &mut inbound.stream,
             version,
             c::REPLY_COMMAND_NOT_SUPPORTED,
-            None,
-        )
-        .await;
-        audit.finish(
+            audit,
             AuditResult::Error,
             "BIND needs a direct TCP client and a service without via",
-        );
-        return;
+        )
+        .await;
     };
     let listener = match TcpListener::bind(SocketAddr::new(local.ip(), 0)).await {
         Ok(listener) => listener,
         Err(e) => {
-            send_reply(&mut inbound.stream, version, c::REPLY_GENERAL_FAILURE, None).await;
-            audit.finish(
+            return refuse(
+                &mut inbound.stream,
+                version,
+                c::REPLY_GENERAL_FAILURE,
+                audit,
                 AuditResult::Error,
                 format!("cannot open a BIND listener: {e}"),
-            );
-            return;
+            )
+            .await;
         }
     };
     send_reply(
@@ -441,20 +454,29 @@ async fn bind(
     let (incoming, from) = match accepted {
         Ok(Ok(accepted)) => accepted,
         Ok(Err(e)) => {
-            send_reply(&mut inbound.stream, version, c::REPLY_GENERAL_FAILURE, None).await;
-            audit.finish(AuditResult::Error, format!("BIND accept failed: {e}"));
-            return;
+            return refuse(
+                &mut inbound.stream,
+                version,
+                c::REPLY_GENERAL_FAILURE,
+                audit,
+                AuditResult::Error,
+                format!("BIND accept failed: {e}"),
+            )
+            .await;
         }
         Err(_) => {
-            send_reply(&mut inbound.stream, version, c::REPLY_TTL_EXPIRED, None).await;
-            audit.finish(
+            return refuse(
+                &mut inbound.stream,
+                version,
+                c::REPLY_TTL_EXPIRED,
+                audit,
                 AuditResult::Error,
                 format!(
                     "no connection to the BIND port within {}",
                     service.config.connect_timeout
                 ),
-            );
-            return;
+            )
+            .await;
         }
     };
     drop(listener);
@@ -462,12 +484,15 @@ async fn bind(
     if let Address::Ip(expected) = &negotiated.destination {
         let expected = crate::access::canonical(expected.ip());
         if !expected.is_unspecified() && expected != crate::access::canonical(from.ip()) {
-            send_reply(&mut inbound.stream, version, c::REPLY_NOT_ALLOWED, None).await;
-            audit.finish(
+            return refuse(
+                &mut inbound.stream,
+                version,
+                c::REPLY_NOT_ALLOWED,
+                audit,
                 AuditResult::Denied,
                 format!("BIND connection came from {from}, not from {expected}"),
-            );
-            return;
+            )
+            .await;
         }
     }
     let _ = incoming.set_nodelay(true);
@@ -502,36 +527,39 @@ async fn udp_associate(
     let version = negotiated.version;
     let (Some(local), ClientId::Addr(client_tcp)) = (inbound.local_addr(), inbound.client.clone())
     else {
-        send_reply(
+        return refuse(
             &mut inbound.stream,
             version,
             c::REPLY_COMMAND_NOT_SUPPORTED,
-            None,
-        )
-        .await;
-        audit.finish(
+            audit,
             AuditResult::Error,
             "UDP ASSOCIATE needs a direct TCP client",
-        );
-        return;
+        )
+        .await;
     };
     if !service.config.via.is_empty() {
-        send_reply(
+        return refuse(
             &mut inbound.stream,
             version,
             c::REPLY_COMMAND_NOT_SUPPORTED,
-            None,
+            audit,
+            AuditResult::Error,
+            "UDP ASSOCIATE cannot go through via",
         )
         .await;
-        audit.finish(AuditResult::Error, "UDP ASSOCIATE cannot go through via");
-        return;
     }
     let client_side = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
         Ok(socket) => socket,
         Err(e) => {
-            send_reply(&mut inbound.stream, version, c::REPLY_GENERAL_FAILURE, None).await;
-            audit.finish(AuditResult::Error, format!("cannot open a UDP socket: {e}"));
-            return;
+            return refuse(
+                &mut inbound.stream,
+                version,
+                c::REPLY_GENERAL_FAILURE,
+                audit,
+                AuditResult::Error,
+                format!("cannot open a UDP socket: {e}"),
+            )
+            .await;
         }
     };
     send_reply(
