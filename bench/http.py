@@ -4,13 +4,18 @@
 
 Requests: wrk, one thread, 64 keep-alive connections, absolute-URI GETs
 through each proxy (and directly to nginx for reference), proxies taken in
-alternating order; requests/s and p99 latency. linkgate runs twice: with
-its default worker count (one per core) and with `threads = 1`.
+alternating order; requests/s and p99 latency.
+
+CPU isolation (default, --no-pin to turn off): the proxy under test runs on
+CPU 0, wrk and nginx on CPU 1 (taskset), so no proxy competes with the load
+for its core. Every proxy keeps its default settings (linkgate sizes its
+worker pool from its CPU affinity: one worker here). With --no-pin all share
+both CPUs and linkgate also runs a second time with `threads = 1`.
 
 CONNECT: one tunnel through each proxy to a local source of zeros, read for
 --seconds; Gbit/s.
 
-Usage: python3 bench/http.py [--rounds 3] [--seconds 5]
+Usage: python3 bench/http.py [--rounds 3] [--seconds 5] [--no-pin]
 Needs: wrk, squid, tinyproxy, nginx-light (Debian packages) and
 cargo build --release -p linkgate -p linkgate-loadgen.
 """
@@ -31,9 +36,11 @@ from benchlib import LINKGATE, ROOT, Relay, free_port, tree_cpu_seconds, wait_fo
 
 LOADGEN = os.path.join(ROOT, "target", "release", "linkgate-loadgen")
 BODY = "x" * 100
+SERVER_CPU = ["taskset", "-c", "0"]
+LOAD_CPU = ["taskset", "-c", "1"]
 
 
-def start_nginx(tmp):
+def start_nginx(tmp, pin):
     port = free_port()
     conf = os.path.join(tmp, "nginx.conf")
     with open(conf, "w") as f:
@@ -50,20 +57,20 @@ http {{
   }}
 }}
 """)
-    return Relay("nginx", ["nginx", "-p", tmp, "-c", conf, "-g", "daemon off;"], port, tmp)
+    return Relay("nginx", pin + ["nginx", "-p", tmp, "-c", conf, "-g", "daemon off;"], port, tmp)
 
 
-def start_linkgate(tmp, threads=None):
+def start_linkgate(tmp, pin, threads=None):
     port = free_port()
     name = "linkgate" if threads is None else f"linkgate-t{threads}"
     conf = os.path.join(tmp, f"{name}.toml")
     with open(conf, "w") as f:
         f.write(f'[gateway]\nshutdown_grace = "1s"\n' + (f"threads = {threads}\n" if threads else "") +
                 f'[[service]]\nname = "web"\ntype = "http"\nlisten = "127.0.0.1:{port}"\nmax_connections = 100000\n')
-    return Relay(name, [LINKGATE, "run", "-c", conf], port, tmp)
+    return Relay(name, pin + [LINKGATE, "run", "-c", conf], port, tmp)
 
 
-def start_squid(tmp):
+def start_squid(tmp, pin):
     port = free_port()
     conf = os.path.join(tmp, "squid.conf")
     with open(conf, "w") as f:
@@ -81,10 +88,10 @@ coredump_dir {tmp}
 shutdown_lifetime 1 seconds
 max_filedescriptors 16384
 """)
-    return Relay("squid", ["squid", "-N", "-f", conf], port, tmp)
+    return Relay("squid", pin + ["squid", "-N", "-f", conf], port, tmp)
 
 
-def start_tinyproxy(tmp):
+def start_tinyproxy(tmp, pin):
     port = free_port()
     conf = os.path.join(tmp, "tinyproxy.conf")
     with open(conf, "w") as f:
@@ -96,15 +103,15 @@ Allow 127.0.0.1
 LogLevel Critical
 PidFile "{tmp}/tinyproxy.pid"
 """)
-    return Relay("tinyproxy", ["tinyproxy", "-d", "-c", conf], port, tmp)
+    return Relay("tinyproxy", pin + ["tinyproxy", "-d", "-c", conf], port, tmp)
 
 
-def wrk(proxy_port, origin_port, seconds, direct=False):
+def wrk(pin, proxy_port, origin_port, seconds, direct=False):
     script = os.path.join(tempfile.gettempdir(), f"wrk-{origin_port}.lua")
     with open(script, "w") as f:
         if not direct:
             f.write(f'request = function() return wrk.format("GET", "http://127.0.0.1:{origin_port}/") end\n')
-    out = subprocess.run(["wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s", script,
+    out = subprocess.run(pin + ["wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s", script,
                           f"http://127.0.0.1:{proxy_port}/"], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
@@ -117,29 +124,38 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let proxies, wrk and nginx share both CPUs")
     args = parser.parse_args()
+    if args.pin and os.cpu_count() < 2:
+        sys.exit("--pin needs two CPUs; use --no-pin")
+    server_cpu, load_cpu = (SERVER_CPU, LOAD_CPU) if args.pin else ([], [])
     wait_for_time_wait_drain()
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o755)  # squid drops to the proxy user
         procs = []
         source_file = os.path.join(tmp, "source.port")
-        source = subprocess.Popen([LOADGEN, "source", source_file])
+        source = subprocess.Popen(load_cpu + [LOADGEN, "source", source_file])
         try:
-            nginx = start_nginx(tmp)
+            nginx = start_nginx(tmp, load_cpu)
             procs.append(nginx)
-            # linkgate as configured by default (one worker per core), and with
-            # `threads = 1`, which is how squid and tinyproxy run.
-            proxies = [start_linkgate(tmp), start_linkgate(tmp, threads=1), start_squid(tmp), start_tinyproxy(tmp)]
+            proxies = [start_linkgate(tmp, server_cpu)]
+            if not args.pin:
+                # Unpinned, the default is two workers; one is how squid and
+                # tinyproxy run.
+                proxies.append(start_linkgate(tmp, server_cpu, threads=1))
+            proxies += [start_squid(tmp, server_cpu), start_tinyproxy(tmp, server_cpu)]
             procs.extend(proxies)
             time.sleep(1)
-            rps, p99, _ = wrk(nginx.port, nginx.port, args.seconds, direct=True)
+            rps, p99, _ = wrk(load_cpu, nginx.port, nginx.port, args.seconds, direct=True)
             print(f"nginx directly: {rps:.0f} req/s, p99 {p99:.2f} ms")
             results = {p.name: [] for p in proxies}
-            print(f"requests: wrk -t1 -c64, {args.seconds}s x {args.rounds} rounds, alternating order")
+            placement = "proxy on CPU 0, wrk and nginx on CPU 1" if args.pin else "everything on both CPUs"
+            print(f"requests: wrk -t1 -c64, {args.seconds}s x {args.rounds} rounds, alternating order, {placement}")
             for rnd in range(args.rounds):
                 for proxy in (proxies if rnd % 2 == 0 else list(reversed(proxies))):
                     before = tree_cpu_seconds(proxy.proc.pid)
-                    rps, p99, bad = wrk(proxy.port, nginx.port, args.seconds)
+                    rps, p99, bad = wrk(load_cpu, proxy.port, nginx.port, args.seconds)
                     cpu = tree_cpu_seconds(proxy.proc.pid) - before
                     results[proxy.name].append((rps, p99))
                     print(f"  round {rnd + 1} {proxy.name:10s} {rps:9.0f} req/s  p99 {p99:7.2f} ms  "
@@ -153,7 +169,7 @@ def main():
             target = f"127.0.0.1:{open(source_file).read()}"
             print(f"\nCONNECT tunnel, one stream, {args.seconds}s:")
             for proxy in proxies:
-                out = subprocess.run([LOADGEN, "tunnel", f"127.0.0.1:{proxy.port}", target, str(args.seconds)],
+                out = subprocess.run(load_cpu + [LOADGEN, "tunnel", f"127.0.0.1:{proxy.port}", target, str(args.seconds)],
                                      capture_output=True, text=True)
                 if out.returncode == 0:
                     print(f"  {proxy.name:10s} {json.loads(out.stdout)['gbps']:.2f} Gbit/s", flush=True)

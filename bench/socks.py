@@ -2,14 +2,20 @@
 """SOCKS5 benchmark: linkgate side by side with dante (danted) and microsocks.
 
 Rate: a single-threaded Rust load generator (bench/loadgen) runs 64
-concurrent loops of connect, SOCKS5 no-auth CONNECT to a local echo server,
-64-byte round trip, close; servers are taken in alternating order over
-several rounds; connections per second and setup-to-echo latency (p50, p99).
+concurrent loops of connect, SOCKS5 no-auth CONNECT to an echo server in the
+load generator's own thread, 64-byte round trip, close; servers are taken in
+alternating order over several rounds, each round on drained TIME_WAIT
+ports; connections per second and setup-to-echo latency (p50, p99).
+
+CPU isolation (default, --no-pin to turn off): the server under test runs on
+CPU 0 and the load generator on CPU 1 (taskset), so every server has exactly
+one core of its own and never competes with the load. Each server keeps its
+default settings (linkgate sizes its worker pool from its CPU affinity).
 
 Memory: resident memory per idle SOCKS5 tunnel with --idle tunnels open,
 linkgate against microsocks.
 
-Usage: python3 bench/socks.py [--rounds 3] [--seconds 5] [--clients 64] [--idle 9000]
+Usage: python3 bench/socks.py [--rounds 3] [--seconds 2] [--clients 64] [--idle 9000] [--no-pin]
 Needs: dante-server, microsocks (Debian packages) and
 cargo build --release -p linkgate -p linkgate-loadgen.
 """
@@ -33,17 +39,21 @@ from benchlib import (  # noqa: E402
 LOADGEN = os.path.join(ROOT, "target", "release", "linkgate-loadgen")
 
 
-def start_linkgate(tmp):
+SERVER_CPU = ["taskset", "-c", "0"]
+LOAD_CPU = ["taskset", "-c", "1"]
+
+
+def start_linkgate(tmp, pin):
     port = free_port()
     conf = os.path.join(tmp, "linkgate.toml")
     with open(conf, "w") as f:
         f.write(f'[gateway]\nshutdown_grace = "1s"\n[[service]]\nname = "socks"\ntype = "socks"\n'
                 f'listen = "127.0.0.1:{port}"\nmax_connections = 100000\n')
     # Audit records stay on (written to a file), as in production.
-    return Relay("linkgate", [LINKGATE, "run", "-c", conf], port, tmp)
+    return Relay("linkgate", pin + [LINKGATE, "run", "-c", conf], port, tmp)
 
 
-def start_dante(tmp):
+def start_dante(tmp, pin):
     port = free_port()
     conf = os.path.join(tmp, "danted.conf")
     with open(conf, "w") as f:
@@ -57,26 +67,35 @@ user.unprivileged: nobody
 client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
 socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }}
 """)
-    return Relay("dante", ["danted", "-f", conf, "-p", os.path.join(tmp, "danted.pid")], port, tmp)
+    return Relay("dante", pin + ["danted", "-f", conf, "-p", os.path.join(tmp, "danted.pid")], port, tmp)
 
 
-def start_microsocks(tmp):
+def start_microsocks(tmp, pin):
     port = free_port()
-    return Relay("microsocks", ["microsocks", "-i", "127.0.0.1", "-p", str(port)], port, tmp)
+    return Relay("microsocks", pin + ["microsocks", "-i", "127.0.0.1", "-p", str(port)], port, tmp)
 
 
-def loadgen(*args):
-    out = subprocess.run([LOADGEN, *map(str, args)], capture_output=True, text=True, check=True).stdout
+def loadgen(pin, *args):
+    out = subprocess.run(pin + [LOADGEN, *map(str, args)], capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=5)
+    # dante binds its outgoing sockets to a port of its own choosing, which
+    # cannot be one still in TIME_WAIT: as the ephemeral range fills up its
+    # rate sinks, then stops (0/s after ~20,000 connections here). Short
+    # rounds on drained ports measure it at its best.
+    parser.add_argument("--seconds", type=float, default=2)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--idle", type=int, default=9000)
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let servers and load generator share both CPUs")
     args = parser.parse_args()
+    if args.pin and os.cpu_count() < 2:
+        sys.exit("--pin needs two CPUs; use --no-pin")
+    server_cpu, load_cpu = (SERVER_CPU, LOAD_CPU) if args.pin else ([], [])
     for binary in (LINKGATE, LOADGEN):
         if not os.path.exists(binary):
             sys.exit("build first: cargo build --release -p linkgate -p linkgate-loadgen")
@@ -85,20 +104,25 @@ def main():
     wait_for_time_wait_drain()  # an earlier run may have used up the ports
     with tempfile.TemporaryDirectory() as tmp:
         port_file = os.path.join(tmp, "echo.port")
-        echo = subprocess.Popen([LOADGEN, "echo", port_file])
+        echo = subprocess.Popen(load_cpu + [LOADGEN, "echo", port_file])
         servers = []
         try:
             while not os.path.exists(port_file) or not open(port_file).read():
                 time.sleep(0.05)
             target = f"127.0.0.1:{open(port_file).read()}"
             for start in (start_linkgate, start_dante, start_microsocks):
-                servers.append(start(tmp))
+                servers.append(start(tmp, server_cpu))
             results = {s.name: [] for s in servers}
-            print(f"rate: {args.clients} concurrent clients, {args.seconds}s x {args.rounds} rounds, alternating order")
+            placement = "server on CPU 0, load on CPU 1" if args.pin else "everything on both CPUs"
+            print(f"rate: {args.clients} concurrent clients, {args.seconds}s x {args.rounds} rounds, "
+                  f"alternating order, {placement}")
             for rnd in range(args.rounds):
                 for server in (servers if rnd % 2 == 0 else list(reversed(servers))):
-                    cpu_before = sum(tree_cpu_seconds(p) for p in [server.proc.pid])
-                    r = loadgen("rate", f"127.0.0.1:{server.port}", target, args.clients, args.seconds)
+                    wait_for_time_wait_drain()
+                    # Warm up (dante forks its helper processes on demand).
+                    loadgen(load_cpu, "rate", f"127.0.0.1:{server.port}", "local", args.clients, 0.5)
+                    cpu_before = tree_cpu_seconds(server.proc.pid)
+                    r = loadgen(load_cpu, "rate", f"127.0.0.1:{server.port}", "local", args.clients, args.seconds)
                     cpu = tree_cpu_seconds(server.proc.pid) - cpu_before
                     r["cpu_us_per_conn"] = cpu / max(r["connections"], 1) * 1e6
                     results[server.name].append(r)
@@ -122,12 +146,12 @@ def main():
                 if server.name == "dante":
                     continue  # one process per client group: not comparable per connection
                 pids = lambda: [server.proc.pid] + children(server.proc.pid)  # noqa: E731
-                warm = subprocess.Popen([LOADGEN, "hold", f"127.0.0.1:{server.port}", target, "100"],
+                warm = subprocess.Popen(load_cpu + [LOADGEN, "hold", f"127.0.0.1:{server.port}", target, "100"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 warm.stdout.readline()
                 time.sleep(1)
                 base = rss_kib(pids())
-                hold = subprocess.Popen([LOADGEN, "hold", f"127.0.0.1:{server.port}", target, str(args.idle)],
+                hold = subprocess.Popen(load_cpu + [LOADGEN, "hold", f"127.0.0.1:{server.port}", target, str(args.idle)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 hold.stdout.readline()
                 time.sleep(2)

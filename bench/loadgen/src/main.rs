@@ -5,7 +5,8 @@
 //!   port to PORT_FILE and serves until killed.
 //! - `loadgen rate PROXY TARGET CLIENTS SECONDS`: CLIENTS concurrent loops of
 //!   connect, SOCKS5 no-auth CONNECT to TARGET, 64-byte round trip, close;
-//!   prints connections/s and setup latency percentiles as JSON.
+//!   prints connections/s and setup latency percentiles as JSON. TARGET
+//!   `local` runs the echo server in this same thread.
 //! - `loadgen hold PROXY TARGET COUNT`: opens COUNT SOCKS5 tunnels and keeps
 //!   them idle; prints "ready" and waits for stdin to close.
 //! - `loadgen source PORT_FILE`: a server that sends zeros as fast as it can
@@ -29,7 +30,19 @@ fn main() -> Result<(), Error> {
         .build()?;
     match args.get(1).map(String::as_str) {
         Some("echo") => runtime.block_on(echo(&args[2])),
-        Some("rate") => runtime.block_on(rate(args[2].parse()?, args[3].parse()?, args[4].parse()?, args[5].parse()?)),
+        Some("rate") => runtime.block_on(async {
+            // "local": the echo server runs in this same thread, as in a
+            // single-threaded C load generator with a built-in echo.
+            let target = if args[3] == "local" {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                tokio::spawn(async move { serve_echo(listener).await.map_err(|e| e.to_string()) });
+                addr
+            } else {
+                args[3].parse()?
+            };
+            rate(args[2].parse()?, target, args[4].parse()?, args[5].parse()?).await
+        }),
         Some("hold") => runtime.block_on(hold(args[2].parse()?, args[3].parse()?, args[4].parse()?)),
         Some("source") => runtime.block_on(source(&args[2])),
         Some("tunnel") => runtime.block_on(connect_tunnel(&args[2], &args[3], args[4].parse()?)),
@@ -40,6 +53,10 @@ fn main() -> Result<(), Error> {
 async fn echo(port_file: &str) -> Result<(), Error> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     std::fs::write(port_file, listener.local_addr()?.port().to_string())?;
+    serve_echo(listener).await
+}
+
+async fn serve_echo(listener: TcpListener) -> Result<(), Error> {
     loop {
         let (mut socket, _) = listener.accept().await?;
         tokio::spawn(async move {
@@ -82,9 +99,9 @@ async fn rate(
     proxy: SocketAddr,
     target: SocketAddr,
     clients: usize,
-    seconds: u64,
+    seconds: f64,
 ) -> Result<(), Error> {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut workers = Vec::new();
     for _ in 0..clients {
         workers.push(tokio::spawn(async move {
