@@ -179,9 +179,10 @@ pub async fn serve(
         .serve_connection(io, handler)
         .with_upgrades();
     let drive = std::future::poll_fn(|cx| state.upstreams.poll_drivers(cx));
+    let served = super::lockstep::lockstep(connection, drive);
     let result = tokio::select! {
-        result = connection => result,
-        () = drive => unreachable!("the drivers future never completes"),
+        biased;
+        result = served => result,
         () = stop.cancelled() => {
             audit.finish(AuditResult::Error, "gateway shutting down: grace period over");
             return;

@@ -2,6 +2,7 @@
 //! One module per service type; [`ServiceRuntime`] holds what they share.
 
 mod http_proxy;
+mod lockstep;
 mod mapping;
 mod socks;
 
