@@ -491,7 +491,10 @@ fn spawn_serve(
     mut audit: Audit,
     shutdown: &Shutdown,
 ) {
-    let span = tracing::info_span!("conn", service = &*service.name, client = %inbound.client, conn_id = audit.conn_id);
+    // Debug level: an enabled span is entered and left on every poll of the
+    // connection's task (a measurable cost per HTTP request), and nothing
+    // inside connections logs above debug.
+    let span = tracing::debug_span!("conn", service = &*service.name, client = %inbound.client, conn_id = audit.conn_id);
     let service = service.clone();
     let close_all = shutdown.close_all.clone();
     let task = async move {

@@ -42,18 +42,24 @@ impl Batch {
     }
 
     fn run(self: Arc<Self>) {
+        // Two buffers take turns, so the loggers' one never has to grow again
+        // from empty after a flush.
+        let mut pending = Vec::with_capacity(FLUSH_AT);
         loop {
-            let pending = {
+            {
                 let buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
                 let (mut buffer, _) = self
                     .wake
                     .wait_timeout_while(buffer, FLUSH_EVERY, |b| b.len() < FLUSH_AT)
                     .unwrap_or_else(|p| p.into_inner());
-                std::mem::take(&mut *buffer)
-            };
+                std::mem::swap(&mut *buffer, &mut pending);
+            }
             if !pending.is_empty() {
                 let _ = std::io::stderr().lock().write_all(&pending);
             }
+            pending.clear();
+            // A burst may have grown it far beyond the usual; do not keep that.
+            pending.shrink_to(FLUSH_AT * 4);
         }
     }
 }
