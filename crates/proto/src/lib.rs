@@ -7,4 +7,5 @@
 //! there, and `Err` when the bytes can never become a valid message. Every
 //! message has a hard size cap, so a caller never buffers more than that.
 
+pub mod ftp;
 pub mod socks;
