@@ -2,6 +2,7 @@
 read from /proc. Everything runs on 127.0.0.1 with OS-chosen ports."""
 
 import os
+import sys
 import socket
 import subprocess
 import time
@@ -112,3 +113,20 @@ def wait_for_time_wait_drain(limit=1000, timeout=75):
     deadline = time.time() + timeout
     while time_wait_sockets() > limit and time.time() < deadline:
         time.sleep(1)
+
+
+def add_pin_option(parser):
+    """--no-pin: by default the server under test runs on CPU 0 and the
+    load on CPU 1, so no server competes with the load for its core."""
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let the server under test and the load share both CPUs")
+
+
+def cpu_placement(args):
+    """(prefix for the server under test, prefix for the load): taskset
+    commands when pinned, empty lists when not."""
+    if not args.pin:
+        return [], []
+    if os.cpu_count() < 2:
+        sys.exit("pinning needs two CPUs; use --no-pin")
+    return ["taskset", "-c", "0"], ["taskset", "-c", "1"]

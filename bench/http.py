@@ -32,12 +32,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import LINKGATE, ROOT, Relay, free_port, tree_cpu_seconds, wait_for_time_wait_drain  # noqa: E402
+from benchlib import (  # noqa: E402
+    LINKGATE, ROOT, Relay, add_pin_option, cpu_placement, free_port, tree_cpu_seconds, wait_for_time_wait_drain,
+)
 
 LOADGEN = os.path.join(ROOT, "target", "release", "linkgate-loadgen")
 BODY = "x" * 100
-SERVER_CPU = ["taskset", "-c", "0"]
-LOAD_CPU = ["taskset", "-c", "1"]
 
 
 def start_nginx(tmp, pin):
@@ -124,12 +124,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="let proxies, wrk and nginx share both CPUs")
+    add_pin_option(parser)
     args = parser.parse_args()
-    if args.pin and os.cpu_count() < 2:
-        sys.exit("--pin needs two CPUs; use --no-pin")
-    server_cpu, load_cpu = (SERVER_CPU, LOAD_CPU) if args.pin else ([], [])
+    server_cpu, load_cpu = cpu_placement(args)
     wait_for_time_wait_drain()
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o755)  # squid drops to the proxy user

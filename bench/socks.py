@@ -33,14 +33,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import (  # noqa: E402
-    LINKGATE, ROOT, Relay, children, free_port, rss_kib, tree_cpu_seconds, wait_for_time_wait_drain,
+    LINKGATE, ROOT, Relay, add_pin_option, children, cpu_placement, free_port, rss_kib, tree_cpu_seconds,
+    wait_for_time_wait_drain,
 )
 
 LOADGEN = os.path.join(ROOT, "target", "release", "linkgate-loadgen")
 
 
-SERVER_CPU = ["taskset", "-c", "0"]
-LOAD_CPU = ["taskset", "-c", "1"]
 
 
 def start_linkgate(tmp, pin):
@@ -90,12 +89,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=2)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--idle", type=int, default=9000)
-    parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="let servers and load generator share both CPUs")
+    add_pin_option(parser)
     args = parser.parse_args()
-    if args.pin and os.cpu_count() < 2:
-        sys.exit("--pin needs two CPUs; use --no-pin")
-    server_cpu, load_cpu = (SERVER_CPU, LOAD_CPU) if args.pin else ([], [])
+    server_cpu, load_cpu = cpu_placement(args)
     for binary in (LINKGATE, LOADGEN):
         if not os.path.exists(binary):
             sys.exit("build first: cargo build --release -p linkgate -p linkgate-loadgen")
