@@ -9,3 +9,4 @@
 
 pub mod ftp;
 pub mod socks;
+pub mod telnet;

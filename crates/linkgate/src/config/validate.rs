@@ -340,7 +340,15 @@ fn check_service(
         _ => false,
     });
     if let Some(rule) = open {
-        if kind.is_open_proxy_kind() && service.auth != AuthMode::Password {
+        if kind == ServiceKind::Telnet {
+            push(
+                "allow",
+                format!(
+                    "allow = [\"{rule}\"] on a telnet service lets anyone use this gateway (telnet \
+                     has no login); allow only your networks"
+                ),
+            );
+        } else if kind.is_open_proxy_kind() && service.auth != AuthMode::Password {
             push(
                 "allow",
                 format!(
@@ -397,7 +405,7 @@ fn not_available_yet(config: &Config) -> Vec<Finding> {
         let named = |what: &str| format!("service {:?}: {}", service.name, soon(what));
         if !matches!(
             service.kind,
-            ServiceKind::Mapping | ServiceKind::Socks | ServiceKind::Http
+            ServiceKind::Mapping | ServiceKind::Socks | ServiceKind::Http | ServiceKind::Telnet
         ) {
             let what = format!("the {} service type", service.kind.as_str());
             out.push((path("type"), named(&what)));

@@ -5,6 +5,7 @@ mod http_proxy;
 mod lockstep;
 mod mapping;
 mod socks;
+mod telnet;
 
 use std::sync::Arc;
 
@@ -82,6 +83,7 @@ impl ServiceRuntime {
             ServiceKind::Mapping => mapping::serve(self, inbound, audit, stop).await,
             ServiceKind::Socks => Box::pin(socks::serve(self, inbound, audit, stop)).await,
             ServiceKind::Http => Box::pin(http_proxy::serve(self, inbound, audit, stop)).await,
+            ServiceKind::Telnet => Box::pin(telnet::serve(self, inbound, audit, stop)).await,
             // Validation refuses the others until they are built.
             other => audit.finish(
                 AuditResult::Error,
