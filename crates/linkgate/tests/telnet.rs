@@ -27,8 +27,8 @@ fn telnet_config(extra: &str) -> String {
 }
 
 /// A login-style server: asks for terminal type, prompts, greets the name it
-/// is given; records every byte it receives.
-async fn negotiating_server() -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+/// is given (then hangs up if `hang_up`); records every byte it receives.
+async fn negotiating_server(hang_up: bool) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -56,6 +56,9 @@ async fn negotiating_server() -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
                 let name = String::from_utf8_lossy(&received[start..end]).to_string();
                 let hello = format!("hello {name}\r\n");
                 socket.write_all(hello.as_bytes()).await.unwrap();
+                if hang_up {
+                    return;
+                }
             }
         }
     });
@@ -64,7 +67,7 @@ async fn negotiating_server() -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telnetlib_reaches_a_negotiating_server_through_the_gateway() {
-    let (server, seen) = negotiating_server().await;
+    let (server, seen) = negotiating_server(false).await;
     let gateway = RunningGateway::start(&telnet_config(""));
     let script = format!(
         r#"
@@ -103,6 +106,59 @@ print(t.read_until(b"hello alice", 10).decode())
     assert_eq!(audits[0]["result"], "ok");
     assert_eq!(audits[0]["target"], server.to_string());
     assert_eq!(audits[0]["bytes_up"], (WONT_TTYPE.len() + 7) as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_telnet_command_reaches_a_negotiating_server_through_the_gateway() {
+    let (server, seen) = negotiating_server(true).await;
+    let gateway = RunningGateway::start(&telnet_config(""));
+    let mut telnet = tokio::process::Command::new("telnet")
+        .arg("127.0.0.1")
+        .arg(gateway.addr("tn").port().to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the telnet command is needed for this test (Debian package telnet)");
+    let mut stdin = telnet.stdin.take().unwrap();
+    // telnet sends a typed line end as CR LF.
+    let destination = format!("127.0.0.1 {}\n", server.port());
+    stdin.write_all(destination.as_bytes()).await.unwrap();
+    // Once the server has the client's answer to its DO TERMINAL-TYPE, the
+    // relay is up: type the login name.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.lock().unwrap().len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server heard nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stdin.write_all(b"alice\n").await.unwrap();
+    let mut shown = Vec::new();
+    let mut stdout = telnet.stdout.take().unwrap();
+    tokio::time::timeout(WAIT, stdout.read_to_end(&mut shown))
+        .await
+        .expect("telnet did not end when the server hung up")
+        .unwrap();
+    let _ = telnet.wait().await;
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(
+        shown.contains("destination (host[ port] or host:port)?"),
+        "{shown}"
+    );
+    assert!(shown.contains("login: hello alice"), "{shown}");
+    // The client's own answer (WILL or WONT TERMINAL-TYPE) went through
+    // unchanged, then the name.
+    let received = seen.lock().unwrap().clone();
+    assert!(
+        received.starts_with(b"\xff\xfb\x18") || received.starts_with(WONT_TTYPE),
+        "{received:?}"
+    );
+    assert_eq!(&received[3..], b"alice\r\n");
+    let audits = gateway.wait_for_audits(1, WAIT);
+    assert_eq!(audits[0]["result"], "ok");
+    drop(stdin);
 }
 
 /// Reads until `needle` has arrived; returns everything read.
