@@ -1,6 +1,7 @@
 //! The services: what happens to a client connection once it is admitted.
 //! One module per service type; [`ServiceRuntime`] holds what they share.
 
+mod ftp;
 mod http_proxy;
 mod lockstep;
 mod mapping;
@@ -13,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessList, Destinations};
-use crate::audit::{Audit, AuditResult};
+use crate::audit::Audit;
 use crate::config::{ServiceConfig, ServiceKind};
 use crate::connector::Connector;
 use crate::inbound::Inbound;
@@ -84,11 +85,7 @@ impl ServiceRuntime {
             ServiceKind::Socks => Box::pin(socks::serve(self, inbound, audit, stop)).await,
             ServiceKind::Http => Box::pin(http_proxy::serve(self, inbound, audit, stop)).await,
             ServiceKind::Telnet => Box::pin(telnet::serve(self, inbound, audit, stop)).await,
-            // Validation refuses the others until they are built.
-            other => audit.finish(
-                AuditResult::Error,
-                format!("the {} service type is not available yet", other.as_str()),
-            ),
+            ServiceKind::Ftp => Box::pin(ftp::serve(self, inbound, audit, stop)).await,
         }
     }
 }
@@ -117,5 +114,53 @@ pub(crate) async fn check_destination(
         Err(format!(
             "destination {target} is not in the service's destinations"
         ))
+    }
+}
+
+/// Reads a destination a person typed: `host`, `host port`, `host:port` or
+/// `[v6]:port`; `default_port` when none is given.
+pub(crate) fn parse_destination(
+    answer: &str,
+    default_port: u16,
+) -> Result<crate::config::HostPort, String> {
+    let bad = || format!("cannot read {answer:?}: write host, host port or host:port");
+    let mut words = answer.split_whitespace();
+    let (host, port) = match (words.next(), words.next(), words.next()) {
+        (None, ..) => return Err("no destination given".into()),
+        (Some(host), Some(port), None) => (host, port.parse::<u16>().map_err(|_| bad())?),
+        (Some(one), None, None) => {
+            if let Ok(target) = one.parse::<crate::config::HostPort>() {
+                return Ok(target);
+            }
+            (one, default_port)
+        }
+        _ => return Err(bad()),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let joined = match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        _ => format!("{host}:{port}"),
+    };
+    joined.parse().map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_destination;
+
+    #[test]
+    fn destination_forms() {
+        let read = |text: &str| parse_destination(text, 23).map(|t| t.to_string());
+        assert_eq!(read("example.com").unwrap(), "example.com:23");
+        assert_eq!(read("example.com 2323").unwrap(), "example.com:2323");
+        assert_eq!(read("example.com:2323").unwrap(), "example.com:2323");
+        assert_eq!(read("10.0.0.1").unwrap(), "10.0.0.1:23");
+        assert_eq!(read("::1 23").unwrap(), "[::1]:23");
+        assert_eq!(read("[::1]:2323").unwrap(), "[::1]:2323");
+        assert_eq!(read("::1").unwrap(), "[::1]:23");
+        assert!(read("").is_err());
+        assert!(read("a b c").is_err());
+        assert!(read("host port").is_err());
+        assert!(read("bad_host!").is_err());
     }
 }

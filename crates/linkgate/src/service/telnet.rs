@@ -4,15 +4,13 @@
 //! or unreachable destination gets a one-line reason and a new prompt; after
 //! three the connection closes.
 
-use std::net::IpAddr;
-
 use proto::telnet::{LineDecoder, TelnetError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{check_destination, ServiceRuntime};
+use super::{check_destination, parse_destination, ServiceRuntime};
 use crate::audit::{Audit, AuditResult};
-use crate::config::{Hop, HostPort};
+use crate::config::Hop;
 use crate::inbound::Inbound;
 use crate::relay::relay_and_record;
 use crate::stream::Stream;
@@ -52,7 +50,7 @@ pub async fn serve(
                 return audit.finish(AuditResult::Error, reason);
             }
         };
-        let (result, reason) = match destination(&answer) {
+        let (result, reason) = match parse_destination(&answer, TELNET_PORT) {
             Err(why) => (AuditResult::Error, why),
             Ok(target) => {
                 audit.target = target.to_string();
@@ -150,48 +148,4 @@ async fn tell(client: &mut Stream, text: &str) -> std::io::Result<()> {
     client
         .write_all(format!("linkgate: {text}\r\n").as_bytes())
         .await
-}
-
-/// Reads `host`, `host port`, `host:port` or `[v6]:port`.
-fn destination(answer: &str) -> Result<HostPort, String> {
-    let bad = || format!("cannot read {answer:?}: write host, host port or host:port");
-    let mut words = answer.split_whitespace();
-    let (host, port) = match (words.next(), words.next(), words.next()) {
-        (None, ..) => return Err("no destination given".into()),
-        (Some(host), Some(port), None) => (host, port.parse::<u16>().map_err(|_| bad())?),
-        (Some(one), None, None) => {
-            if let Ok(target) = one.parse::<HostPort>() {
-                return Ok(target);
-            }
-            (one, TELNET_PORT)
-        }
-        _ => return Err(bad()),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let joined = match host.parse::<IpAddr>() {
-        Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
-        _ => format!("{host}:{port}"),
-    };
-    joined.parse().map_err(|_| bad())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::destination;
-
-    #[test]
-    fn destination_forms() {
-        let read = |text: &str| destination(text).map(|t| t.to_string());
-        assert_eq!(read("example.com").unwrap(), "example.com:23");
-        assert_eq!(read("example.com 2323").unwrap(), "example.com:2323");
-        assert_eq!(read("example.com:2323").unwrap(), "example.com:2323");
-        assert_eq!(read("10.0.0.1").unwrap(), "10.0.0.1:23");
-        assert_eq!(read("::1 23").unwrap(), "[::1]:23");
-        assert_eq!(read("[::1]:2323").unwrap(), "[::1]:2323");
-        assert_eq!(read("::1").unwrap(), "[::1]:23");
-        assert!(read("").is_err());
-        assert!(read("a b c").is_err());
-        assert!(read("host port").is_err());
-        assert!(read("bad_host!").is_err());
-    }
 }

@@ -1,0 +1,270 @@
+//! End-to-end tests of the FTP proxy: pyftpdlib as the server; Python's
+//! ftplib and curl as clients, in passive and active mode, logging in
+//! through the proxy (`USER user@host:port`) or to a fixed target.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// pyftpdlib serving a folder to user alice (password "secret").
+struct FtpServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl FtpServer {
+    fn start() -> FtpServer {
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            r#"
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.servers import FTPServer
+import logging
+logging.disable(logging.CRITICAL)
+a = DummyAuthorizer()
+a.add_user("alice", "secret", {dir:?}, perm="elradfmw")
+FTPHandler.authorizer = a
+s = FTPServer(("127.0.0.1", 0), FTPHandler)
+print(s.address[1], flush=True)
+s.serve_forever()
+"#,
+            dir = dir.path().to_str().unwrap()
+        );
+        let mut child = Command::new("python3")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 with pyftpdlib is needed for this test");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .expect("pyftpdlib did not start (pip install pyftpdlib)");
+        FtpServer { child, port, dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for FtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ftp_config(extra: &str) -> String {
+    format!(
+        "[gateway]\nlog = \"json\"\n\n[[service]]\nname = \"ftp\"\ntype = \"ftp\"\n\
+         listen = \"127.0.0.1:0\"\n{extra}\n"
+    )
+}
+
+/// Runs an ftplib session: downloads big.bin, uploads `upload` as up.bin,
+/// lists; prints the download's SHA-256 and the listing.
+fn ftplib_session(gateway_port: u16, user: &str, passive: bool, upload: &Path) -> String {
+    let script = format!(
+        r#"
+import ftplib, hashlib
+f = ftplib.FTP()
+f.connect("127.0.0.1", {gateway_port}, timeout=15)
+f.login({user:?}, "secret")
+f.set_pasv({passive})
+data = bytearray()
+f.retrbinary("RETR big.bin", data.extend)
+print(hashlib.sha256(data).hexdigest())
+with open({upload:?}, "rb") as up:
+    f.storbinary("STOR up.bin", up)
+print(sorted(f.nlst()))
+f.quit()
+"#,
+        passive = if passive { "True" } else { "False" },
+        upload = upload.to_str().unwrap(),
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ftplib failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn check_session(server: &FtpServer, gateway: &RunningGateway, user: &str, passive: bool) {
+    let big = pseudo_random(3 * 1024 * 1024 + 17, 11);
+    std::fs::write(server.path("big.bin"), &big).unwrap();
+    let upload = gateway.dir.path().join("upload.bin");
+    let sent = pseudo_random(2 * 1024 * 1024 + 5, 12);
+    std::fs::write(&upload, &sent).unwrap();
+    let _ = std::fs::remove_file(server.path("up.bin"));
+    let out = ftplib_session(gateway.addr("ftp").port(), user, passive, &upload);
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        sha256_hex(&big),
+        "download corrupted"
+    );
+    assert_eq!(lines.next().unwrap(), "['big.bin', 'up.bin']");
+    assert_eq!(
+        sha256_file(&server.path("up.bin")),
+        sha256_hex(&sent),
+        "upload corrupted"
+    );
+}
+
+#[test]
+fn ftplib_passive_and_active_through_the_proxy_login() {
+    let server = FtpServer::start();
+    let gateway = RunningGateway::start(&ftp_config(""));
+    let user = format!("alice@127.0.0.1:{}", server.port);
+    check_session(&server, &gateway, &user, true);
+    check_session(&server, &gateway, &user, false);
+    let audits = gateway.wait_for_audits(2, WAIT);
+    for record in &audits {
+        assert_eq!(record["result"], "ok", "{record}");
+        assert_eq!(record["target"], format!("127.0.0.1:{}", server.port));
+        // Data connections are counted with the session.
+        assert!(record["bytes_down"].as_u64().unwrap() > 3 * 1024 * 1024);
+        assert!(record["bytes_up"].as_u64().unwrap() > 2 * 1024 * 1024);
+    }
+}
+
+#[test]
+fn ftplib_logs_in_normally_to_a_fixed_target() {
+    let server = FtpServer::start();
+    let gateway = RunningGateway::start(&ftp_config(&format!(
+        "target = \"127.0.0.1:{}\"",
+        server.port
+    )));
+    check_session(&server, &gateway, "alice", true);
+    check_session(&server, &gateway, "alice", false);
+}
+
+#[test]
+fn curl_downloads_in_extended_passive_and_active_mode() {
+    let server = FtpServer::start();
+    let big = pseudo_random(5 * 1024 * 1024, 13);
+    std::fs::write(server.path("big.bin"), &big).unwrap();
+    let gateway = RunningGateway::start(&ftp_config(&format!(
+        "target = \"127.0.0.1:{}\"",
+        server.port
+    )));
+    let url = format!("ftp://127.0.0.1:{}/big.bin", gateway.addr("ftp").port());
+    // curl uses EPSV by default, and EPRT (then PORT) with -P.
+    for active in [None, Some("-")] {
+        let out = gateway.dir.path().join("down.bin");
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--fail", "--user", "alice:secret", "-o"])
+            .arg(&out);
+        if let Some(address) = active {
+            curl.args(["-P", address]);
+        }
+        let status = curl
+            .arg(&url)
+            .status()
+            .expect("curl is needed for this test");
+        assert!(
+            status.success(),
+            "curl (active: {active:?}) failed: {status}"
+        );
+        assert_eq!(sha256_file(&out), sha256_hex(&big), "active: {active:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_bad_input() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let gateway = RunningGateway::start(&ftp_config(
+        "destinations = [\"*.corp.example\"]\nhandshake_timeout = \"2s\"",
+    ));
+    let stream = tokio::net::TcpStream::connect(gateway.addr("ftp"))
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    assert!(lines
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .starts_with("220 "));
+    write.write_all(b"LIST\r\n").await.unwrap();
+    assert!(lines
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .starts_with("530 "));
+    write.write_all(b"USER anonymous\r\n").await.unwrap();
+    assert!(lines
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .starts_with("501 "));
+    // Not in destinations: refused before any connection is made.
+    write
+        .write_all(b"USER alice@127.0.0.1:21\r\n")
+        .await
+        .unwrap();
+    let refusal = lines.next_line().await.unwrap().unwrap();
+    assert!(
+        refusal.starts_with("530 ") && refusal.contains("destinations"),
+        "{refusal}"
+    );
+    let audits = gateway.wait_for_audits(1, WAIT);
+    assert_eq!(audits[0]["result"], "denied");
+    // An overlong command line ends the session with 500.
+    let stream = tokio::net::TcpStream::connect(gateway.addr("ftp"))
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    assert!(lines
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .starts_with("220 "));
+    let _ = write.write_all(&vec![b'A'; 20_000]).await;
+    assert!(lines
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .starts_with("500 "));
+    // A client that never logs in is cut off after handshake_timeout.
+    let stream = tokio::net::TcpStream::connect(gateway.addr("ftp"))
+        .await
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    assert!(lines
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .starts_with("220 "));
+    let cut = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(cut.unwrap().starts_with("421 "));
+}
