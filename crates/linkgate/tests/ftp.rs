@@ -189,43 +189,50 @@ fn curl_downloads_in_extended_passive_and_active_mode() {
     }
 }
 
+/// A raw control connection to the gateway.
+struct RawSession {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl RawSession {
+    async fn open(gateway: &RunningGateway) -> RawSession {
+        let stream = tokio::net::TcpStream::connect(gateway.addr("ftp"))
+            .await
+            .unwrap();
+        let (read, write) = stream.into_split();
+        let lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(read));
+        RawSession { lines, write }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut self.write, bytes).await;
+    }
+
+    /// The next reply line; fails the test if none comes.
+    async fn reply(&mut self) -> String {
+        tokio::time::timeout(WAIT, self.lines.next_line())
+            .await
+            .expect("no reply")
+            .unwrap()
+            .expect("connection closed")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_and_bad_input() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let gateway = RunningGateway::start(&ftp_config(
         "destinations = [\"*.corp.example\"]\nhandshake_timeout = \"2s\"",
     ));
-    let stream = tokio::net::TcpStream::connect(gateway.addr("ftp"))
-        .await
-        .unwrap();
-    let (read, mut write) = stream.into_split();
-    let mut lines = tokio::io::BufReader::new(read).lines();
-    assert!(lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .starts_with("220 "));
-    write.write_all(b"LIST\r\n").await.unwrap();
-    assert!(lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .starts_with("530 "));
-    write.write_all(b"USER anonymous\r\n").await.unwrap();
-    assert!(lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .starts_with("501 "));
+    let mut session = RawSession::open(&gateway).await;
+    assert!(session.reply().await.starts_with("220 "));
+    session.send(b"LIST\r\n").await;
+    assert!(session.reply().await.starts_with("530 "));
+    session.send(b"USER anonymous\r\n").await;
+    assert!(session.reply().await.starts_with("501 "));
     // Not in destinations: refused before any connection is made.
-    write
-        .write_all(b"USER alice@127.0.0.1:21\r\n")
-        .await
-        .unwrap();
-    let refusal = lines.next_line().await.unwrap().unwrap();
+    session.send(b"USER alice@127.0.0.1:21\r\n").await;
+    let refusal = session.reply().await;
     assert!(
         refusal.starts_with("530 ") && refusal.contains("destinations"),
         "{refusal}"
@@ -233,38 +240,12 @@ async fn refusals_and_bad_input() {
     let audits = gateway.wait_for_audits(1, WAIT);
     assert_eq!(audits[0]["result"], "denied");
     // An overlong command line ends the session with 500.
-    let stream = tokio::net::TcpStream::connect(gateway.addr("ftp"))
-        .await
-        .unwrap();
-    let (read, mut write) = stream.into_split();
-    let mut lines = tokio::io::BufReader::new(read).lines();
-    assert!(lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .starts_with("220 "));
-    let _ = write.write_all(&vec![b'A'; 20_000]).await;
-    assert!(lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .starts_with("500 "));
+    let mut flood = RawSession::open(&gateway).await;
+    assert!(flood.reply().await.starts_with("220 "));
+    flood.send(&[b'A'; 20_000]).await;
+    assert!(flood.reply().await.starts_with("500 "));
     // A client that never logs in is cut off after handshake_timeout.
-    let stream = tokio::net::TcpStream::connect(gateway.addr("ftp"))
-        .await
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(stream).lines();
-    assert!(lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .starts_with("220 "));
-    let cut = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(cut.unwrap().starts_with("421 "));
+    let mut idle = RawSession::open(&gateway).await;
+    assert!(idle.reply().await.starts_with("220 "));
+    assert!(idle.reply().await.starts_with("421 "));
 }
