@@ -228,6 +228,9 @@ async fn refusals_and_bad_input() {
     assert!(session.reply().await.starts_with("220 "));
     session.send(b"LIST\r\n").await;
     assert!(session.reply().await.starts_with("530 "));
+    // A line that is no command gets 500 and the session goes on.
+    session.send(b"12 34\r\n").await;
+    assert!(session.reply().await.starts_with("500 "));
     session.send(b"USER anonymous\r\n").await;
     assert!(session.reply().await.starts_with("501 "));
     // Not in destinations: refused before any connection is made.

@@ -130,6 +130,25 @@ impl Conn {
     }
 }
 
+/// A line from the client: a command, or one that is not (answered with 500
+/// and skipped, as a server would).
+enum ClientLine {
+    Command(Command),
+    Malformed,
+}
+
+fn parse_client_line(buf: &[u8]) -> Result<Option<(ClientLine, usize)>, FtpError> {
+    match Command::parse(buf) {
+        Ok(parsed) => Ok(parsed.map(|(command, used)| (ClientLine::Command(command), used))),
+        Err(FtpError::Command(_)) => {
+            Ok(ftp::next_line(buf)?.map(|(_, used)| (ClientLine::Malformed, used)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+const SYNTAX_ERROR: &[u8] = b"500 Syntax error, command unrecognized\r\n";
+
 /// Removes the first whole message from `buf`, if there is one.
 fn take<T>(buf: &mut Vec<u8>, parse: Parser<T>) -> Result<Option<T>, FtpError> {
     Ok(parse(buf)?.map(|(message, used)| {
@@ -155,8 +174,12 @@ async fn reach_server(
         .send(b"220 linkgate FTP proxy: log in with USER user@host[:port]\r\n")
         .await;
     loop {
-        let command = match client.next(Command::parse).await {
-            Ok(Some(command)) => command,
+        let command = match client.next(parse_client_line).await {
+            Ok(Some(ClientLine::Command(command))) => command,
+            Ok(Some(ClientLine::Malformed)) => {
+                let _ = client.send(SYNTAX_ERROR).await;
+                continue;
+            }
             Ok(None) => {
                 audit.finish(AuditResult::Error, "client left before logging in");
                 return Err(Ended);
@@ -298,10 +321,15 @@ impl Session<'_> {
         loop {
             // Whatever is already buffered first (the login may have read ahead).
             loop {
-                match take(&mut client.buf, Command::parse) {
-                    Ok(Some(command)) => {
+                match take(&mut client.buf, parse_client_line) {
+                    Ok(Some(ClientLine::Command(command))) => {
                         if let Err(e) = self.on_command(command, client, server).await {
                             return (AuditResult::Error, e);
+                        }
+                    }
+                    Ok(Some(ClientLine::Malformed)) => {
+                        if let Err(e) = client.send(SYNTAX_ERROR).await {
+                            return (AuditResult::Error, format!("writing to client: {e}"));
                         }
                     }
                     Ok(None) => break,
