@@ -189,6 +189,52 @@ fn curl_downloads_in_extended_passive_and_active_mode() {
     }
 }
 
+#[test]
+fn lftp_mirrors_both_ways_in_passive_and_active_mode() {
+    let server = FtpServer::start();
+    let big = pseudo_random(4 * 1024 * 1024 + 3, 14);
+    std::fs::write(server.path("big.bin"), &big).unwrap();
+    let gateway = RunningGateway::start(&ftp_config(""));
+    let local = gateway.dir.path().join("sent.bin");
+    let sent = pseudo_random(1024 * 1024 + 9, 15);
+    std::fs::write(&local, &sent).unwrap();
+    for passive in ["yes", "no"] {
+        let got = gateway.dir.path().join(format!("got-{passive}.bin"));
+        let script = format!(
+            "set ftp:ssl-allow no; set ftp:passive-mode {passive}; set net:max-retries 1; \
+             get big.bin -o {got}; put {local} -o up-{passive}.bin; bye",
+            got = got.display(),
+            local = local.display(),
+        );
+        // lftp's proxy-style login: the user names the server.
+        let user = format!("alice@127.0.0.1:{},secret", server.port);
+        let out = Command::new("lftp")
+            .args([
+                "-u",
+                &user,
+                "-p",
+                &gateway.addr("ftp").port().to_string(),
+                "-e",
+                &script,
+            ])
+            .arg("127.0.0.1")
+            .output()
+            .expect("lftp is needed for this test (Debian package lftp)");
+        assert!(
+            out.status.success(),
+            "lftp (passive {passive}) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(sha256_file(&got), sha256_hex(&big), "passive {passive}");
+        let uploaded = server.path(&format!("up-{passive}.bin"));
+        assert_eq!(
+            sha256_file(&uploaded),
+            sha256_hex(&sent),
+            "passive {passive}"
+        );
+    }
+}
+
 /// A raw control connection to the gateway.
 struct RawSession {
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
