@@ -50,33 +50,15 @@ pub async fn serve(
                 return audit.finish(AuditResult::Error, reason);
             }
         };
-        let (result, reason) = match parse_destination(&answer, TELNET_PORT) {
-            Err(why) => (AuditResult::Error, why),
-            Ok(target) => {
-                audit.target = target.to_string();
-                match check_destination(service, &target).await {
-                    Err(why) => (AuditResult::Denied, why),
-                    Ok(()) => match service.connector.connect(&Hop::Direct(target)).await {
-                        Err(e) => (AuditResult::Error, e.to_string()),
-                        Ok(mut upstream) => {
-                            let early = prompt.leftover();
-                            let idle = service.config.idle_timeout;
-                            let client = &mut inbound.stream;
-                            relay_and_record(
-                                client,
-                                &mut upstream,
-                                &early,
-                                idle,
-                                stop,
-                                audit,
-                                "closed",
-                            )
-                            .await;
-                            return;
-                        }
-                    },
-                }
+        let (result, reason) = match reach(service, &answer, audit).await {
+            Ok(mut upstream) => {
+                let early = prompt.leftover();
+                let idle = service.config.idle_timeout;
+                let client = &mut inbound.stream;
+                relay_and_record(client, &mut upstream, &early, idle, stop, audit, "closed").await;
+                return;
             }
+            Err(refusal) => refusal,
         };
         if tell(&mut inbound.stream, &reason).await.is_err() {
             return audit.finish(result, reason);
@@ -86,6 +68,25 @@ pub async fn serve(
     let (result, reason) = last_refusal;
     let _ = tell(&mut inbound.stream, "too many tries; closing").await;
     audit.finish(result, format!("{reason} ({TRIES} tries)"));
+}
+
+/// Reads the client's answer as a destination, checks it and connects to it
+/// (through `via`); `Err` holds the audit result and the reason to show.
+async fn reach(
+    service: &ServiceRuntime,
+    answer: &str,
+    audit: &mut Audit,
+) -> Result<Stream, (AuditResult, String)> {
+    let target = parse_destination(answer, TELNET_PORT).map_err(|why| (AuditResult::Error, why))?;
+    audit.target = target.to_string();
+    check_destination(service, &target)
+        .await
+        .map_err(|why| (AuditResult::Denied, why))?;
+    service
+        .connector
+        .connect(&Hop::Direct(target))
+        .await
+        .map_err(|e| (AuditResult::Error, e.to_string()))
 }
 
 /// The prompt's state: what the client sent that is not used yet.
