@@ -159,6 +159,43 @@ fn ftplib_logs_in_normally_to_a_fixed_target() {
 }
 
 #[test]
+fn control_and_data_connections_go_through_via() {
+    let server = FtpServer::start();
+    let proxy = RunningGateway::start(
+        "[gateway]\nlog = \"json\"\n\n[[service]]\nname = \"s\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let gateway = RunningGateway::start(&ftp_config(&format!(
+        "target = \"127.0.0.1:{}\"\nvia = \"socks5://{}\"",
+        server.port,
+        proxy.addr("s")
+    )));
+    check_session(&server, &gateway, "alice", true);
+    check_session(&server, &gateway, "alice", false);
+    // Each session: one control connection, then a data connection for the
+    // download, the upload and the listing, all through the SOCKS proxy.
+    let records = proxy.wait_for_audits(8, WAIT);
+    let targets: Vec<&str> = records
+        .iter()
+        .map(|r| r["target"].as_str().unwrap())
+        .collect();
+    let control = format!("127.0.0.1:{}", server.port);
+    assert_eq!(
+        targets.iter().filter(|t| **t == control).count(),
+        2,
+        "{targets:?}"
+    );
+    assert!(records.iter().all(|r| r["result"] == "ok"), "{records:?}");
+    let moved: u64 = records
+        .iter()
+        .map(|r| r["bytes_down"].as_u64().unwrap())
+        .sum();
+    assert!(
+        moved > 2 * 3 * 1024 * 1024,
+        "only {moved} bytes came through the proxy"
+    );
+}
+
+#[test]
 fn curl_downloads_in_extended_passive_and_active_mode() {
     let server = FtpServer::start();
     let big = pseudo_random(5 * 1024 * 1024, 13);
