@@ -1,0 +1,266 @@
+//! A logged-in session: commands and replies relayed both ways at once, with
+//! the data-connection commands translated (see the module above).
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use proto::ftp::{self, Command, Reply};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{parse_client_line, reply, take, ClientLine, Conn, SYNTAX_ERROR};
+use super::data::{DataConnection, DataLeg};
+use crate::audit::AuditResult;
+use crate::config::{Host, HostPort};
+use crate::service::ServiceRuntime;
+
+/// What a command sent to the server is waiting for.
+pub(super) enum Pending {
+    /// Relay the reply as it is.
+    Other,
+    /// The client asked for passive mode (EPSV when `extended`).
+    Passive { extended: bool },
+    /// The client asked for active mode to `client`; the server is asked
+    /// for passive mode instead.
+    Active { client: SocketAddr, extended: bool },
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) up: AtomicU64,
+    pub(super) down: AtomicU64,
+}
+
+pub(super) struct Session<'a> {
+    pub(super) service: &'a ServiceRuntime,
+    /// The client's address (`None` over links: no data connections then).
+    pub(super) client_ip: Option<IpAddr>,
+    /// The gateway's address on the client's control connection.
+    pub(super) local: Option<SocketAddr>,
+    pub(super) server_host: Host,
+    pub(super) pending: VecDeque<Pending>,
+    pub(super) counters: Arc<Counters>,
+    pub(super) data_slots: Arc<Semaphore>,
+    pub(super) stop: CancellationToken,
+}
+
+impl Session<'_> {
+    /// Relays until either side closes; returns the audit result.
+    pub(super) async fn relay(
+        &mut self,
+        client: &mut Conn,
+        server: &mut Conn,
+    ) -> (AuditResult, String) {
+        loop {
+            // Whatever is already buffered first (the login may have read ahead).
+            loop {
+                match take(&mut client.buf, parse_client_line) {
+                    Ok(Some(ClientLine::Command(command))) => {
+                        if let Err(e) = self.on_command(command, client, server).await {
+                            return (AuditResult::Error, e);
+                        }
+                    }
+                    Ok(Some(ClientLine::Malformed)) => {
+                        if let Err(e) = client.send(SYNTAX_ERROR).await {
+                            return (AuditResult::Error, format!("writing to client: {e}"));
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = client.send(b"500 Command line too long\r\n").await;
+                        return (AuditResult::Error, format!("client: {e}"));
+                    }
+                }
+            }
+            loop {
+                match take(&mut server.buf, Reply::parse) {
+                    Ok(Some(reply)) => {
+                        if let Err(e) = self.on_reply(reply, client).await {
+                            return (AuditResult::Error, e);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return (AuditResult::Error, format!("server: {e}")),
+                }
+            }
+            tokio::select! {
+                read = client.stream.read_buf(&mut client.buf) => match read {
+                    Ok(0) => return (AuditResult::Ok, "client closed".into()),
+                    Ok(n) => self.counters.up.fetch_add(n as u64, Ordering::Relaxed),
+                    Err(e) => return (AuditResult::Error, format!("reading from client: {e}")),
+                },
+                read = server.stream.read_buf(&mut server.buf) => match read {
+                    Ok(0) => return (AuditResult::Ok, "server closed".into()),
+                    Ok(n) => self.counters.down.fetch_add(n as u64, Ordering::Relaxed),
+                    Err(e) => return (AuditResult::Error, format!("reading from server: {e}")),
+                },
+                () = self.stop.cancelled() => {
+                    return (AuditResult::Error, "gateway shutting down: grace period over".into())
+                }
+            };
+        }
+    }
+
+    async fn on_command(
+        &mut self,
+        command: Command,
+        client: &mut Conn,
+        server: &mut Conn,
+    ) -> Result<(), String> {
+        let to_server = |e: std::io::Error| format!("writing to server: {e}");
+        let verb = command.verb.as_str();
+        let pending = match verb {
+            "PASV" | "EPSV" if command.arg_str() == Some("ALL") => {
+                // The gateway picks the server-side mode itself.
+                return reply(client, "200 EPSV ALL ok").await;
+            }
+            "PASV" | "EPSV" => Pending::Passive {
+                extended: verb == "EPSV",
+            },
+            "PORT" | "EPRT" => {
+                let parsed = match verb {
+                    "PORT" => ftp::parse_host_port(command.arg.as_deref().unwrap_or_default())
+                        .map(SocketAddr::V4),
+                    _ => ftp::parse_eprt(command.arg.as_deref().unwrap_or_default()),
+                };
+                let Ok(address) = parsed else {
+                    return reply(client, "501 Cannot read that address").await;
+                };
+                if Some(crate::access::canonical(address.ip())) != self.client_ip {
+                    return reply(client, "500 Data connections go to your own address only").await;
+                }
+                Pending::Active {
+                    client: address,
+                    extended: verb == "EPRT",
+                }
+            }
+            _ => {
+                server.send(&command.encode()).await.map_err(to_server)?;
+                self.pending.push_back(Pending::Other);
+                return Ok(());
+            }
+        };
+        if self.client_ip.is_none() {
+            return reply(client, "425 Data connections need a direct TCP client").await;
+        }
+        let ask = if matches!(self.server_host, Host::Ip(IpAddr::V6(_))) {
+            "EPSV\r\n"
+        } else {
+            "PASV\r\n"
+        };
+        server.send(ask.as_bytes()).await.map_err(to_server)?;
+        self.pending.push_back(pending);
+        Ok(())
+    }
+
+    async fn on_reply(&mut self, answer: Reply, client: &mut Conn) -> Result<(), String> {
+        // Preliminary replies (1xx) come before the final one.
+        let pending = if answer.code < 200 {
+            None
+        } else {
+            self.pending.pop_front()
+        };
+        let passive_port = match answer.code {
+            227 => ftp::parse_pasv_reply(answer.lines.concat().as_slice())
+                .ok()
+                .map(|a| a.port()),
+            229 => ftp::parse_epsv_reply(answer.lines.concat().as_slice()).ok(),
+            _ => None,
+        };
+        match (pending, passive_port) {
+            (Some(Pending::Passive { extended }), Some(port)) => {
+                self.offer_passive(client, port, extended).await
+            }
+            (
+                Some(Pending::Active {
+                    client: to,
+                    extended,
+                }),
+                Some(port),
+            ) => {
+                if !self.start_data(DataLeg::ConnectTo(to), port) {
+                    return reply(client, "425 Too many data connections at once").await;
+                }
+                let verb = if extended { "EPRT" } else { "PORT" };
+                reply(client, &format!("200 {verb} command successful")).await
+            }
+            (Some(Pending::Passive { .. } | Pending::Active { .. }), None) if answer.code < 400 => {
+                reply(client, "425 The server did not open a passive port").await
+            }
+            _ => client
+                .send(&answer.encode())
+                .await
+                .map_err(|e| format!("writing to client: {e}")),
+        }
+    }
+
+    /// Opens a port on the gateway for the client's data connection.
+    async fn offer_passive(
+        &mut self,
+        client: &mut Conn,
+        server_port: u16,
+        extended: bool,
+    ) -> Result<(), String> {
+        let Some(local) = self.local else {
+            return reply(client, "425 Data connections need a direct TCP client").await;
+        };
+        let listener = match TcpListener::bind(SocketAddr::new(local.ip(), 0)).await {
+            Ok(listener) => listener,
+            Err(e) => return reply(client, &format!("425 Cannot open a data port: {e}")).await,
+        };
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let text = match (extended, local.ip()) {
+            (true, _) => format!("229 {}", ftp::format_epsv_reply(port)),
+            (false, IpAddr::V4(ip)) => format!(
+                "227 {}",
+                ftp::format_pasv_reply(SocketAddrV4::new(ip, port))
+            ),
+            (false, IpAddr::V6(_)) => {
+                return reply(client, "425 Use EPSV: this connection is IPv6").await;
+            }
+        };
+        if !self.start_data(DataLeg::AcceptOn(listener), server_port) {
+            return reply(client, "425 Too many data connections at once").await;
+        }
+        reply(client, &text).await
+    }
+
+    /// Starts one data connection between the client side `leg` and the
+    /// server's passive `server_port`, in a task of its own; `false` when
+    /// the session already has its most.
+    fn start_data(&self, leg: DataLeg, server_port: u16) -> bool {
+        let Ok(slot) = self.data_slots.clone().try_acquire_owned() else {
+            return false;
+        };
+        let server = HostPort {
+            host: self.server_host.clone(),
+            port: server_port,
+        };
+        let connector = self.service.connector.clone();
+        let client_ip = self.client_ip;
+        let counters = self.counters.clone();
+        let stop = self.stop.clone();
+        let wait = self.service.config.connect_timeout.0;
+        let idle = self.service.config.idle_timeout.0;
+        tokio::spawn(async move {
+            let _slot = slot;
+            DataConnection {
+                leg,
+                client_ip,
+                server,
+                connector,
+                wait,
+                idle,
+                counters,
+                stop,
+            }
+            .run()
+            .await;
+        });
+        true
+    }
+}
