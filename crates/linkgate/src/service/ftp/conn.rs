@@ -15,6 +15,7 @@ pub(super) struct Conn {
 }
 
 impl Conn {
+    /// A control connection with nothing read yet.
     pub(super) fn new(stream: Stream) -> Self {
         Conn {
             stream,
@@ -22,6 +23,7 @@ impl Conn {
         }
     }
 
+    /// Writes `bytes` whole.
     pub(super) async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes).await
     }
@@ -52,6 +54,8 @@ pub(super) enum ClientLine {
     Malformed,
 }
 
+/// [`Command::parse`], turning a line that is no command into
+/// [`ClientLine::Malformed`] (consumed) instead of an error.
 pub(super) fn parse_client_line(buf: &[u8]) -> Result<Option<(ClientLine, usize)>, FtpError> {
     match Command::parse(buf) {
         Ok(parsed) => Ok(parsed.map(|(command, used)| (ClientLine::Command(command), used))),
@@ -62,6 +66,7 @@ pub(super) fn parse_client_line(buf: &[u8]) -> Result<Option<(ClientLine, usize)
     }
 }
 
+/// The answer to a [`ClientLine::Malformed`].
 pub(super) const SYNTAX_ERROR: &[u8] = b"500 Syntax error, command unrecognized\r\n";
 
 /// Removes the first whole message from `buf`, if there is one.
@@ -72,6 +77,7 @@ pub(super) fn take<T>(buf: &mut Vec<u8>, parse: Parser<T>) -> Result<Option<T>, 
     }))
 }
 
+/// Sends the client one reply line (CRLF added).
 pub(super) async fn reply(client: &mut Conn, line: &str) -> Result<(), String> {
     client
         .send(format!("{line}\r\n").as_bytes())

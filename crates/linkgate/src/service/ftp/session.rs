@@ -29,12 +29,14 @@ pub(super) enum Pending {
     Active { client: SocketAddr, extended: bool },
 }
 
+/// Bytes moved by the session, control and data connections together.
 #[derive(Default)]
 pub(super) struct Counters {
     pub(super) up: AtomicU64,
     pub(super) down: AtomicU64,
 }
 
+/// A logged-in session's state.
 pub(super) struct Session<'a> {
     pub(super) service: &'a ServiceRuntime,
     /// The client's address (`None` over links: no data connections then).
