@@ -272,6 +272,62 @@ fn lftp_mirrors_both_ways_in_passive_and_active_mode() {
     }
 }
 
+#[test]
+fn with_auth_the_client_logs_in_to_the_proxy_first() {
+    let server = FtpServer::start();
+    let big = pseudo_random(1024 * 1024, 16);
+    std::fs::write(server.path("big.bin"), &big).unwrap();
+    let gateway = RunningGateway::start(
+        "[gateway]\nlog = \"json\"\n\n[[user]]\nname = \"carol\"\npassword = \"wonderland\"\n\n\
+         [[service]]\nname = \"ftp\"\ntype = \"ftp\"\nlisten = \"127.0.0.1:0\"\nauth = \"password\"\n",
+    );
+    let script = format!(
+        r#"
+import ftplib, hashlib
+f = ftplib.FTP()
+f.connect("127.0.0.1", {gateway_port}, timeout=15)
+try:
+    f.sendcmd("USER alice@127.0.0.1:{server_port}")
+    f.sendcmd("PASS secret")
+    print("no proxy login needed?!")
+except ftplib.error_perm as e:
+    print(str(e)[:3])
+f.sendcmd("USER carol")
+try:
+    f.sendcmd("PASS wrong")
+except ftplib.error_perm as e:
+    print(str(e)[:3])
+f.sendcmd("USER carol")
+print(f.sendcmd("PASS wonderland")[:3])
+f.login("alice@127.0.0.1:{server_port}", "secret")
+data = bytearray()
+f.retrbinary("RETR big.bin", data.extend)
+print(hashlib.sha256(data).hexdigest())
+f.quit()
+"#,
+        gateway_port = gateway.addr("ftp").port(),
+        server_port = server.port,
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines, ["530", "530", "230", &sha256_hex(&big)]);
+    let audits = gateway.wait_for_audits(1, WAIT);
+    assert_eq!(audits[0]["user"], "carol");
+    assert_eq!(audits[0]["result"], "ok");
+}
+
 /// A raw control connection to the gateway.
 struct RawSession {
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,

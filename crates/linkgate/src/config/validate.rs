@@ -414,16 +414,11 @@ fn not_available_yet(config: &Config) -> Vec<Finding> {
             let what = format!("the {} service type", service.kind.as_str());
             out.push((path("type"), named(&what)));
         }
-        if service.kind == ServiceKind::Ftp {
-            if matches!(service.target, Some(Hop::Link { .. })) {
-                out.push((
-                    path("target"),
-                    named("an ftp service with a link:// target"),
-                ));
-            }
-            if service.auth == AuthMode::Password {
-                out.push((path("auth"), named("auth = \"password\" on an ftp service")));
-            }
+        if service.kind == ServiceKind::Ftp && matches!(service.target, Some(Hop::Link { .. })) {
+            out.push((
+                path("target"),
+                named("an ftp service with a link:// target"),
+            ));
         }
         if matches!(service.via.first(), Some(Hop::Link { .. })) {
             out.push((path("via"), named("a link:// hop in via")));

@@ -1,37 +1,143 @@
 //! Reaching the server: the fixed target, or the one the client names in
 //! `USER user@host[:port]`.
 
-use proto::ftp::Reply;
+use proto::ftp::{Command, Reply};
 
 use super::conn::{parse_client_line, ClientLine, Conn, SYNTAX_ERROR};
 use super::session::Pending;
 use super::{Ended, FTP_PORT};
+use crate::access::Verdict;
 use crate::audit::{Audit, AuditResult};
-use crate::config::{Hop, Host, HostPort};
+use crate::config::{AuthMode, Hop, Host, HostPort};
+use crate::inbound::ClientId;
 use crate::service::{check_destination, parse_destination, ServiceRuntime};
 
+/// Wrong proxy passwords a client may try before the connection closes.
+const PROXY_LOGIN_TRIES: usize = 3;
+
 /// Logs the client in to its server: the fixed target, or the one named in
-/// `USER user@host[:port]`. Returns the server's control connection, its
-/// host (for data connections), and the command whose reply is awaited.
+/// `USER user@host[:port]`. With `auth = "password"` the client first logs
+/// in to the gateway itself (USER and PASS of a `[[user]]`), then to the
+/// server (the double login of WinSCP, Check Point and others). Returns the
+/// server's control connection, its host (for data connections), and the
+/// command whose reply is awaited.
 pub(super) async fn reach_server(
     service: &ServiceRuntime,
     client: &mut Conn,
+    client_id: &ClientId,
     audit: &mut Audit,
 ) -> Result<(Conn, Host, Option<Pending>), Ended> {
-    if let Some(Hop::Direct(target)) = &service.config.target {
+    let fixed = match &service.config.target {
+        Some(Hop::Direct(target)) => Some(target),
+        _ => None,
+    };
+    let auth = service.config.auth == AuthMode::Password;
+    if let (Some(target), false) = (fixed, auth) {
         audit.target = target.to_string();
         let server = open_server(service, client, target, audit, true).await?;
         return Ok((server, target.host.clone(), None));
     }
+    let how = if auth {
+        "log in to the proxy with USER and PASS first"
+    } else {
+        "log in with USER user@host[:port]"
+    };
     let _ = client
-        .send(b"220 linkgate FTP proxy: log in with USER user@host[:port]\r\n")
+        .send(format!("220 linkgate FTP proxy: {how}\r\n").as_bytes())
         .await;
+    let mut login = if auth {
+        ProxyLogin::NeedUser
+    } else {
+        ProxyLogin::Done
+    };
+    let mut failures = 0;
     loop {
-        let command = match client.next(parse_client_line).await {
-            Ok(Some(ClientLine::Command(command))) => command,
+        let command = next_command(client, audit).await?;
+        let arg = command.arg_str().unwrap_or_default().to_string();
+        match (&login, command.verb.as_str()) {
+            (_, "QUIT") => {
+                let _ = client.send(b"221 Goodbye\r\n").await;
+                audit.finish(AuditResult::Ok, "client quit before logging in");
+                return Err(Ended);
+            }
+            (ProxyLogin::NeedUser | ProxyLogin::NeedPass(_), "USER") => {
+                login = ProxyLogin::NeedPass(arg);
+                let _ = client.send(b"331 Proxy password required\r\n").await;
+            }
+            (ProxyLogin::NeedPass(user), "PASS") => {
+                let user = user.clone();
+                if let Err(failure) = service.users.verify(&user, &arg).await {
+                    failures += 1;
+                    let reason = format!("{failure} for user {user:?}");
+                    if failures == PROXY_LOGIN_TRIES {
+                        let _ = client.send(b"421 Proxy login incorrect; closing\r\n").await;
+                        audit.finish(AuditResult::AuthFailed, reason);
+                        return Err(Ended);
+                    }
+                    login = ProxyLogin::NeedUser;
+                    let _ = client.send(b"530 Proxy login incorrect\r\n").await;
+                    continue;
+                }
+                audit.user = Some(user.clone());
+                if let Verdict::Deny(why) = service.access.check(client_id, Some(&user)) {
+                    let _ = client
+                        .send(format!("530 Access denied: {why}\r\n").as_bytes())
+                        .await;
+                    audit.finish(AuditResult::Denied, why);
+                    return Err(Ended);
+                }
+                login = ProxyLogin::Done;
+                let next = if fixed.is_some() {
+                    "USER user"
+                } else {
+                    "USER user@host[:port]"
+                };
+                let _ = client
+                    .send(format!("230 Proxy login ok; now {next}\r\n").as_bytes())
+                    .await;
+            }
+            (ProxyLogin::NeedUser | ProxyLogin::NeedPass(_), _) => {
+                let _ = client
+                    .send(b"530 Log in to the proxy with USER and PASS first\r\n")
+                    .await;
+            }
+            (ProxyLogin::Done, "USER") => {
+                let named = match fixed {
+                    Some(target) => Some((arg.clone(), target.clone())),
+                    None => proxy_login(&arg),
+                };
+                let Some((user, target)) = named.filter(|(user, _)| !user.is_empty()) else {
+                    let _ = client
+                        .send(b"501 Log in with USER user@host[:port]\r\n")
+                        .await;
+                    continue;
+                };
+                return login_to(service, client, audit, user, target).await;
+            }
+            (ProxyLogin::Done, _) => {
+                let _ = client
+                    .send(b"530 Log in with USER user@host[:port] first\r\n")
+                    .await;
+            }
+        }
+    }
+}
+
+/// Where the client is in logging in to the gateway itself.
+enum ProxyLogin {
+    NeedUser,
+    NeedPass(String),
+    /// Logged in, or no login needed.
+    Done,
+}
+
+/// The next command before login; ends the session on EOF or bad input.
+async fn next_command(client: &mut Conn, audit: &mut Audit) -> Result<Command, Ended> {
+    loop {
+        match client.next(parse_client_line).await {
+            Ok(Some(ClientLine::Command(command))) => return Ok(command),
             Ok(Some(ClientLine::Malformed)) => {
                 let _ = client.send(SYNTAX_ERROR).await;
-                continue;
             }
             Ok(None) => {
                 audit.finish(AuditResult::Error, "client left before logging in");
@@ -44,46 +150,39 @@ pub(super) async fn reach_server(
                 audit.finish(AuditResult::Error, format!("client: {e}"));
                 return Err(Ended);
             }
-        };
-        match command.verb.as_str() {
-            "USER" => {
-                let Some((user, target)) = command.arg_str().and_then(proxy_login) else {
-                    let _ = client
-                        .send(b"501 Log in with USER user@host[:port]\r\n")
-                        .await;
-                    continue;
-                };
-                audit.target = target.to_string();
-                if let Err(reason) = check_destination(service, &target).await {
-                    let _ = client.send(format!("530 {reason}\r\n").as_bytes()).await;
-                    audit.finish(AuditResult::Denied, reason);
-                    return Err(Ended);
-                }
-                // The client had the gateway's greeting: the reply it awaits
-                // is the one to USER.
-                let mut server = open_server(service, client, &target, audit, false).await?;
-                if server
-                    .send(format!("USER {user}\r\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    audit.finish(AuditResult::Error, "server closed after its greeting");
-                    return Err(Ended);
-                }
-                return Ok((server, target.host, Some(Pending::Other)));
-            }
-            "QUIT" => {
-                let _ = client.send(b"221 Goodbye\r\n").await;
-                audit.finish(AuditResult::Ok, "client quit before logging in");
-                return Err(Ended);
-            }
-            _ => {
-                let _ = client
-                    .send(b"530 Log in with USER user@host[:port] first\r\n")
-                    .await;
-            }
         }
     }
+}
+
+/// Checks `target`, connects to it and sends `USER user`; the reply goes to
+/// the client through the session.
+async fn login_to(
+    service: &ServiceRuntime,
+    client: &mut Conn,
+    audit: &mut Audit,
+    user: String,
+    target: HostPort,
+) -> Result<(Conn, Host, Option<Pending>), Ended> {
+    audit.target = target.to_string();
+    if service.config.target.is_none() {
+        if let Err(reason) = check_destination(service, &target).await {
+            let _ = client.send(format!("530 {reason}\r\n").as_bytes()).await;
+            audit.finish(AuditResult::Denied, reason);
+            return Err(Ended);
+        }
+    }
+    // The client had the gateway's greeting: the reply it awaits is the one
+    // to USER.
+    let mut server = open_server(service, client, &target, audit, false).await?;
+    if server
+        .send(format!("USER {user}\r\n").as_bytes())
+        .await
+        .is_err()
+    {
+        audit.finish(AuditResult::Error, "server closed after its greeting");
+        return Err(Ended);
+    }
+    Ok((server, target.host, Some(Pending::Other)))
 }
 
 /// `user@host[:port]` (the last `@` separates: user names may contain one).

@@ -50,10 +50,14 @@ pub async fn serve(
         ClientId::Peer(_) => None,
     };
     let local = inbound.local_addr();
+    let inbound_client = inbound.client;
     let mut client = Conn::new(inbound.stream);
     let timeout = service.config.handshake_timeout;
-    let login =
-        tokio::time::timeout(timeout.0, login::reach_server(service, &mut client, audit)).await;
+    let login = tokio::time::timeout(
+        timeout.0,
+        login::reach_server(service, &mut client, &inbound_client, audit),
+    )
+    .await;
     let (mut server, server_host, pending) = match login {
         Ok(Ok(reached)) => reached,
         Ok(Err(Ended)) => return,
