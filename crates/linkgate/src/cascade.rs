@@ -1,6 +1,7 @@
 //! Client side of the proxy hops in a `via` chain (cascading): asks a SOCKS4,
-//! SOCKS4a, SOCKS5 or HTTP CONNECT proxy, over an already connected stream,
-//! to connect onwards. The SOCKS messages come from the sans-IO codec in
+//! SOCKS4a, SOCKS5 or HTTP CONNECT proxy, or a peer's SOCKS service at the
+//! end of a link stream, over an already connected stream, to connect
+//! onwards. The SOCKS messages come from the sans-IO codec in
 //! `proto`; each answer is read with a size cap.
 
 use std::io;
@@ -30,8 +31,14 @@ pub async fn through(
     let refused = |reason: String| ConnectError::Proxy(hop.to_string(), reason);
     let io = |e: io::Error| ConnectError::Proxy(hop.to_string(), format!("connection failed: {e}"));
     match hop {
-        Hop::Socks5(_, credentials) => {
-            socks5(&mut stream, credentials.as_ref(), next)
+        // A link hop is a stream to a peer's SOCKS service: SOCKS5 inside,
+        // without login (the peer admits the stream by its `peer:` rules).
+        Hop::Socks5(..) | Hop::Link { .. } => {
+            let credentials = match hop {
+                Hop::Socks5(_, credentials) => credentials.as_ref(),
+                _ => None,
+            };
+            socks5(&mut stream, credentials, next)
                 .await
                 .map_err(|e| match e {
                     HopFailure::Io(e) => io(e),
@@ -70,7 +77,7 @@ pub async fn through(
                 HopFailure::Io(e) => io(e),
                 HopFailure::Refused(reason) => refused(reason),
             }),
-        Hop::Direct(_) | Hop::Link { .. } => Err(ConnectError::NotAvailable(hop.scheme())),
+        Hop::Direct(_) => Err(ConnectError::NotAvailable(hop.scheme())),
     }
 }
 

@@ -92,7 +92,8 @@ impl Connector {
 
     async fn connect_chain(&self, target: &Hop) -> Result<Stream, ConnectError> {
         if let Some(first) = self.via.first() {
-            // Validation guarantees: proxy hops only, and a host:port target.
+            // Validation guarantees: proxy hops only (a link:// one only
+            // first), and a host:port target.
             let Hop::Direct(final_target) = target else {
                 return Err(ConnectError::NotAvailable(target.scheme()));
             };
@@ -101,7 +102,8 @@ impl Connector {
                 | Hop::Socks4a(addr)
                 | Hop::Socks5(addr, _)
                 | Hop::Http(addr, _) => connect_tcp(addr).await.map(Stream::Tcp)?,
-                other => return Err(ConnectError::NotAvailable(other.scheme())),
+                Hop::Link { peer, service } => self.open_link(peer, service).await?,
+                Hop::Direct(_) => return Err(ConnectError::NotAvailable(first.scheme())),
             };
             for (i, hop) in self.via.iter().enumerate() {
                 let next = match self.via.get(i + 1) {

@@ -433,3 +433,27 @@ async fn dialer_fails_over_to_the_next_address_and_hub_can_hold_a_record_instead
         b"via failover"
     );
 }
+
+/// `via = "link://hub/out"`: the spoke's services reach the hub's side
+/// through the hub's SOCKS service, carried by the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_hop_in_via_reaches_targets_through_the_peers_socks_service() {
+    let echo = echo_server().await;
+    let hub_services = "[[service]]\nname = \"out\"\ntype = \"socks\"\nlisten = \"link\"\nallow = [\"peer:spoke\"]\n";
+    let spoke_services = format!(
+        "[[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{echo}\"\n\
+         via = \"link://hub/out\"\n"
+    );
+    let (hub, spoke) = start_pair(hub_services, &spoke_services, None);
+    let data = pseudo_random(2 * 1024 * 1024, 21);
+    let back = round_trip(spoke.addr("web"), &data).await;
+    assert_eq!(sha256_hex(&back), sha256_hex(&data));
+    let hub_audit = &hub.wait_for_audits(1, WAIT)[0];
+    assert_eq!(hub_audit["service"], "out");
+    assert_eq!(hub_audit["client"], "peer:spoke");
+    assert_eq!(hub_audit["target"], echo.to_string());
+    assert_eq!(hub_audit["result"], "ok");
+    let spoke_audit = &spoke.wait_for_audits(1, WAIT)[0];
+    assert_eq!(spoke_audit["via"], "link://hub/out");
+    assert_eq!(spoke_audit["result"], "ok");
+}

@@ -420,9 +420,6 @@ fn not_available_yet(config: &Config) -> Vec<Finding> {
                 named("an ftp service with a link:// target"),
             ));
         }
-        if matches!(service.via.first(), Some(Hop::Link { .. })) {
-            out.push((path("via"), named("a link:// hop in via")));
-        }
     }
     out
 }
