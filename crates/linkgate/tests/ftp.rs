@@ -4,69 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
+use common::servers::FtpServer;
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// pyftpdlib serving a folder to user alice (password "secret").
-struct FtpServer {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl FtpServer {
-    fn start() -> FtpServer {
-        let dir = tempfile::tempdir().unwrap();
-        let script = format!(
-            r#"
-from pyftpdlib.authorizers import DummyAuthorizer
-from pyftpdlib.handlers import FTPHandler
-from pyftpdlib.servers import FTPServer
-import logging
-logging.disable(logging.CRITICAL)
-a = DummyAuthorizer()
-a.add_user("alice", "secret", {dir:?}, perm="elradfmw")
-FTPHandler.authorizer = a
-s = FTPServer(("127.0.0.1", 0), FTPHandler)
-print(s.address[1], flush=True)
-s.serve_forever()
-"#,
-            dir = dir.path().to_str().unwrap()
-        );
-        let mut child = Command::new("python3")
-            .args(["-c", &script])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 with pyftpdlib is needed for this test");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .parse()
-            .expect("pyftpdlib did not start (pip install pyftpdlib)");
-        FtpServer { child, port, dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for FtpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn ftp_config(extra: &str) -> String {
     format!(

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::relay::{contains, RelayPlan, TestRelay};
+use common::servers::FtpServer;
 use common::servers::*;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -456,4 +457,57 @@ async fn a_link_hop_in_via_reaches_targets_through_the_peers_socks_service() {
     let spoke_audit = &spoke.wait_for_audits(1, WAIT)[0];
     assert_eq!(spoke_audit["via"], "link://hub/out");
     assert_eq!(spoke_audit["result"], "ok");
+}
+
+/// An FTP proxy whose `via` is a link hop: the control connection and every
+/// data connection (passive and active client) leave from the hub's side.
+#[test]
+fn ftp_control_and_data_connections_through_a_link_hop() {
+    let server = FtpServer::start();
+    let big = pseudo_random(2 * 1024 * 1024 + 1, 22);
+    std::fs::write(server.path("big.bin"), &big).unwrap();
+    let hub_services = "[[service]]\nname = \"out\"\ntype = \"socks\"\nlisten = \"link\"\nallow = [\"peer:spoke\"]\n";
+    let spoke_services = format!(
+        "[[service]]\nname = \"ftp\"\ntype = \"ftp\"\nlisten = \"127.0.0.1:0\"\n\
+         target = \"127.0.0.1:{}\"\nvia = \"link://hub/out\"\n",
+        server.port
+    );
+    let (hub, spoke) = start_pair(hub_services, &spoke_services, None);
+    let script = format!(
+        r#"
+import ftplib, hashlib
+for passive in (True, False):
+    f = ftplib.FTP()
+    f.connect("127.0.0.1", {port}, timeout=15)
+    f.login("alice", "secret")
+    f.set_pasv(passive)
+    data = bytearray()
+    f.retrbinary("RETR big.bin", data.extend)
+    print(hashlib.sha256(data).hexdigest())
+    f.quit()
+"#,
+        port = spoke.addr("ftp").port()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = sha256_hex(&big);
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{digest}\n{digest}\n")
+    );
+    // Two sessions, each a control and a data connection, all through the hub.
+    let records = hub.wait_for_audits(4, WAIT);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["service"] == "out" && r["client"] == "peer:spoke" && r["result"] == "ok"),
+        "{records:?}"
+    );
 }

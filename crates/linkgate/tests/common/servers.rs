@@ -118,3 +118,62 @@ pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     writer.await.unwrap();
     back
 }
+
+/// pyftpdlib serving a folder to user alice (password "secret").
+pub struct FtpServer {
+    child: std::process::Child,
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl FtpServer {
+    /// Starts it on a free port.
+    pub fn start() -> FtpServer {
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            r#"
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.servers import FTPServer
+import logging
+logging.disable(logging.CRITICAL)
+a = DummyAuthorizer()
+a.add_user("alice", "secret", {dir:?}, perm="elradfmw")
+FTPHandler.authorizer = a
+s = FTPServer(("127.0.0.1", 0), FTPHandler)
+print(s.address[1], flush=True)
+s.serve_forever()
+"#,
+            dir = dir.path().to_str().unwrap()
+        );
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 with pyftpdlib is needed for this test");
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .expect("pyftpdlib did not start (pip install pyftpdlib)");
+        FtpServer { child, port, dir }
+    }
+
+    /// Where a file named `name` in the served folder lives.
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for FtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -22,6 +22,7 @@ mod session;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -80,6 +81,13 @@ pub async fn serve(
         stop: stop.clone(),
     };
     let (result, reason) = session.relay(&mut client, &mut server).await;
+    // Close both control connections properly: over a link, a stream that is
+    // just dropped reads as reset on the other side.
+    let closing = async {
+        let _ = server.stream.shutdown().await;
+        let _ = client.stream.shutdown().await;
+    };
+    let _ = tokio::time::timeout(DATA_DRAIN, closing).await;
     // A transfer can still be finishing: let its bytes into the record.
     let _ = tokio::time::timeout(
         DATA_DRAIN,
