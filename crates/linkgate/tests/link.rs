@@ -511,3 +511,41 @@ for passive in (True, False):
         "{records:?}"
     );
 }
+
+/// An HTTP proxy whose `via` is a link hop: requests and CONNECT tunnels
+/// leave from the hub's side, and every stream is closed cleanly.
+#[test]
+fn http_proxy_through_a_link_hop() {
+    let site = tempfile::tempdir().unwrap();
+    let body = pseudo_random(1024 * 1024 + 7, 23);
+    std::fs::write(site.path().join("file.bin"), &body).unwrap();
+    let origin = PythonHttpServer::start(site.path());
+    let hub_services = "[[service]]\nname = \"out\"\ntype = \"socks\"\nlisten = \"link\"\nallow = [\"peer:spoke\"]\n";
+    let spoke_services = "[[service]]\nname = \"web\"\ntype = \"http\"\nlisten = \"127.0.0.1:0\"\nvia = \"link://hub/out\"\n";
+    let (hub, spoke) = start_pair(hub_services, spoke_services, None);
+    let out = spoke.dir.path().join("got.bin");
+    let url = format!("http://{}/file.bin", origin.addr);
+    for tunnel in [false, true] {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--fail", "-x"])
+            .arg(format!("http://{}", spoke.addr("web")))
+            .arg("-o")
+            .arg(&out);
+        if tunnel {
+            curl.arg("-p");
+        }
+        let status = curl
+            .arg(&url)
+            .status()
+            .expect("curl is needed for this test");
+        assert!(status.success(), "curl (tunnel: {tunnel}) failed");
+        assert_eq!(sha256_file(&out), sha256_hex(&body), "tunnel: {tunnel}");
+    }
+    let records = hub.wait_for_audits(2, WAIT);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["client"] == "peer:spoke" && r["result"] == "ok"),
+        "{records:?}"
+    );
+}
