@@ -734,6 +734,13 @@ impl AsyncWrite for LinkStream {
             return Poll::Ready(Ok(()));
         }
         if let Some(reason) = &inner.reset {
+            // A peer that finished sending and then left has nothing more to
+            // learn from our end of stream: like TCP's shutdown towards a
+            // closed socket, this is not an error. Data writes still are.
+            if inner.fin_received {
+                inner.fin_sent = true;
+                return Poll::Ready(Ok(()));
+            }
             return Poll::Ready(Err(Self::broken(reason)));
         }
         inner.fin_sent = true;

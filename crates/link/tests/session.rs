@@ -163,3 +163,28 @@ async fn keepalive_keeps_an_idle_link_up() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(!dialer.is_ended() && !acceptor.is_ended());
 }
+
+/// A side that sends its end of stream and leaves (as HTTP clients do with
+/// idle pooled connections) lets the other side finish cleanly: reading
+/// gives EOF and shutting down succeeds; only writing data fails.
+#[tokio::test]
+async fn a_peer_that_finished_and_left_does_not_fail_the_shutdown() {
+    let ((dialer, _dialer_incoming), (_acceptor, mut acceptor_incoming)) =
+        pair(SessionConfig::default()).await;
+    let accepted = tokio::spawn(async move {
+        let request = acceptor_incoming.recv().await.unwrap();
+        request.accept().unwrap()
+    });
+    let mut leaving = dialer.open("svc").await.unwrap();
+    let mut staying = accepted.await.unwrap();
+    leaving.write_all(b"last words").await.unwrap();
+    leaving.shutdown().await.unwrap();
+    drop(leaving);
+    let mut got = Vec::new();
+    staying.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"last words");
+    // Let the reset of the dropped stream arrive.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(staying.write_all(b"too late").await.is_err());
+    staying.shutdown().await.unwrap();
+}

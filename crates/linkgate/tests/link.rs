@@ -549,3 +549,56 @@ fn http_proxy_through_a_link_hop() {
         "{records:?}"
     );
 }
+
+/// An origin that keeps every connection open (HTTP/1.1 keep-alive) and
+/// answers each request head with "hello".
+async fn keep_alive_origin() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+                        if socket.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_upstream_connections_over_a_link_hop_are_closed_cleanly() {
+    let origin = keep_alive_origin().await;
+    let hub_services = "[[service]]\nname = \"out\"\ntype = \"socks\"\nlisten = \"link\"\nallow = [\"peer:spoke\"]\n";
+    let spoke_services = "[[service]]\nname = \"web\"\ntype = \"http\"\nlisten = \"127.0.0.1:0\"\nvia = \"link://hub/out\"\n";
+    let (hub, spoke) = start_pair(hub_services, spoke_services, None);
+    let proxy = spoke.addr("web");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "--fail", "-x"])
+            .arg(format!("http://{proxy}"))
+            .arg(format!("http://{origin}/a"))
+            .arg(format!("http://{origin}/b"))
+            .output()
+            .expect("curl is needed for this test")
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "hellohello");
+    // The client left: the pooled upstream stream is closed, not dropped.
+    let records = hub.wait_for_audits(1, WAIT);
+    assert_eq!(records[0]["result"], "ok", "{records:?}");
+}

@@ -43,6 +43,8 @@ use crate::stream::Stream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// Longest wait for upstream connections to close when a client leaves.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
 const VIA: &str = "1.1 linkgate";
@@ -86,6 +88,25 @@ impl Upstreams {
         while let Poll::Ready(Some(())) = drivers.running.poll_next_unpin(cx) {}
         drivers.waker = Some(cx.waker().clone());
         Poll::Pending
+    }
+
+    /// Closes every upstream connection properly, waiting at most
+    /// [`CLOSE_WAIT`]: once its sender is gone hyper shuts each one down,
+    /// whereas one that is just dropped reads as reset on the other side
+    /// when it runs over a link.
+    async fn close(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let drained = std::future::poll_fn(|cx| {
+            let mut drivers = self.drivers.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                match drivers.running.poll_next_unpin(cx) {
+                    Poll::Ready(Some(())) => {}
+                    Poll::Ready(None) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        });
+        let _ = tokio::time::timeout(CLOSE_WAIT, drained).await;
     }
 
     /// An idle connection to `target` that can take a request now.
@@ -188,6 +209,7 @@ pub async fn serve(
             return;
         }
     };
+    state.upstreams.close().await;
     let tunnel = state
         .tunnel
         .lock()
