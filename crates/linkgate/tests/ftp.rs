@@ -265,6 +265,32 @@ f.quit()
     assert_eq!(audits[0]["result"], "ok");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pipeline_of_commands_is_answered_in_order() {
+    let server = FtpServer::start();
+    let gateway = RunningGateway::start(&ftp_config(&format!(
+        "target = \"127.0.0.1:{}\"",
+        server.port
+    )));
+    let mut session = RawSession::open(&gateway).await;
+    assert!(session.reply().await.starts_with("220 "));
+    // Far more commands than the gateway keeps in flight, in one write.
+    let mut burst = b"USER alice\r\nPASS secret\r\n".to_vec();
+    for i in 0..500 {
+        burst.extend_from_slice(format!("MKD d{i}\r\n").as_bytes());
+    }
+    session.send(&burst).await;
+    assert!(session.reply().await.starts_with("331 "));
+    assert!(session.reply().await.starts_with("230 "));
+    for i in 0..500 {
+        let reply = session.reply().await;
+        assert!(
+            reply.starts_with("257 ") && reply.contains(&format!("/d{i}\"")),
+            "{reply}"
+        );
+    }
+}
+
 /// A raw control connection to the gateway.
 struct RawSession {
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,

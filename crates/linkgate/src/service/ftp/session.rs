@@ -18,6 +18,9 @@ use crate::audit::AuditResult;
 use crate::config::{Host, HostPort};
 use crate::service::ServiceRuntime;
 
+/// Commands sent to the server and not answered yet, at most.
+const MAX_PENDING: usize = 64;
+
 /// What a command sent to the server is waiting for.
 pub(super) enum Pending {
     /// Relay the reply as it is.
@@ -58,8 +61,10 @@ impl Session<'_> {
         server: &mut Conn,
     ) -> (AuditResult, String) {
         loop {
-            // Whatever is already buffered first (the login may have read ahead).
-            loop {
+            // Whatever is already buffered first (the login may have read
+            // ahead); a client that pipelines waits once MAX_PENDING of its
+            // commands await replies, so nothing grows without bound.
+            while self.pending.len() < MAX_PENDING {
                 match take(&mut client.buf, parse_client_line) {
                     Ok(Some(ClientLine::Command(command))) => {
                         if let Err(e) = self.on_command(command, client, server).await {
@@ -90,7 +95,7 @@ impl Session<'_> {
                 }
             }
             tokio::select! {
-                read = client.stream.read_buf(&mut client.buf) => match read {
+                read = client.stream.read_buf(&mut client.buf), if self.pending.len() < MAX_PENDING => match read {
                     Ok(0) => return (AuditResult::Ok, "client closed".into()),
                     Ok(n) => self.counters.up.fetch_add(n as u64, Ordering::Relaxed),
                     Err(e) => return (AuditResult::Error, format!("reading from client: {e}")),
