@@ -23,7 +23,7 @@ use crate::audit::{Audit, AuditResult};
 use crate::config::{Config, Host, HostPort, Listen};
 use crate::inbound::{ClientId, Inbound};
 use crate::links::{self, AcceptContext, DialTarget, FailureTracker, Links, StreamDispatch};
-use crate::service::{ServiceRuntime, SharedContext};
+use crate::service::{parse_data_stream_name, LinkDataSlots, ServiceRuntime, SharedContext};
 use crate::stream::Stream;
 use crate::users::UserDb;
 
@@ -62,6 +62,8 @@ pub struct Gateway {
     stop_links: CancellationToken,
     link_tasks: TaskTracker,
     links: Arc<Links>,
+    /// FTP data connections offered to peers (kept across reloads).
+    ftp_data: Arc<LinkDataSlots>,
     /// The running services, by name; shared with the link dispatcher.
     services: ServiceTable,
     /// Each running service's listeners.
@@ -84,6 +86,7 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 /// Admits streams that peers open to this gateway's services.
 struct GatewayDispatch {
     services: ServiceTable,
+    ftp_data: Arc<LinkDataSlots>,
     shutdown: Shutdown,
 }
 
@@ -97,9 +100,11 @@ impl Gateway {
             close_all: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
+        let ftp_data = Arc::new(LinkDataSlots::default());
         let shared = SharedContext {
             links: links.clone(),
             users: Arc::new(UserDb::new(&config.user)),
+            ftp_data: ftp_data.clone(),
         };
         let mut runtimes = HashMap::new();
         let mut bound_listeners = Vec::new();
@@ -127,6 +132,7 @@ impl Gateway {
         let services: ServiceTable = Arc::new(std::sync::RwLock::new(runtimes));
         let dispatch: Arc<dyn StreamDispatch> = Arc::new(GatewayDispatch {
             services: services.clone(),
+            ftp_data: ftp_data.clone(),
             shutdown: shutdown.clone(),
         });
         let stop_links = CancellationToken::new();
@@ -181,6 +187,7 @@ impl Gateway {
             stop_links,
             link_tasks,
             links,
+            ftp_data,
             services,
             listeners,
             config: config.clone(),
@@ -221,6 +228,7 @@ impl Gateway {
         let shared = SharedContext {
             links: self.links.clone(),
             users: Arc::new(UserDb::new(&new.user)),
+            ftp_data: self.ftp_data.clone(),
         };
         let unchanged = |service: &crate::config::ServiceConfig| {
             let old = self
@@ -528,6 +536,9 @@ fn admit_tcp(service: &Arc<ServiceRuntime>, tcp: TcpStream, peer: SocketAddr, sh
 
 impl StreamDispatch for GatewayDispatch {
     fn dispatch(&self, peer: &str, request: IncomingStream) {
+        if let Some((service, ticket)) = parse_data_stream_name(&request.service) {
+            return self.dispatch_ftp_data(peer, service.to_string(), ticket, request);
+        }
         let client = ClientId::Peer(peer.to_string());
         let service = self
             .services
@@ -592,6 +603,38 @@ impl StreamDispatch for GatewayDispatch {
     }
 }
 
+impl GatewayDispatch {
+    /// A data stream for an FTP session of `service` whose client is `peer`:
+    /// handed to the session that offered `ticket` to that peer, or refused
+    /// and audited. (Its bytes go into the session's own audit record.)
+    fn dispatch_ftp_data(&self, peer: &str, service: String, ticket: u16, request: IncomingStream) {
+        if !self.ftp_data.is_offered(peer, &service, ticket) {
+            let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+            let client = ClientId::Peer(peer.to_string());
+            let mut audit = Audit::start(
+                service.as_str().into(),
+                conn_id,
+                client.to_string(),
+                "".into(),
+            );
+            audit.target = request.service.clone();
+            let reason =
+                format!("no FTP data connection {ticket} of service {service:?} awaits this peer");
+            audit.finish(AuditResult::Denied, reason.clone());
+            audit.emit();
+            request.refuse(&reason);
+            return;
+        }
+        if let Some(stream) = request.accept() {
+            // Should the offer have expired meanwhile, the stream is dropped
+            // and the peer sees it end.
+            let _ = self
+                .ftp_data
+                .claim(peer, &service, ticket, Stream::Boxed(Box::new(stream)));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,5 +652,88 @@ mod tests {
         let client = TcpStream::connect(listener.local_addr().unwrap());
         let ((accepted, _), _client) = tokio::try_join!(listener.accept(), client).unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// Two link sessions joined over loopback TCP (keys made up: the
+    /// handshake is not what this tests), and the streams the second one
+    /// receives.
+    async fn session_pair() -> (
+        link::session::Session,
+        link::session::Session,
+        tokio::sync::mpsc::Receiver<IncomingStream>,
+    ) {
+        use link::handshake::SessionKeys;
+        use link::session::{Role, Session};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dialed = TcpStream::connect(listener.local_addr().unwrap());
+        let (dialed, (accepted, _)) = tokio::try_join!(dialed, listener.accept()).unwrap();
+        let keys = |send: u8, recv: u8| SessionKeys {
+            send: [send; 32],
+            recv: [recv; 32],
+            session_id: [0; 32],
+        };
+        let (dialer, _) =
+            Session::start(dialed, keys(1, 2), Role::Dialer, SessionConfig::default());
+        let (acceptor, incoming) = Session::start(
+            accepted,
+            keys(2, 1),
+            Role::Acceptor,
+            SessionConfig::default(),
+        );
+        (dialer, acceptor, incoming)
+    }
+
+    /// An FTP data stream is handed over only for a ticket offered to that
+    /// very peer; any other is refused (and audited).
+    #[tokio::test]
+    async fn ftp_data_streams_need_a_ticket_offered_to_that_peer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ftp_data = Arc::new(LinkDataSlots::default());
+        let dispatch = Arc::new(GatewayDispatch {
+            services: ServiceTable::default(),
+            ftp_data: ftp_data.clone(),
+            shutdown: Shutdown {
+                stop_accepting: CancellationToken::new(),
+                close_all: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            },
+        });
+        let (spoke, _hub_session, mut incoming) = session_pair().await;
+        let hub = {
+            let dispatch = dispatch.clone();
+            tokio::spawn(async move {
+                while let Some(request) = incoming.recv().await {
+                    dispatch.dispatch("spoke", request);
+                }
+            })
+        };
+        let offer = ftp_data.offer("spoke", "ftp").unwrap();
+        let ticket = offer.ticket;
+        // Another ticket, and the offered ticket for another peer: refused.
+        let wrong = crate::service::data_stream_name("ftp", ticket.wrapping_add(1).max(1));
+        let refused = spoke.open(&wrong).await.err().expect("refused");
+        assert!(
+            refused.to_string().contains("awaits this peer"),
+            "{refused}"
+        );
+        let elsewhere = ftp_data.offer("other", "ftp").unwrap();
+        let foreign = crate::service::data_stream_name("ftp", elsewhere.ticket);
+        if elsewhere.ticket != ticket {
+            assert!(spoke.open(&foreign).await.is_err());
+        }
+        // The offered one reaches the session that offered it.
+        let mut stream = spoke
+            .open(&crate::service::data_stream_name("ftp", ticket))
+            .await
+            .unwrap();
+        stream.write_all(b"data").await.unwrap();
+        let mut received = offer.stream().await.unwrap();
+        let mut got = [0u8; 4];
+        received.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"data");
+        // Used once: the same ticket again is refused.
+        let again = crate::service::data_stream_name("ftp", ticket);
+        assert!(spoke.open(&again).await.is_err());
+        hub.abort();
     }
 }

@@ -512,6 +512,165 @@ for passive in (True, False):
     );
 }
 
+/// An ftp service whose target is the hub's ftp service: the FTP server sits
+/// in the hub's office, clients in the spoke's. Control and every data
+/// connection (passive and active client, download, upload, listing) cross
+/// the link; both a fixed-target hub service and a `USER user@host` one.
+#[test]
+fn ftp_service_with_a_link_target_carries_data_over_the_link() {
+    let server = FtpServer::start();
+    let big = pseudo_random(2 * 1024 * 1024 + 3, 24);
+    std::fs::write(server.path("big.bin"), &big).unwrap();
+    let hub_services = format!(
+        "[[service]]\nname = \"ftp\"\ntype = \"ftp\"\nlisten = \"link\"\n\
+         target = \"127.0.0.1:{port}\"\nallow = [\"peer:spoke\"]\n\n\
+         [[service]]\nname = \"ftp-any\"\ntype = \"ftp\"\nlisten = \"link\"\n\
+         allow = [\"peer:spoke\"]\ndestinations = [\"127.0.0.1:{port}\"]\n",
+        port = server.port
+    );
+    let spoke_services = "[[service]]\nname = \"ftp\"\ntype = \"ftp\"\nlisten = \"127.0.0.1:0\"\n\
+         target = \"link://hub/ftp\"\n\n\
+         [[service]]\nname = \"ftp-any\"\ntype = \"ftp\"\nlisten = \"127.0.0.1:0\"\n\
+         target = \"link://hub/ftp-any\"\n";
+    let (hub, spoke) = start_pair(&hub_services, spoke_services, None);
+    let script = format!(
+        r#"
+import ftplib, hashlib, io
+upload = bytes(range(256)) * 4096
+for passive in (True, False):
+    f = ftplib.FTP()
+    f.connect("127.0.0.1", {fixed}, timeout=15)
+    f.login("alice", "secret")
+    f.set_pasv(passive)
+    data = bytearray()
+    f.retrbinary("RETR big.bin", data.extend)
+    print(hashlib.sha256(data).hexdigest())
+    name = "up-%s.bin" % passive
+    f.storbinary("STOR " + name, io.BytesIO(upload))
+    print(sorted(f.nlst()))
+    f.quit()
+f = ftplib.FTP()
+f.connect("127.0.0.1", {any}, timeout=15)
+f.login("alice@127.0.0.1:{server}", "secret")
+data = bytearray()
+f.retrbinary("RETR big.bin", data.extend)
+print(hashlib.sha256(data).hexdigest())
+f.quit()
+"#,
+        fixed = spoke.addr("ftp").port(),
+        any = spoke.addr("ftp-any").port(),
+        server = server.port,
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\nspoke:\n{}\nhub:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        spoke.lines().join("\n"),
+        hub.lines().join("\n")
+    );
+    let digest = sha256_hex(&big);
+    let listing = "['big.bin', 'up-False.bin', 'up-True.bin']";
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{digest}\n['big.bin', 'up-True.bin']\n{digest}\n{listing}\n{digest}\n")
+    );
+    let uploaded: Vec<u8> = (0..=255u8).cycle().take(256 * 4096).collect();
+    for name in ["up-True.bin", "up-False.bin"] {
+        assert_eq!(sha256_file(&server.path(name)), sha256_hex(&uploaded));
+    }
+    // curl: EPSV, and active mode (EPRT).
+    for active in [false, true] {
+        let url = format!(
+            "ftp://alice:secret@127.0.0.1:{}/big.bin",
+            spoke.addr("ftp").port()
+        );
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--max-time", "20", &url]);
+        if active {
+            curl.args(["-P", "-"]);
+        }
+        let out = curl.output().expect("curl is needed for this test");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(sha256_hex(&out.stdout), digest, "curl active {active}");
+    }
+    // One record per session on each side, data bytes included.
+    let hub_records = hub.wait_for_audits(5, WAIT);
+    assert!(
+        hub_records.iter().all(|r| r["client"] == "peer:spoke"
+            && r["result"] == "ok"
+            && r["bytes_down"].as_u64().unwrap() > big.len() as u64),
+        "{hub_records:?}"
+    );
+    let spoke_records = spoke.wait_for_audits(5, WAIT);
+    let targets: Vec<&str> = spoke_records
+        .iter()
+        .map(|r| r["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        targets.iter().filter(|t| **t == "link://hub/ftp").count(),
+        4,
+        "{spoke_records:?}"
+    );
+    assert!(targets.contains(&"link://hub/ftp-any"), "{spoke_records:?}");
+    assert!(
+        spoke_records
+            .iter()
+            .all(|r| r["result"] == "ok" && r["bytes_up"].as_u64().unwrap() > 0),
+        "{spoke_records:?}"
+    );
+}
+
+/// A plain FTP client that reaches the hub's ftp service through a mapping
+/// gets a clear 425 for data connections (they cannot cross the link that
+/// way), and the session goes on.
+#[test]
+fn ftp_over_a_plain_mapping_gets_a_clear_425_for_data() {
+    let server = FtpServer::start();
+    std::fs::write(server.path("small.txt"), b"hello").unwrap();
+    let hub_services = format!(
+        "[[service]]\nname = \"ftp\"\ntype = \"ftp\"\nlisten = \"link\"\n\
+         target = \"127.0.0.1:{}\"\nallow = [\"peer:spoke\"]\n",
+        server.port
+    );
+    let spoke_services =
+        "[[service]]\nname = \"ftp\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\n\
+         target = \"link://hub/ftp\"\n";
+    let (_hub, spoke) = start_pair(&hub_services, spoke_services, None);
+    let script = format!(
+        r#"
+import ftplib
+f = ftplib.FTP()
+f.connect("127.0.0.1", {port}, timeout=15)
+f.login("alice", "secret")
+try:
+    f.retrbinary("RETR small.txt", print)
+except ftplib.error_temp as e:
+    print(e)
+"#,
+        port = spoke.addr("ftp").port()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(
+            "425 Over a link, data connections need an ftp service with a link:// target"
+        ),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// An HTTP proxy whose `via` is a link hop: requests and CONNECT tunnels
 /// leave from the hub's side, and every stream is closed cleanly.
 #[test]

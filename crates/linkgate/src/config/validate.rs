@@ -51,7 +51,6 @@ pub fn validate(config: &mut Config, base: &Path) -> Vec<Finding> {
         }
         check_service(service, &peers, &users, &path, &named, &mut out);
     }
-    out.extend(not_available_yet(config));
     out
 }
 
@@ -393,35 +392,6 @@ fn check_service(
             push(key, "must be longer than zero".into());
         }
     }
-}
-
-/// The parts of the contract whose implementation has not landed yet: a
-/// valid configuration using them is refused plainly rather than half-run.
-fn not_available_yet(config: &Config) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let soon = |what: &str| format!("{what} is not available yet in this version of linkgate");
-    for (i, service) in config.service.iter().enumerate() {
-        let path = |key: &str| KeyPath::new([key_seg("service"), KeySeg::Index(i), key_seg(key)]);
-        let named = |what: &str| format!("service {:?}: {}", service.name, soon(what));
-        if !matches!(
-            service.kind,
-            ServiceKind::Mapping
-                | ServiceKind::Socks
-                | ServiceKind::Http
-                | ServiceKind::Telnet
-                | ServiceKind::Ftp
-        ) {
-            let what = format!("the {} service type", service.kind.as_str());
-            out.push((path("type"), named(&what)));
-        }
-        if service.kind == ServiceKind::Ftp && matches!(service.target, Some(Hop::Link { .. })) {
-            out.push((
-                path("target"),
-                named("an ftp service with a link:// target"),
-            ));
-        }
-    }
-    out
 }
 
 /// Decodes a `[[peer]] record` (base64 from `linkgate peer-record`).

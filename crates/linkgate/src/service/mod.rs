@@ -8,6 +8,8 @@ mod mapping;
 mod socks;
 mod telnet;
 
+pub use ftp::{data_stream_name, parse_data_stream_name, LinkDataSlots, Offer};
+
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -40,6 +42,8 @@ pub struct ServiceRuntime {
     pub users: Arc<UserDb>,
     /// Counters for the admin page.
     pub metrics: Arc<crate::metrics::ServiceMetrics>,
+    /// FTP data connections offered to peers, gateway-wide.
+    pub ftp_data: Arc<ftp::LinkDataSlots>,
     slots: Arc<Semaphore>,
 }
 
@@ -50,6 +54,9 @@ pub struct SharedContext {
     pub links: Arc<Links>,
     /// `[[user]]` accounts.
     pub users: Arc<UserDb>,
+    /// FTP data connections offered to peers; one registry for the
+    /// gateway's whole life, so a reload keeps those being set up.
+    pub ftp_data: Arc<ftp::LinkDataSlots>,
 }
 
 impl ServiceRuntime {
@@ -64,6 +71,7 @@ impl ServiceRuntime {
             connector,
             users: shared.users.clone(),
             metrics: Arc::default(),
+            ftp_data: shared.ftp_data.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections as usize)),
             config,
         })

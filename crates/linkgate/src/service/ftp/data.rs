@@ -9,8 +9,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::link_data::Offer;
 use super::session::Counters;
-use crate::config::{Hop, HostPort};
+use crate::config::Hop;
 use crate::connector::Connector;
 use crate::relay::relay;
 use crate::stream::Stream;
@@ -20,8 +21,9 @@ pub(super) struct DataConnection {
     pub(super) leg: DataLeg,
     /// The client's address: the only one a passive port accepts.
     pub(super) client_ip: Option<IpAddr>,
-    /// The server's passive port.
-    pub(super) server: HostPort,
+    /// The server's passive port, or the data stream over the link to the
+    /// gateway the server is behind.
+    pub(super) server: Hop,
     /// The service's connector (its `via` chain).
     pub(super) connector: Connector,
     /// How long the client's end may take to appear.
@@ -37,13 +39,11 @@ impl DataConnection {
     /// server reports the failed transfer on the control connection.
     pub(super) async fn run(self) {
         let client_side = tokio::time::timeout(self.wait, self.leg.open(self.client_ip));
-        let server = Hop::Direct(self.server);
-        let server_side = self.connector.connect(&server);
-        let (Ok(Ok(client_side)), Ok(mut server_side)) = tokio::join!(client_side, server_side)
+        let server_side = self.connector.connect(&self.server);
+        let (Ok(Ok(mut client_side)), Ok(mut server_side)) = tokio::join!(client_side, server_side)
         else {
             return;
         };
-        let mut client_side = Stream::Tcp(client_side);
         let outcome = relay(&mut client_side, &mut server_side, self.idle, &self.stop).await;
         self.counters
             .up
@@ -60,19 +60,23 @@ pub(super) enum DataLeg {
     AcceptOn(TcpListener),
     /// Active: the gateway connects to the client.
     ConnectTo(SocketAddr),
+    /// Over a link: the client, another gateway, opens a stream for the
+    /// offered ticket.
+    FromLink(Offer),
 }
 
 impl DataLeg {
-    async fn open(self, client_ip: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    async fn open(self, client_ip: Option<IpAddr>) -> std::io::Result<Stream> {
         match self {
-            DataLeg::ConnectTo(addr) => TcpStream::connect(addr).await,
+            DataLeg::ConnectTo(addr) => TcpStream::connect(addr).await.map(Stream::Tcp),
             DataLeg::AcceptOn(listener) => loop {
                 let (stream, peer) = listener.accept().await?;
                 // Only the client itself may use its data port.
                 if Some(crate::access::canonical(peer.ip())) == client_ip {
-                    return Ok(stream);
+                    return Ok(Stream::Tcp(stream));
                 }
             },
+            DataLeg::FromLink(offer) => offer.stream().await,
         }
     }
 }

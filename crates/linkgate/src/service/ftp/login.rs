@@ -4,11 +4,11 @@
 use proto::ftp::{Command, Reply};
 
 use super::conn::{parse_client_line, ClientLine, Conn, SYNTAX_ERROR};
-use super::session::Pending;
+use super::session::{Pending, ServerSide};
 use super::{Ended, FTP_PORT};
 use crate::access::Verdict;
 use crate::audit::{Audit, AuditResult};
-use crate::config::{AuthMode, Hop, Host, HostPort};
+use crate::config::{AuthMode, Hop, HostPort};
 use crate::inbound::ClientId;
 use crate::service::{check_destination, parse_destination, ServiceRuntime};
 
@@ -18,24 +18,22 @@ const PROXY_LOGIN_TRIES: usize = 3;
 /// Logs the client in to its server: the fixed target, or the one named in
 /// `USER user@host[:port]`. With `auth = "password"` the client first logs
 /// in to the gateway itself (USER and PASS of a `[[user]]`), then to the
-/// server (the double login of WinSCP, Check Point and others). Returns the
-/// server's control connection, its host (for data connections), and the
-/// command whose reply is awaited.
+/// server (the double login of WinSCP, Check Point and others). The fixed
+/// target may be another gateway's ftp service over a link. Returns the
+/// server's control connection, where data connections go, and the command
+/// whose reply is awaited.
 pub(super) async fn reach_server(
     service: &ServiceRuntime,
     client: &mut Conn,
     client_id: &ClientId,
     audit: &mut Audit,
-) -> Result<(Conn, Host, Option<Pending>), Ended> {
-    let fixed = match &service.config.target {
-        Some(Hop::Direct(target)) => Some(target),
-        _ => None,
-    };
+) -> Result<(Conn, ServerSide, Option<Pending>), Ended> {
+    let fixed = service.config.target.as_ref();
     let auth = service.config.auth == AuthMode::Password;
     if let (Some(target), false) = (fixed, auth) {
         audit.target = target.to_string();
         let server = open_server(service, client, target, audit, true).await?;
-        return Ok((server, target.host.clone(), None));
+        return Ok((server, server_side(target), None));
     }
     let how = if auth {
         "log in to the proxy with USER and PASS first"
@@ -104,7 +102,7 @@ pub(super) async fn reach_server(
             (ProxyLogin::Done, "USER") => {
                 let named = match fixed {
                     Some(target) => Some((arg.clone(), target.clone())),
-                    None => proxy_login(&arg),
+                    None => proxy_login(&arg).map(|(user, target)| (user, Hop::Direct(target))),
                 };
                 let Some((user, target)) = named.filter(|(user, _)| !user.is_empty()) else {
                     let _ = client
@@ -161,11 +159,11 @@ async fn login_to(
     client: &mut Conn,
     audit: &mut Audit,
     user: String,
-    target: HostPort,
-) -> Result<(Conn, Host, Option<Pending>), Ended> {
+    target: Hop,
+) -> Result<(Conn, ServerSide, Option<Pending>), Ended> {
     audit.target = target.to_string();
-    if service.config.target.is_none() {
-        if let Err(reason) = check_destination(service, &target).await {
+    if let (None, Hop::Direct(named)) = (&service.config.target, &target) {
+        if let Err(reason) = check_destination(service, named).await {
             let _ = client.send(format!("530 {reason}\r\n").as_bytes()).await;
             audit.finish(AuditResult::Denied, reason);
             return Err(Ended);
@@ -182,7 +180,23 @@ async fn login_to(
         audit.finish(AuditResult::Error, "server closed after its greeting");
         return Err(Ended);
     }
-    Ok((server, target.host, Some(Pending::Other)))
+    Ok((server, server_side(&target), Some(Pending::Other)))
+}
+
+/// Where the data connections of a session with server `target` go.
+fn server_side(target: &Hop) -> ServerSide {
+    match target {
+        Hop::Link { peer, service } => ServerSide::Link {
+            peer: peer.clone(),
+            service: service.clone(),
+        },
+        // Validation allows only host:port and link:// targets for ftp.
+        Hop::Direct(server)
+        | Hop::Socks4(server)
+        | Hop::Socks4a(server)
+        | Hop::Socks5(server, _)
+        | Hop::Http(server, _) => ServerSide::Tcp(server.host.clone()),
+    }
 }
 
 /// `user@host[:port]` (the last `@` separates: user names may contain one).
@@ -197,15 +211,11 @@ fn proxy_login(arg: &str) -> Option<(String, HostPort)> {
 async fn open_server(
     service: &ServiceRuntime,
     client: &mut Conn,
-    target: &HostPort,
+    target: &Hop,
     audit: &mut Audit,
     forward_greeting: bool,
 ) -> Result<Conn, Ended> {
-    let stream = match service
-        .connector
-        .connect(&Hop::Direct(target.clone()))
-        .await
-    {
+    let stream = match service.connector.connect(target).await {
         Ok(stream) => stream,
         Err(e) => {
             let _ = client.send(format!("421 {e}\r\n").as_bytes()).await;

@@ -16,8 +16,11 @@
 
 mod conn;
 mod data;
+mod link_data;
 mod login;
 mod session;
+
+pub use link_data::{data_stream_name, parse_data_stream_name, LinkDataSlots, Offer};
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -46,9 +49,9 @@ pub async fn serve(
     audit: &mut Audit,
     stop: &CancellationToken,
 ) {
-    let client_ip = match &inbound.client {
-        ClientId::Addr(addr) => Some(crate::access::canonical(addr.ip())),
-        ClientId::Peer(_) => None,
+    let (client_ip, client_peer) = match &inbound.client {
+        ClientId::Addr(addr) => (Some(crate::access::canonical(addr.ip())), None),
+        ClientId::Peer(peer) => (None, Some(peer.clone())),
     };
     let local = inbound.local_addr();
     let inbound_client = inbound.client;
@@ -59,7 +62,7 @@ pub async fn serve(
         login::reach_server(service, &mut client, &inbound_client, audit),
     )
     .await;
-    let (mut server, server_host, pending) = match login {
+    let (mut server, server_side, pending) = match login {
         Ok(Ok(reached)) => reached,
         Ok(Err(Ended)) => return,
         Err(_) => {
@@ -73,8 +76,9 @@ pub async fn serve(
     let mut session = Session {
         service,
         client_ip,
+        client_peer,
         local,
-        server_host,
+        server: server_side,
         pending: pending.into_iter().collect(),
         counters: Arc::new(Counters::default()),
         data_slots: Arc::new(Semaphore::new(MAX_DATA_CONNECTIONS)),

@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{parse_client_line, reply, take, ClientLine, Conn, SYNTAX_ERROR};
 use super::data::{DataConnection, DataLeg};
+use super::link_data::{data_stream_name, LINK_DATA_VERB};
 use crate::audit::AuditResult;
-use crate::config::{Host, HostPort};
+use crate::config::{Hop, Host, HostPort};
 use crate::service::ServiceRuntime;
 
 /// Commands sent to the server and not answered yet, at most.
@@ -30,6 +31,18 @@ pub(super) enum Pending {
     /// The client asked for active mode to `client`; the server is asked
     /// for passive mode instead.
     Active { client: SocketAddr, extended: bool },
+    /// The client, another gateway, asked for a data connection over the
+    /// link ([`LINK_DATA_VERB`]).
+    LinkData,
+}
+
+/// Where the session's server is; its data connections go there too.
+#[derive(Clone)]
+pub(super) enum ServerSide {
+    /// An FTP server over TCP (through `via`): data to its passive ports.
+    Tcp(Host),
+    /// Another gateway's ftp service over a link: data as link streams.
+    Link { peer: String, service: String },
 }
 
 /// Bytes moved by the session, control and data connections together.
@@ -42,11 +55,13 @@ pub(super) struct Counters {
 /// A logged-in session's state.
 pub(super) struct Session<'a> {
     pub(super) service: &'a ServiceRuntime,
-    /// The client's address (`None` over links: no data connections then).
+    /// The client's address (`None` over links).
     pub(super) client_ip: Option<IpAddr>,
+    /// The gateway the client is, when it came over a link.
+    pub(super) client_peer: Option<String>,
     /// The gateway's address on the client's control connection.
     pub(super) local: Option<SocketAddr>,
-    pub(super) server_host: Host,
+    pub(super) server: ServerSide,
     pub(super) pending: VecDeque<Pending>,
     pub(super) counters: Arc<Counters>,
     pub(super) data_slots: Arc<Semaphore>,
@@ -125,6 +140,13 @@ impl Session<'_> {
                 // The gateway picks the server-side mode itself.
                 return reply(client, "200 EPSV ALL ok").await;
             }
+            "PASV" | "EPSV" | "PORT" | "EPRT" if self.client_ip.is_none() => {
+                return reply(
+                    client,
+                    "425 Over a link, data connections need an ftp service with a link:// target on the other gateway",
+                )
+                .await;
+            }
             "PASV" | "EPSV" => Pending::Passive {
                 extended: verb == "EPSV",
             },
@@ -145,19 +167,20 @@ impl Session<'_> {
                     extended: verb == "EPRT",
                 }
             }
+            LINK_DATA_VERB if self.client_peer.is_some() => Pending::LinkData,
+            LINK_DATA_VERB => {
+                return reply(client, "502 XLDP is spoken between linkgate gateways only").await;
+            }
             _ => {
                 server.send(&command.encode()).await.map_err(to_server)?;
                 self.pending.push_back(Pending::Other);
                 return Ok(());
             }
         };
-        if self.client_ip.is_none() {
-            return reply(client, "425 Data connections need a direct TCP client").await;
-        }
-        let ask = if matches!(self.server_host, Host::Ip(IpAddr::V6(_))) {
-            "EPSV\r\n"
-        } else {
-            "PASV\r\n"
+        let ask = match &self.server {
+            ServerSide::Link { .. } => format!("{LINK_DATA_VERB}\r\n"),
+            ServerSide::Tcp(Host::Ip(IpAddr::V6(_))) => "EPSV\r\n".to_string(),
+            ServerSide::Tcp(_) => "PASV\r\n".to_string(),
         };
         server.send(ask.as_bytes()).await.map_err(to_server)?;
         self.pending.push_back(pending);
@@ -195,7 +218,10 @@ impl Session<'_> {
                 let verb = if extended { "EPRT" } else { "PORT" };
                 reply(client, &format!("200 {verb} command successful")).await
             }
-            (Some(Pending::Passive { .. } | Pending::Active { .. }), None) if answer.code < 400 => {
+            (Some(Pending::LinkData), Some(port)) => self.offer_link_data(client, port).await,
+            (Some(Pending::Passive { .. } | Pending::Active { .. } | Pending::LinkData), None)
+                if answer.code < 400 =>
+            {
                 reply(client, "425 The server did not open a passive port").await
             }
             _ => client
@@ -236,16 +262,36 @@ impl Session<'_> {
         reply(client, &text).await
     }
 
+    /// Offers the client, another gateway, a data connection over the link.
+    async fn offer_link_data(&mut self, client: &mut Conn, server_port: u16) -> Result<(), String> {
+        let peer = self.client_peer.as_deref().unwrap_or_default();
+        let Some(offer) = self.service.ftp_data.offer(peer, &self.service.config.name) else {
+            return reply(client, "425 Too many data connections waiting").await;
+        };
+        let text = format!("229 {}", ftp::format_epsv_reply(offer.ticket));
+        if !self.start_data(DataLeg::FromLink(offer), server_port) {
+            return reply(client, "425 Too many data connections at once").await;
+        }
+        reply(client, &text).await
+    }
+
     /// Starts one data connection between the client side `leg` and the
-    /// server's passive `server_port`, in a task of its own; `false` when
-    /// the session already has its most.
+    /// server's passive `server_port` (a ticket when the server is across a
+    /// link), in a task of its own; `false` when the session already has its
+    /// most.
     fn start_data(&self, leg: DataLeg, server_port: u16) -> bool {
         let Ok(slot) = self.data_slots.clone().try_acquire_owned() else {
             return false;
         };
-        let server = HostPort {
-            host: self.server_host.clone(),
-            port: server_port,
+        let server = match &self.server {
+            ServerSide::Tcp(host) => Hop::Direct(HostPort {
+                host: host.clone(),
+                port: server_port,
+            }),
+            ServerSide::Link { peer, service } => Hop::Link {
+                peer: peer.clone(),
+                service: data_stream_name(service, server_port),
+            },
         };
         let connector = self.service.connector.clone();
         let client_ip = self.client_ip;
