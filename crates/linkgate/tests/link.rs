@@ -628,46 +628,68 @@ f.quit()
     );
 }
 
-/// A plain FTP client that reaches the hub's ftp service through a mapping
-/// gets a clear 425 for data connections (they cannot cross the link that
-/// way), and the session goes on.
+/// The two ways of miswiring FTP across a link get a clear 425 for data
+/// connections, and the session goes on: a plain mapping to the hub's ftp
+/// service (data cannot cross that way), and an ftp service whose link target
+/// is a mapping to the server instead of the hub's ftp service.
 #[test]
-fn ftp_over_a_plain_mapping_gets_a_clear_425_for_data() {
+fn ftp_miswired_across_a_link_gets_clear_425s_for_data() {
     let server = FtpServer::start();
     std::fs::write(server.path("small.txt"), b"hello").unwrap();
     let hub_services = format!(
         "[[service]]\nname = \"ftp\"\ntype = \"ftp\"\nlisten = \"link\"\n\
-         target = \"127.0.0.1:{}\"\nallow = [\"peer:spoke\"]\n",
-        server.port
+         target = \"127.0.0.1:{port}\"\nallow = [\"peer:spoke\"]\n\n\
+         [[service]]\nname = \"ftp-mapped\"\ntype = \"mapping\"\nlisten = \"link\"\n\
+         target = \"127.0.0.1:{port}\"\nallow = [\"peer:spoke\"]\n",
+        port = server.port
     );
     let spoke_services =
-        "[[service]]\nname = \"ftp\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\n\
-         target = \"link://hub/ftp\"\n";
+        "[[service]]\nname = \"mapped\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\n\
+         target = \"link://hub/ftp\"\n\n\
+         [[service]]\nname = \"ftp\"\ntype = \"ftp\"\nlisten = \"127.0.0.1:0\"\n\
+         target = \"link://hub/ftp-mapped\"\n";
     let (_hub, spoke) = start_pair(&hub_services, spoke_services, None);
     let script = format!(
         r#"
 import ftplib
-f = ftplib.FTP()
-f.connect("127.0.0.1", {port}, timeout=15)
-f.login("alice", "secret")
-try:
-    f.retrbinary("RETR small.txt", print)
-except ftplib.error_temp as e:
-    print(e)
+for port in ({mapped}, {ftp}):
+    f = ftplib.FTP()
+    f.connect("127.0.0.1", port, timeout=15)
+    f.login("alice", "secret")
+    try:
+        f.retrbinary("RETR small.txt", print)
+    except ftplib.error_temp as e:
+        print(e)
+    print(f.sendcmd("PWD"))
 "#,
-        port = spoke.addr("ftp").port()
+        mapped = spoke.addr("mapped").port(),
+        ftp = spoke.addr("ftp").port(),
     );
     let out = Command::new("python3")
         .args(["-c", &script])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.starts_with(
-            "425 Over a link, data connections need an ftp service with a link:// target"
-        ),
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        4,
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lines[0].starts_with(
+            "425 Over a link, data connections need an ftp service with a link:// target"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].starts_with("425 No data connection over the link: the target must be"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with("257") && lines[3].starts_with("257"),
+        "{stdout}"
     );
 }
 

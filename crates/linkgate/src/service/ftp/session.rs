@@ -224,6 +224,16 @@ impl Session<'_> {
             {
                 reply(client, "425 The server did not open a passive port").await
             }
+            // XLDP not understood: the link target is no gateway's ftp service.
+            (Some(Pending::Passive { .. } | Pending::Active { .. } | Pending::LinkData), None)
+                if answer.code >= 500 && matches!(self.server, ServerSide::Link { .. }) =>
+            {
+                reply(
+                    client,
+                    "425 No data connection over the link: the target must be the other gateway's ftp service",
+                )
+                .await
+            }
             _ => client
                 .send(&answer.encode())
                 .await
