@@ -41,21 +41,7 @@ f.quit()
         passive = if passive { "True" } else { "False" },
         upload = upload.to_str().unwrap(),
     );
-    run_ftplib(&script)
-}
-
-/// Runs a Python script (an ftplib client); returns what it printed.
-fn run_ftplib(script: &str) -> String {
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ftplib failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    python(&script)
 }
 
 fn check_session(server: &FtpServer, gateway: &RunningGateway, user: &str, passive: bool) {
@@ -258,7 +244,7 @@ f.quit()
         gateway_port = gateway.addr("ftp").port(),
         server_port = server.port,
     );
-    let lines: Vec<String> = run_ftplib(&script).lines().map(String::from).collect();
+    let lines: Vec<String> = python(&script).lines().map(String::from).collect();
     assert_eq!(lines, ["530", "530", "230", &sha256_hex(&big)]);
     let audits = gateway.wait_for_audits(1, WAIT);
     assert_eq!(audits[0]["user"], "carol");

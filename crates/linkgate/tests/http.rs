@@ -224,20 +224,10 @@ async fn python_requests_and_reqwest_go_through_the_proxy() {
     let script = format!(
         "import requests\nr = requests.get('http://{origin}/py', proxies={{'http': 'http://{proxy}'}}, timeout=10)\nprint(r.status_code, r.text)\n"
     );
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args(["-c", &script])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "200 hello");
+    let out = tokio::task::spawn_blocking(move || python(&script))
+        .await
+        .unwrap();
+    assert_eq!(out.trim(), "200 hello");
     let client = reqwest::Client::builder()
         .proxy(reqwest::Proxy::http(format!("http://{proxy}")).unwrap())
         .build()

@@ -488,20 +488,9 @@ for passive in (True, False):
 "#,
         port = spoke.addr("ftp").port()
     );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = python(&script);
     let digest = sha256_hex(&big);
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
-        format!("{digest}\n{digest}\n")
-    );
+    assert_eq!(out, format!("{digest}\n{digest}\n"));
     // Two sessions, each a control and a data connection, all through the hub.
     let records = hub.wait_for_audits(4, WAIT);
     assert!(
@@ -561,21 +550,11 @@ f.quit()
         any = spoke.addr("ftp-any").port(),
         server = server.port,
     );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\nspoke:\n{}\nhub:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        spoke.lines().join("\n"),
-        hub.lines().join("\n")
-    );
+    let out = python(&script);
     let digest = sha256_hex(&big);
     let listing = "['big.bin', 'up-False.bin', 'up-True.bin']";
     assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
+        out,
         format!("{digest}\n['big.bin', 'up-True.bin']\n{digest}\n{listing}\n{digest}\n")
     );
     let uploaded: Vec<u8> = (0..=255u8).cycle().take(256 * 4096).collect();
@@ -665,18 +644,9 @@ for port in ({mapped}, {ftp}):
         mapped = spoke.addr("mapped").port(),
         ftp = spoke.addr("ftp").port(),
     );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = python(&script);
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(
-        lines.len(),
-        4,
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(lines.len(), 4, "{stdout}");
     assert!(
         lines[0].starts_with(
             "425 Over a link, data connections need an ftp service with a link:// target"

@@ -324,23 +324,10 @@ async fn pysocks_udp_associate_against_a_udp_echo_server() {
         echo.ip(),
         echo.port()
     );
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args(["-c", &script])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "PySocks failed (pip install pysocks): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("ping over socks udp {}", echo.port())
-    );
+    let out = tokio::task::spawn_blocking(move || python(&script))
+        .await
+        .unwrap();
+    assert_eq!(out.trim(), format!("ping over socks udp {}", echo.port()));
 }
 
 /// Sends raw bytes and returns what the gateway answered before closing.

@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,20 +82,10 @@ print(t.read_until(b"hello alice", 10).decode())
         port = gateway.addr("tn").port(),
         server_port = server.port(),
     );
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args(["-c", &script])
-            .output()
-            .expect("python3 is needed for this test")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "telnetlib failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("hello alice"));
+    let out = tokio::task::spawn_blocking(move || python(&script))
+        .await
+        .unwrap();
+    assert!(out.contains("hello alice"), "{out}");
     // telnetlib refused the server's DO TERMINAL-TYPE itself: the gateway
     // relayed the request and the answer unchanged, and added nothing.
     let received = seen.lock().unwrap().clone();

@@ -208,6 +208,22 @@ pub fn run_cli(args: &[&str], stdin: &str) -> (i32, String, String) {
     )
 }
 
+/// Runs a Python 3 script (a third-party client: ftplib, requests, PySocks,
+/// telnetlib...); fails the test with its stderr unless it succeeds;
+/// returns what it printed.
+pub fn python(script: &str) -> String {
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .expect("python3 is needed for this test");
+    assert!(
+        out.status.success(),
+        "python3 script failed (.ci/run installs its packages): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("the script prints UTF-8")
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
