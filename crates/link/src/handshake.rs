@@ -11,7 +11,17 @@
 //! ways and yields a session key; HKDF turns it into the PSK of a Noise
 //! `NNpsk0` handshake (snow) whose prologue hashes M1, M2 and KE3, so the
 //! Noise session is bound to this exact OPAQUE run. Noise's split gives the
-//! two record keys. There is one version and no options: nothing to downgrade.
+//! two record keys.
+//!
+//! Key mode (pinned static keys, WireGuard style) is the other way in:
+//!
+//! ```text
+//! M1 dialer -> hub : "LGK1" | 2 | Noise IKpsk2 message 1 (e, es, s, ss; payload: timestamp)
+//! M2 hub -> dialer : 0x00 | Noise message 2 (e, ee, se, psk)   or   0x01 | reason
+//! ```
+//!
+//! Byte 4 of M1 names the mode; the hub's configuration decides which mode
+//! each peer may use, so neither can be downgraded to the other.
 
 use hkdf::Hkdf;
 use opaque_ke::{
@@ -35,8 +45,11 @@ impl CipherSuite for LinkSuite {
 
 /// First bytes of M1: protocol name and version.
 pub const MAGIC: &[u8; 4] = b"LGK1";
-/// The only protocol version.
+/// Byte 4 of M1 in password mode (OPAQUE, then Noise NNpsk0).
 pub const VERSION: u8 = 1;
+/// Byte 4 of M1 in key mode (Noise IKpsk2 with pinned static keys).
+pub const KEY_MODE: u8 = 2;
+const KEY_NOISE_PARAMS: &str = "Noise_IKpsk2_25519_AESGCM_SHA256";
 /// Domain separation for the OPAQUE context, prologue and PSK derivation.
 const LABEL: &[u8] = b"linkgate link v1";
 const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
@@ -378,6 +391,224 @@ impl ServerAwaitingFinish {
             },
         ))
     }
+}
+
+// === Key mode ===
+
+/// How a hub tells the two modes apart from M1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// OPAQUE password login, then Noise NNpsk0.
+    Password,
+    /// Noise IKpsk2 with pinned static keys.
+    Key,
+}
+
+/// The mode M1 asks for.
+pub fn hello_mode(m1: &[u8]) -> Result<Mode, HandshakeError> {
+    match m1.get(..5) {
+        Some([a, b, c, d, VERSION]) if [*a, *b, *c, *d] == *MAGIC => Ok(Mode::Password),
+        Some([a, b, c, d, KEY_MODE]) if [*a, *b, *c, *d] == *MAGIC => Ok(Mode::Key),
+        _ => Err(HandshakeError::Version),
+    }
+}
+
+/// A gateway's static X25519 key pair for key mode.
+#[derive(Clone)]
+pub struct StaticKeys {
+    secret: [u8; 32],
+    /// The public half, which the other gateway pins.
+    pub public: [u8; 32],
+}
+
+impl std::fmt::Debug for StaticKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("StaticKeys")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// This gateway's static key pair, derived from the identity (HKDF with
+    /// its own label, so it is independent of the OPAQUE secrets): the
+    /// identity file holds one secret and needs no second format.
+    pub fn static_keys(&self) -> StaticKeys {
+        let mut secret = [0u8; 32];
+        Hkdf::<Sha256>::new(None, &self.to_bytes())
+            .expand(b"linkgate link v1 static x25519 key", &mut secret)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        let public = curve25519_dalek::montgomery::MontgomeryPoint::mul_base_clamped(secret);
+        StaticKeys {
+            secret,
+            public: public.to_bytes(),
+        }
+    }
+}
+
+/// Key mode's pre-shared key: none is configured, so zeros (as WireGuard
+/// does without a preshared key); authentication rests on the static keys.
+const KEY_MODE_PSK: [u8; 32] = [0; 32];
+
+fn key_noise(
+    keys: &StaticKeys,
+    remote: Option<&[u8; 32]>,
+    ephemeral: Option<&[u8; 32]>,
+    initiator: bool,
+) -> Result<snow::HandshakeState, HandshakeError> {
+    let params = KEY_NOISE_PARAMS
+        .parse()
+        .map_err(|_| HandshakeError::Malformed("noise parameters"))?;
+    let mut prologue = LABEL.to_vec();
+    prologue.extend_from_slice(MAGIC);
+    prologue.push(KEY_MODE);
+    let mut builder = snow::Builder::new(params)
+        .prologue(&prologue)
+        .and_then(|b| b.local_private_key(&keys.secret))
+        .and_then(|b| b.psk(2, &KEY_MODE_PSK))
+        .map_err(|_| HandshakeError::Malformed("noise setup"))?;
+    if let Some(remote) = remote {
+        builder = builder
+            .remote_public_key(remote)
+            .map_err(|_| HandshakeError::Malformed("noise setup"))?;
+    }
+    if let Some(key) = ephemeral {
+        builder = builder.fixed_ephemeral_key_for_testing_only(key);
+    }
+    let state = if initiator {
+        builder.build_initiator()
+    } else {
+        builder.build_responder()
+    };
+    state.map_err(|_| HandshakeError::Malformed("noise setup"))
+}
+
+/// The dialer in key mode after sending M1, waiting for M2.
+pub struct KeyClient {
+    noise: snow::HandshakeState,
+}
+
+/// Starts a key-mode handshake with `keys` towards the hub whose public key
+/// is `hub`; `timestamp` (nanoseconds since the Unix epoch, growing) lets the
+/// hub refuse a replayed M1. `ephemeral` is for tests only.
+pub fn key_client_start(
+    keys: &StaticKeys,
+    hub: &[u8; 32],
+    timestamp: u64,
+    ephemeral: Option<&[u8; 32]>,
+) -> Result<(KeyClient, Vec<u8>), HandshakeError> {
+    let mut noise = key_noise(keys, Some(hub), ephemeral, true)?;
+    let mut m1 = MAGIC.to_vec();
+    m1.push(KEY_MODE);
+    let mut buf = [0u8; 256];
+    let n = noise
+        .write_message(&timestamp.to_be_bytes(), &mut buf)
+        .map_err(|_| HandshakeError::Malformed("noise message 1"))?;
+    m1.extend_from_slice(&buf[..n]);
+    Ok((KeyClient { noise }, m1))
+}
+
+impl KeyClient {
+    /// Processes M2: the hub's acceptance or refusal.
+    pub fn receive_final(mut self, m2: &[u8]) -> Result<SessionKeys, HandshakeError> {
+        match m2.split_first() {
+            Some((0, noise_message)) => {
+                let mut buf = [0u8; 256];
+                self.noise
+                    .read_message(noise_message, &mut buf)
+                    .map_err(|_| HandshakeError::Authentication)?;
+                split_keys(&mut self.noise, true)
+            }
+            Some((1, reason)) => Err(refused(reason)),
+            _ => Err(HandshakeError::Malformed("bad final message")),
+        }
+    }
+}
+
+/// A key-mode M1 the hub could decrypt: who sent it (their static public
+/// key, now proven to be held by the sender) and when.
+pub struct KeyHello {
+    noise: snow::HandshakeState,
+    /// The dialer's static public key.
+    pub public: [u8; 32],
+    /// The dialer's timestamp (nanoseconds since the Unix epoch).
+    pub timestamp: u64,
+}
+
+/// Reads a key-mode M1 with the hub's `keys`. Fails when it was not made
+/// for this hub's public key, or was tampered with.
+pub fn key_server_read(
+    keys: &StaticKeys,
+    m1: &[u8],
+    ephemeral: Option<&[u8; 32]>,
+) -> Result<KeyHello, HandshakeError> {
+    if hello_mode(m1)? != Mode::Key {
+        return Err(HandshakeError::Version);
+    }
+    let mut noise = key_noise(keys, None, ephemeral, false)?;
+    let mut payload = [0u8; 256];
+    let n = noise
+        .read_message(&m1[5..], &mut payload)
+        .map_err(|_| HandshakeError::Authentication)?;
+    let timestamp: [u8; 8] = payload[..n]
+        .try_into()
+        .map_err(|_| HandshakeError::Malformed("key hello without a timestamp"))?;
+    let public: [u8; 32] = noise
+        .get_remote_static()
+        .and_then(|key| key.try_into().ok())
+        .ok_or(HandshakeError::Malformed("key hello without a static key"))?;
+    Ok(KeyHello {
+        noise,
+        public,
+        timestamp: u64::from_be_bytes(timestamp),
+    })
+}
+
+impl KeyHello {
+    /// Accepts the dialer (its key is known and its timestamp new): M2 and
+    /// the session keys.
+    pub fn accept(mut self) -> Result<(Vec<u8>, SessionKeys), HandshakeError> {
+        let mut buf = [0u8; 256];
+        let n = self
+            .noise
+            .write_message(&[], &mut buf)
+            .map_err(|_| HandshakeError::Malformed("noise message 2"))?;
+        let mut m2 = vec![0u8];
+        m2.extend_from_slice(&buf[..n]);
+        Ok((m2, split_keys(&mut self.noise, false)?))
+    }
+}
+
+/// A refusal message (the final message of either mode): `reason` is shown
+/// to the other gateway.
+pub fn refusal(reason: &str) -> Vec<u8> {
+    let mut message = vec![1u8];
+    message.extend_from_slice(&reason.as_bytes()[..reason.len().min(256)]);
+    message
+}
+
+fn refused(reason: &[u8]) -> HandshakeError {
+    HandshakeError::Refused(String::from_utf8_lossy(&reason[..reason.len().min(256)]).into_owned())
+}
+
+fn split_keys(
+    noise: &mut snow::HandshakeState,
+    initiator: bool,
+) -> Result<SessionKeys, HandshakeError> {
+    if !noise.is_handshake_finished() {
+        return Err(HandshakeError::Malformed("noise handshake incomplete"));
+    }
+    let (initiator_to_responder, responder_to_initiator) = noise.dangerously_get_raw_split();
+    let (send, recv) = if initiator {
+        (initiator_to_responder, responder_to_initiator)
+    } else {
+        (responder_to_initiator, initiator_to_responder)
+    };
+    Ok(SessionKeys {
+        send,
+        recv,
+        session_id: session_id(noise),
+    })
 }
 
 // === Shared pieces ===
