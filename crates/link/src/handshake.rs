@@ -74,6 +74,13 @@ pub enum HandshakeError {
     /// The hub refused and said why.
     #[error("the other gateway refused the link: {0}")]
     Refused(String),
+    /// Key mode: no peer has the dialer's public key.
+    #[error("no [[peer]] has this public key")]
+    UnknownKey,
+    /// Key mode: the hello is not newer than one already accepted from the
+    /// same gateway (a replay, or its clock went back).
+    #[error("replayed or out-of-date hello (a replay, or that gateway's clock went back)")]
+    StaleHello,
 }
 
 /// Keys and identity of an established link session.

@@ -7,7 +7,8 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::handshake::{
-    self, HandshakeError, Identity, PeerRecord, SessionKeys, MAX_HANDSHAKE_MESSAGE,
+    self, HandshakeError, Identity, Mode, PeerRecord, SessionKeys, StaticKeys,
+    MAX_HANDSHAKE_MESSAGE,
 };
 
 /// A handshake over a stream failed.
@@ -63,28 +64,67 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(client.receive_final(&m4)?)
 }
 
+/// The dialer's side in key mode: proves `keys` to the hub whose public key
+/// is pinned as `hub`, and checks that the hub holds it.
+pub async fn dial_key<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    keys: &StaticKeys,
+    hub: &[u8; 32],
+) -> Result<SessionKeys, LinkHandshakeError> {
+    // Nanoseconds since the epoch: grows between a gateway's dials, so the
+    // hub can refuse a replayed hello.
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let (client, m1) = handshake::key_client_start(keys, hub, timestamp, None)?;
+    write_message(stream, &m1).await?;
+    let m2 = read_message(stream).await?;
+    Ok(client.receive_final(&m2)?)
+}
+
 /// What the hub learned from a failed handshake, for its log.
 #[derive(Debug)]
 pub struct AcceptFailure {
-    /// The user the dialer claimed, if it got that far.
+    /// The user the dialer claimed (password mode) or the peer its key
+    /// belongs to (key mode), if it got that far.
     pub user: Option<String>,
+    /// In key mode, the dialer's static public key, once proven.
+    pub key: Option<[u8; 32]>,
     /// What went wrong.
     pub error: LinkHandshakeError,
 }
 
-/// The hub's side: answers a dialer, looking its record up by user name
-/// (`None`: unknown user, answered from a fake record). Returns the user
-/// and the session keys.
+/// What the hub knows about the gateways that may dial in.
+pub trait HubPeers {
+    /// The registration record of the password-mode peer `user`.
+    fn record(&self, user: &str) -> Option<PeerRecord>;
+    /// The name of the key-mode peer whose static public key is `key`.
+    fn key_peer(&self, key: &[u8; 32]) -> Option<String>;
+    /// Whether `timestamp` is later than that of every key-mode hello
+    /// accepted from `peer` so far; if so, it is remembered.
+    fn fresh(&self, peer: &str, timestamp: u64) -> bool;
+}
+
+/// The hub's side: answers a dialer in either mode. In password mode its
+/// record is looked up by user name (`None`: unknown user, answered from a
+/// fake record); in key mode by its static key. Returns the peer's name and
+/// the session keys.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     identity: &Identity,
-    lookup: impl Fn(&str) -> Option<PeerRecord>,
+    keys: &StaticKeys,
+    peers: &impl HubPeers,
 ) -> Result<(String, SessionKeys), AcceptFailure> {
     let fail = |user: Option<&str>, error: LinkHandshakeError| AcceptFailure {
         user: user.map(str::to_string),
+        key: None,
         error,
     };
     let m1 = read_message(stream).await.map_err(|e| fail(None, e))?;
+    if handshake::hello_mode(&m1).map_err(|e| fail(None, e.into()))? == Mode::Key {
+        return accept_key(stream, keys, peers, &m1).await;
+    }
+    let lookup = |user: &str| peers.record(user);
     let hello = handshake::parse_hello(&m1).map_err(|e| fail(None, e.into()))?;
     let user = hello.user.clone();
     let record = lookup(&user);
@@ -113,5 +153,50 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = write_message(stream, &refusal).await;
             Err(fail(Some(&user), error.into()))
         }
+    }
+}
+
+/// The hub's side of key mode, from M1 on.
+async fn accept_key<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    keys: &StaticKeys,
+    peers: &impl HubPeers,
+    m1: &[u8],
+) -> Result<(String, SessionKeys), AcceptFailure> {
+    let mut refuse = async |user: Option<String>, key, error: HandshakeError, reason: &str| {
+        let _ = write_message(stream, &handshake::refusal(reason)).await;
+        AcceptFailure {
+            user,
+            key,
+            error: error.into(),
+        }
+    };
+    let hello = match handshake::key_server_read(keys, m1, None) {
+        Ok(hello) => hello,
+        Err(e) => {
+            let reason =
+                "authentication failed: the key you pinned for this gateway is not its key";
+            return Err(refuse(None, None, e, reason).await);
+        }
+    };
+    let key = hello.public;
+    let Some(peer) = peers.key_peer(&key) else {
+        let reason = "authentication failed: this gateway has no [[peer]] with your public key";
+        return Err(refuse(None, Some(key), HandshakeError::UnknownKey, reason).await);
+    };
+    if !peers.fresh(&peer, hello.timestamp) {
+        let reason = "authentication failed: replayed or out-of-date hello (check the clock)";
+        return Err(refuse(Some(peer), Some(key), HandshakeError::StaleHello, reason).await);
+    }
+    match hello.accept() {
+        Ok((m2, session_keys)) => match write_message(stream, &m2).await {
+            Ok(()) => Ok((peer, session_keys)),
+            Err(e) => Err(AcceptFailure {
+                user: Some(peer),
+                key: Some(key),
+                error: e.into(),
+            }),
+        },
+        Err(e) => Err(refuse(Some(peer), Some(key), e, "handshake failed").await),
     }
 }

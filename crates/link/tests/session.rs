@@ -22,17 +22,17 @@ async fn pair(
     ),
 ) {
     let identity = Identity::generate(&mut OsRng);
+    let static_keys = identity.static_keys();
     let record = PeerRecord::register(&mut OsRng, &identity, "branch", b"pw").unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hub = tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.unwrap();
-        let (user, keys) = linkgate_link::io::accept(&mut tcp, &identity, |u| {
-            (u == "branch").then(|| record.clone())
-        })
-        .await
-        .map_err(|f| f.error.to_string())
-        .unwrap();
+        let peers = OnePeer(record);
+        let (user, keys) = linkgate_link::io::accept(&mut tcp, &identity, &static_keys, &peers)
+            .await
+            .map_err(|f| f.error.to_string())
+            .unwrap();
         assert_eq!(user, "branch");
         (tcp, keys)
     });
@@ -44,6 +44,21 @@ async fn pair(
     let dialer = Session::start(tcp, keys, Role::Dialer, config.clone());
     let acceptor = Session::start(hub_tcp, hub_keys, Role::Acceptor, config);
     (dialer, acceptor)
+}
+
+/// A hub that knows one password-mode peer, "branch".
+struct OnePeer(PeerRecord);
+
+impl linkgate_link::io::HubPeers for OnePeer {
+    fn record(&self, user: &str) -> Option<PeerRecord> {
+        (user == "branch").then(|| self.0.clone())
+    }
+    fn key_peer(&self, _: &[u8; 32]) -> Option<String> {
+        None
+    }
+    fn fresh(&self, _: &str, _: u64) -> bool {
+        false
+    }
 }
 
 /// Echoes every accepted stream until its EOF, then half-closes.

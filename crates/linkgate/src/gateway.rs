@@ -22,7 +22,9 @@ use crate::access::Verdict;
 use crate::audit::{Audit, AuditResult};
 use crate::config::{Config, Host, HostPort, Listen};
 use crate::inbound::{ClientId, Inbound};
-use crate::links::{self, AcceptContext, DialTarget, FailureTracker, Links, StreamDispatch};
+use crate::links::{
+    self, AcceptContext, DialCredential, DialTarget, FailureTracker, Links, StreamDispatch,
+};
 use crate::service::{parse_data_stream_name, LinkDataSlots, ServiceRuntime, SharedContext};
 use crate::stream::Stream;
 use crate::users::UserDb;
@@ -138,19 +140,32 @@ impl Gateway {
         let stop_links = CancellationToken::new();
         let link_tasks = TaskTracker::new();
         let session_config = SessionConfig::default();
-        if !link_listeners.is_empty() {
-            let context = Arc::new(AcceptContext {
-                identity: links::identity::load_or_create(&config.gateway.identity)
+        // The identity is needed to accept links, and to dial in key mode.
+        let dials_with_key = config
+            .peer
+            .iter()
+            .any(|p| !p.connect.is_empty() && p.public_key.is_some());
+        let identity = if !link_listeners.is_empty() || dials_with_key {
+            Some(
+                links::identity::load_or_create(&config.gateway.identity)
                     .map_err(RuntimeError::Identity)?,
-                records: HashMap::new(),
+            )
+        } else {
+            None
+        };
+        let static_keys = identity.as_ref().map(|i| i.static_keys());
+        if let (false, Some(identity)) = (link_listeners.is_empty(), identity) {
+            let records = peer_records(config, &identity).await?;
+            let context = Arc::new(AcceptContext {
+                static_keys: identity.static_keys(),
+                identity,
+                records,
+                key_peers: key_peers(config),
+                hello_times: Default::default(),
                 links: links.clone(),
                 dispatch: dispatch.clone(),
                 config: session_config.clone(),
                 failures: FailureTracker::default(),
-            });
-            let context = Arc::new(AcceptContext {
-                records: peer_records(config, &context.identity).await?,
-                ..Arc::into_inner(context).expect("not shared yet")
             });
             for listener in link_listeners {
                 let local = local_addr(&listener);
@@ -164,14 +179,24 @@ impl Gateway {
         }
         let gateway_name = config.gateway.name.clone().unwrap_or_default();
         for peer in config.peer.iter().filter(|p| !p.connect.is_empty()) {
+            let credential = match (&peer.public_key, &static_keys) {
+                (Some(key), Some(keys)) => DialCredential::Key {
+                    keys: keys.clone(),
+                    peer_key: crate::config::decode_public_key(key)
+                        .expect("validation checked the key"),
+                },
+                _ => DialCredential::Password {
+                    user: peer.user.clone().unwrap_or_else(|| gateway_name.clone()),
+                    password: peer
+                        .password
+                        .clone()
+                        .expect("validation resolved the password"),
+                },
+            };
             let target = DialTarget {
                 peer: peer.name.clone(),
                 connect: peer.connect.clone(),
-                user: peer.user.clone().unwrap_or_else(|| gateway_name.clone()),
-                password: peer
-                    .password
-                    .clone()
-                    .expect("validation resolved the password"),
+                credential,
             };
             link_tasks.spawn(links::run_dialer(
                 target,
@@ -327,15 +352,33 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-/// The registration records of peers that dial in: given in the config, or
-/// made now from the configured password (Argon2id, off the async threads).
+/// The key-mode peers that dial in, by their public key.
+fn key_peers(config: &Config) -> HashMap<[u8; 32], String> {
+    config
+        .peer
+        .iter()
+        .filter(|p| p.connect.is_empty())
+        .filter_map(|p| {
+            let key = crate::config::decode_public_key(p.public_key.as_deref()?).ok()?;
+            Some((key, p.name.clone()))
+        })
+        .collect()
+}
+
+/// The registration records of password-mode peers that dial in: given in
+/// the config, or made now from the configured password (Argon2id, off the
+/// async threads).
 async fn peer_records(
     config: &Config,
     identity: &link::handshake::Identity,
 ) -> Result<HashMap<String, PeerRecord>, RuntimeError> {
     let mut records = HashMap::new();
     let identity_bytes = identity.to_bytes();
-    for peer in config.peer.iter().filter(|p| p.connect.is_empty()) {
+    let password_peers = config
+        .peer
+        .iter()
+        .filter(|p| p.connect.is_empty() && p.public_key.is_none());
+    for peer in password_peers {
         let record = if let Some(record) = &peer.record {
             crate::config::decode_peer_record(record.expose()).map_err(RuntimeError::Identity)?
         } else {

@@ -45,6 +45,12 @@ enum Command {
         /// The peer's name.
         name: String,
     },
+    /// Print this gateway's public key, for the other gateway's [[peer]] public_key (key mode).
+    PublicKey {
+        /// Configuration file of this gateway (its identity file is used, created if missing).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Print the built-in default configuration.
     DefaultConfig,
     /// Show services, connections and links of a running gateway.
@@ -65,6 +71,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Passwd => passwd(),
         Command::PeerRecord { config, name } => peer_record(&config, &name),
+        Command::PublicKey { config } => public_key(&config),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -230,6 +237,40 @@ fn peer_record(path: &PathBuf, name: &str) -> ExitCode {
         }
         Err(e) => {
             eprintln!("linkgate peer-record: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// `linkgate public-key`: the static public key of key mode, in base64.
+/// Only `[gateway] identity` is read from the file: the two gateways' keys
+/// are exchanged before either configuration is complete.
+fn public_key(path: &PathBuf) -> ExitCode {
+    use base64::Engine;
+    let table = match std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| text.parse::<toml::Table>().map_err(|e| e.to_string()))
+    {
+        Ok(table) => table,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let identity = table
+        .get("gateway")
+        .and_then(|g| g.get("identity"))
+        .and_then(|i| i.as_str())
+        .unwrap_or("linkgate.key");
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    match linkgate::links::identity::load_or_create(&base.join(identity)) {
+        Ok(identity) => {
+            let key = identity.static_keys().public;
+            println!("{}", base64::engine::general_purpose::STANDARD.encode(key));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("linkgate public-key: {e}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }

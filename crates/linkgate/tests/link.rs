@@ -459,6 +459,135 @@ async fn a_link_hop_in_via_reaches_targets_through_the_peers_socks_service() {
     assert_eq!(spoke_audit["result"], "ok");
 }
 
+/// This gateway's public key, as `linkgate public-key` prints it for a
+/// gateway that will run in `dir` (its identity file is created there).
+fn public_key_in(dir: &tempfile::TempDir) -> String {
+    let path = dir.path().join("linkgate.toml");
+    std::fs::write(&path, "[gateway]\nidentity = \"gw.key\"\n").unwrap();
+    let (code, stdout, stderr) = run_cli(&["public-key", "-c", path.to_str().unwrap()], "");
+    assert_eq!(code, 0, "{stderr}");
+    let key = stdout.trim().to_string();
+    assert_eq!(key.len(), 44, "{key}");
+    key
+}
+
+/// Key mode: each gateway pins the other's public key instead of sharing a
+/// password; data flows both ways, and a gateway whose key is not pinned is
+/// refused with a message that names its key on the hub and says why on the
+/// dialer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_mode_links_with_pinned_public_keys() {
+    let echo = echo_server().await;
+    let (hub_dir, spoke_dir, stranger_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (hub_key, spoke_key, stranger_key) = (
+        public_key_in(&hub_dir),
+        public_key_in(&spoke_dir),
+        public_key_in(&stranger_dir),
+    );
+    assert_ne!(hub_key, spoke_key);
+    // The same identity gives the same key again.
+    assert_eq!(public_key_in(&hub_dir), hub_key);
+    let hub = RunningGateway::start_in(
+        hub_dir,
+        &format!(
+            "[gateway]\nname = \"hub\"\nidentity = \"gw.key\"\nlog = \"json\"\n\n[link]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[peer]]\nname = \"spoke\"\npublic_key = \"{spoke_key}\"\n\n{}",
+            hub_service(echo)
+        ),
+    );
+    let spoke_config = |key: &str| {
+        format!(
+            "[gateway]\nname = \"spoke\"\nidentity = \"gw.key\"\nlog = \"json\"\n\n\
+             [[peer]]\nname = \"hub\"\nconnect = \"{}\"\npublic_key = \"{key}\"\n\n{SPOKE_SERVICE}",
+            link_addr(&hub)
+        )
+    };
+    let spoke = RunningGateway::start_in(spoke_dir, &spoke_config(&hub_key));
+    wait_link_up(&spoke, 1);
+    let data = pseudo_random(3 * 1024 * 1024 + 5, 31);
+    let mut client = TcpStream::connect(spoke.addr("web")).await.unwrap();
+    let (mut read, mut write) = client.split();
+    let sent = data.clone();
+    let (_, echoed) = tokio::join!(
+        async move {
+            write.write_all(&sent).await.unwrap();
+            write.shutdown().await.unwrap();
+        },
+        async move {
+            let mut echoed = Vec::new();
+            read.read_to_end(&mut echoed).await.unwrap();
+            echoed
+        }
+    );
+    assert_eq!(sha256_hex(&echoed), sha256_hex(&data));
+    // A gateway the hub does not know (its own key, the right hub key).
+    let stranger = RunningGateway::start_in(stranger_dir, &spoke_config(&hub_key));
+    stranger.wait_for_line(
+        |l| {
+            l.contains("authentication failed for peer 'hub'")
+                && l.contains("no [[peer]] with your public key")
+        },
+        WAIT,
+    );
+    hub.wait_for_line(
+        |l| {
+            l.contains("authentication failed for a gateway with public key")
+                && l.contains(&stranger_key)
+        },
+        WAIT,
+    );
+    // A dialer that pinned the wrong key for the hub.
+    let confused = RunningGateway::start(&spoke_config(&spoke_key));
+    confused.wait_for_line(
+        |l| l.contains("authentication failed for peer 'hub'") && l.contains("not its key"),
+        WAIT,
+    );
+    assert_eq!(hub.count_lines(|l| l.contains("\"link up\"")), 1);
+}
+
+/// In key mode a recorded hello cannot be replayed: the hub refuses a hello
+/// whose timestamp is not newer than the last one it accepted from that
+/// gateway (else a replay would replace the real link).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_key_mode_hello_is_refused() {
+    let echo = echo_server().await;
+    let (hub_dir, spoke_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (hub_key, spoke_key) = (public_key_in(&hub_dir), public_key_in(&spoke_dir));
+    let hub = RunningGateway::start_in(
+        hub_dir,
+        &format!(
+            "[gateway]\nname = \"hub\"\nidentity = \"gw.key\"\nlog = \"json\"\n\n[link]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[peer]]\nname = \"spoke\"\npublic_key = \"{spoke_key}\"\n\n{}",
+            hub_service(echo)
+        ),
+    );
+    let relay = TestRelay::start(link_addr(&hub), RelayPlan::default()).await;
+    let spoke = RunningGateway::start_in(
+        spoke_dir,
+        &format!(
+            "[gateway]\nname = \"spoke\"\nidentity = \"gw.key\"\nlog = \"json\"\n\n\
+             [[peer]]\nname = \"hub\"\nconnect = \"{}\"\npublic_key = \"{hub_key}\"\n\n{SPOKE_SERVICE}",
+            relay.addr
+        ),
+    );
+    wait_link_up(&hub, 1);
+    let up = relay.up.lock().unwrap().clone();
+    let m1_end = 2 + u16::from_be_bytes([up[0], up[1]]) as usize;
+    let mut attacker = TcpStream::connect(link_addr(&hub)).await.unwrap();
+    attacker.write_all(&up[..m1_end]).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = attacker.read_to_end(&mut answer).await;
+    assert_eq!(answer.get(2), Some(&1u8), "the hub refuses (status 1)");
+    assert!(String::from_utf8_lossy(&answer).contains("replayed"));
+    hub.wait_for_line(|l| l.contains("replayed or out-of-date hello"), WAIT);
+    assert_eq!(hub.count_lines(|l| l.contains("\"link up\"")), 1);
+    drop(spoke);
+}
+
 /// An FTP proxy whose `via` is a link hop: the control connection and every
 /// data connection (passive and active client) leave from the hub's side.
 #[test]

@@ -6,7 +6,7 @@ mod model;
 mod validate;
 mod values;
 
-pub use validate::decode_peer_record;
+pub use validate::{decode_peer_record, decode_public_key};
 
 pub use load::{
     load_file, parse_and_validate, ConfigError, KeyPath, KeySeg, LoadedConfig, Problem,

@@ -111,6 +111,9 @@ pub struct PeerConfig {
     pub password_file: Option<PathBuf>,
     /// Registration record from `linkgate peer-record` (accepting side only).
     pub record: Option<Secret>,
+    /// Key mode instead of a password: that gateway's public key, as
+    /// `linkgate public-key` prints it there. (Extension of the contract.)
+    pub public_key: Option<String>,
 }
 
 /// `[[user]]`.

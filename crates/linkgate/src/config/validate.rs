@@ -126,22 +126,36 @@ fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
             peer.password_env.is_some(),
             peer.password_file.is_some(),
             peer.record.is_some(),
+            peer.public_key.is_some(),
         ];
         let dialing = !peer.connect.is_empty();
         match sources.iter().filter(|s| **s).count() {
             0 if dialing => out.push((
                 path("password"),
-                named("set one of password, password_env or password_file"),
+                named("set one of password, password_env, password_file or public_key"),
             )),
             0 => out.push((
                 path("password"),
-                named("set one of password, password_env, password_file or record"),
+                named("set one of password, password_env, password_file, record or public_key"),
             )),
             1 => {}
             _ => out.push((
                 path("password"),
-                named("set only one of password, password_env, password_file and record"),
+                named(
+                    "set only one of password, password_env, password_file, record and public_key",
+                ),
             )),
+        }
+        if let Some(key) = &peer.public_key {
+            if let Err(why) = decode_public_key(key) {
+                out.push((path("public_key"), named(&why)));
+            }
+            if peer.user.is_some() {
+                out.push((
+                    path("user"),
+                    named("user is for password mode; with public_key the other gateway knows this one by its key"),
+                ));
+            }
         }
         if dialing && peer.record.is_some() {
             out.push((
@@ -392,6 +406,18 @@ fn check_service(
             push(key, "must be longer than zero".into());
         }
     }
+}
+
+/// Decodes a `[[peer]] public_key` (base64 from `linkgate public-key`).
+pub fn decode_public_key(text: &str) -> Result<[u8; 32], String> {
+    STANDARD
+        .decode(text.trim())
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| {
+            "public_key is not a key: paste the output of `linkgate public-key` on that gateway"
+                .to_string()
+        })
 }
 
 /// Decodes a `[[peer]] record` (base64 from `linkgate peer-record`).

@@ -6,7 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use link::handshake::{Identity, PeerRecord};
+use link::handshake::{Identity, PeerRecord, StaticKeys};
+use link::io::HubPeers;
 use link::session::{LinkEnd, Role, Session, SessionConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -71,8 +72,15 @@ impl FailureTracker {
 pub struct AcceptContext {
     /// This gateway's OPAQUE identity.
     pub identity: Identity,
-    /// Registration records of the peers that may dial in, by name.
+    /// Its static keys for key mode (derived from the identity).
+    pub static_keys: StaticKeys,
+    /// Registration records of the password-mode peers that may dial in, by name.
     pub records: HashMap<String, PeerRecord>,
+    /// Key-mode peers that may dial in: their public key and name.
+    pub key_peers: HashMap<[u8; 32], String>,
+    /// The latest key-mode hello timestamp accepted from each peer, so a
+    /// replayed hello is refused (forgotten at restart, as WireGuard does).
+    pub hello_times: Mutex<HashMap<String, u64>>,
     /// Live sessions.
     pub links: Arc<Links>,
     /// Where incoming streams go.
@@ -81,6 +89,27 @@ pub struct AcceptContext {
     pub config: SessionConfig,
     /// Per-source failure counts.
     pub failures: FailureTracker,
+}
+
+impl HubPeers for AcceptContext {
+    fn record(&self, user: &str) -> Option<PeerRecord> {
+        self.records.get(user).cloned()
+    }
+
+    fn key_peer(&self, key: &[u8; 32]) -> Option<String> {
+        self.key_peers.get(key).cloned()
+    }
+
+    fn fresh(&self, peer: &str, timestamp: u64) -> bool {
+        let mut times = self.hello_times.lock().unwrap_or_else(|p| p.into_inner());
+        match times.get(peer) {
+            Some(&last) if timestamp <= last => false,
+            _ => {
+                times.insert(peer.to_string(), timestamp);
+                true
+            }
+        }
+    }
 }
 
 /// Accepts links on `listener` until `stop` is cancelled.
@@ -124,21 +153,35 @@ async fn accept_one(
         tracing::debug!(%from, ?delay, "slowing down a source with failed link logins");
         tokio::time::sleep(delay).await;
     }
-    let records = &context.records;
-    let handshake = link::io::accept(&mut tcp, &context.identity, |user| {
-        records.get(user).cloned()
-    });
+    let handshake = link::io::accept(
+        &mut tcp,
+        &context.identity,
+        &context.static_keys,
+        context.as_ref(),
+    );
     let (peer, keys) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(done)) => done,
         Ok(Err(failure)) => {
             context.failures.failed(ip);
             let peer = failure.user.as_deref().unwrap_or("?");
-            tracing::warn!(
-                %from,
-                peer,
-                "authentication failed for peer '{peer}': {}; check that both gateways have the same password and that this gateway has a [[peer]] named '{peer}'",
-                failure.error
-            );
+            match (failure.key, &failure.user) {
+                (Some(key), None) => {
+                    use base64::Engine;
+                    let key = base64::engine::general_purpose::STANDARD.encode(key);
+                    tracing::warn!(
+                        %from,
+                        peer,
+                        "authentication failed for a gateway with public key {key}: {}; if it is one of yours, give its [[peer]] public_key = \"{key}\"",
+                        failure.error
+                    );
+                }
+                _ => tracing::warn!(
+                    %from,
+                    peer,
+                    "authentication failed for peer '{peer}': {}; check that both gateways have the same password (or keys) and that this gateway has a [[peer]] named '{peer}'",
+                    failure.error
+                ),
+            }
             return;
         }
         Err(_) => {

@@ -27,10 +27,19 @@ pub struct DialTarget {
     pub peer: String,
     /// Addresses, tried in order.
     pub connect: Vec<HostPort>,
-    /// The name we log in as.
-    pub user: String,
-    /// The link password.
-    pub password: Secret,
+    /// How we prove who we are.
+    pub credential: DialCredential,
+}
+
+/// How a dialer authenticates.
+pub enum DialCredential {
+    /// Password mode: the name we log in as, and the link password.
+    Password { user: String, password: Secret },
+    /// Key mode: our static keys, and the public key pinned for the peer.
+    Key {
+        keys: link::handshake::StaticKeys,
+        peer_key: [u8; 32],
+    },
 }
 
 /// Dials until `stop` is cancelled.
@@ -98,20 +107,37 @@ async fn establish(
                 continue;
             }
         };
-        let handshake = link::io::dial(&mut tcp, &target.user, target.password.expose().as_bytes());
+        let handshake = async {
+            match &target.credential {
+                DialCredential::Password { user, password } => {
+                    link::io::dial(&mut tcp, user, password.expose().as_bytes()).await
+                }
+                DialCredential::Key { keys, peer_key } => {
+                    link::io::dial_key(&mut tcp, keys, peer_key).await
+                }
+            }
+        };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(keys)) => {
                 let (session, incoming) = Session::start(tcp, keys, Role::Dialer, config.clone());
                 return Some((session, incoming, addr.clone()));
             }
-            Ok(Err(LinkHandshakeError::Handshake(e))) => tracing::error!(
-                peer = %target.peer,
-                %addr,
-                user = %target.user,
-                "authentication failed for peer '{}': {e}; check that both gateways have the same password and that the other side has a [[peer]] named '{}'",
-                target.peer,
-                target.user
-            ),
+            Ok(Err(LinkHandshakeError::Handshake(e))) => match &target.credential {
+                DialCredential::Password { user, .. } => tracing::error!(
+                    peer = %target.peer,
+                    %addr,
+                    user = %user,
+                    "authentication failed for peer '{}': {e}; check that both gateways have the same password and that the other side has a [[peer]] named '{}'",
+                    target.peer,
+                    user
+                ),
+                DialCredential::Key { .. } => tracing::error!(
+                    peer = %target.peer,
+                    %addr,
+                    "authentication failed for peer '{}': {e}; check that its public_key here is what `linkgate public-key` prints there, and that it has a [[peer]] with this gateway's public key",
+                    target.peer
+                ),
+            },
             Ok(Err(e)) => {
                 tracing::warn!(peer = %target.peer, %addr, error = %e, "link handshake failed")
             }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use link::session::{IncomingStream, Session};
 
 pub use acceptor::{run_acceptor, AcceptContext, FailureTracker};
-pub use dialer::{run_dialer, DialTarget};
+pub use dialer::{run_dialer, DialCredential, DialTarget};
 
 /// Receives the streams a peer opens towards this gateway's services.
 pub trait StreamDispatch: Send + Sync + 'static {
