@@ -113,6 +113,7 @@ fn host_name() -> String {
 fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
     let has_link_listener = config.link.is_some();
     let mut names = HashSet::new();
+    let mut keys = HashSet::new();
     for (i, peer) in config.peer.iter_mut().enumerate() {
         let path = |key: &str| KeyPath::new([key_seg("peer"), KeySeg::Index(i), key_seg(key)]);
         let named = |msg: &str| format!("peer {:?}: {msg}", peer.name);
@@ -147,8 +148,14 @@ fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
             )),
         }
         if let Some(key) = &peer.public_key {
-            if let Err(why) = decode_public_key(key) {
-                out.push((path("public_key"), named(&why)));
+            match decode_public_key(key) {
+                Err(why) => out.push((path("public_key"), named(&why))),
+                // The hub knows a key-mode peer by its key alone.
+                Ok(key) if !keys.insert(key) => out.push((
+                    path("public_key"),
+                    named("another peer has the same public_key"),
+                )),
+                Ok(_) => {}
             }
             if peer.user.is_some() {
                 out.push((
