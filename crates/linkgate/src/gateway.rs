@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use link::handshake::PeerRecord;
-use link::session::{IncomingStream, SessionConfig};
+use link::session::IncomingStream;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
@@ -22,9 +21,7 @@ use crate::access::Verdict;
 use crate::audit::{Audit, AuditResult};
 use crate::config::{Config, Host, HostPort, Listen};
 use crate::inbound::{ClientId, Inbound};
-use crate::links::{
-    self, AcceptContext, DialCredential, DialTarget, FailureTracker, Links, StreamDispatch,
-};
+use crate::links::{self, Links, StreamDispatch};
 use crate::service::{parse_data_stream_name, LinkDataSlots, ServiceRuntime, SharedContext};
 use crate::stream::Stream;
 use crate::users::UserDb;
@@ -139,73 +136,16 @@ impl Gateway {
         });
         let stop_links = CancellationToken::new();
         let link_tasks = TaskTracker::new();
-        let session_config = SessionConfig::default();
-        // The identity is needed to accept links, and to dial in key mode.
-        let dials_with_key = config
-            .peer
-            .iter()
-            .any(|p| !p.connect.is_empty() && p.public_key.is_some());
-        let identity = if !link_listeners.is_empty() || dials_with_key {
-            Some(
-                links::identity::load_or_create(&config.gateway.identity)
-                    .map_err(RuntimeError::Identity)?,
-            )
-        } else {
-            None
-        };
-        let static_keys = identity.as_ref().map(|i| i.static_keys());
-        if let (false, Some(identity)) = (link_listeners.is_empty(), identity) {
-            let records = peer_records(config, &identity).await?;
-            let context = Arc::new(AcceptContext {
-                static_keys: identity.static_keys(),
-                identity,
-                records,
-                key_peers: key_peers(config),
-                hello_times: Default::default(),
-                links: links.clone(),
-                dispatch: dispatch.clone(),
-                config: session_config.clone(),
-                failures: FailureTracker::default(),
-            });
-            for listener in link_listeners {
-                let local = local_addr(&listener);
-                tracing::info!(service = "[link]", listen = %local, "listening for links");
-                link_tasks.spawn(links::run_acceptor(
-                    listener,
-                    context.clone(),
-                    stop_links.clone(),
-                ));
-            }
-        }
-        let gateway_name = config.gateway.name.clone().unwrap_or_default();
-        for peer in config.peer.iter().filter(|p| !p.connect.is_empty()) {
-            let credential = match (&peer.public_key, &static_keys) {
-                (Some(key), Some(keys)) => DialCredential::Key {
-                    keys: keys.clone(),
-                    peer_key: crate::config::decode_public_key(key)
-                        .expect("validation checked the key"),
-                },
-                _ => DialCredential::Password {
-                    user: peer.user.clone().unwrap_or_else(|| gateway_name.clone()),
-                    password: peer
-                        .password
-                        .clone()
-                        .expect("validation resolved the password"),
-                },
-            };
-            let target = DialTarget {
-                peer: peer.name.clone(),
-                connect: peer.connect.clone(),
-                credential,
-            };
-            link_tasks.spawn(links::run_dialer(
-                target,
-                links.clone(),
-                dispatch.clone(),
-                session_config.clone(),
-                stop_links.clone(),
-            ));
-        }
+        links::start(
+            config,
+            link_listeners,
+            &links,
+            &dispatch,
+            &stop_links,
+            &link_tasks,
+        )
+        .await
+        .map_err(RuntimeError::Identity)?;
         link_tasks.close();
         Ok(Gateway {
             shutdown,
@@ -350,62 +290,6 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
-
-/// The key-mode peers that dial in, by their public key.
-fn key_peers(config: &Config) -> HashMap<[u8; 32], String> {
-    config
-        .peer
-        .iter()
-        .filter(|p| p.connect.is_empty())
-        .filter_map(|p| {
-            let key = crate::config::decode_public_key(p.public_key.as_deref()?).ok()?;
-            Some((key, p.name.clone()))
-        })
-        .collect()
-}
-
-/// The registration records of password-mode peers that dial in: given in
-/// the config, or made now from the configured password (Argon2id, off the
-/// async threads).
-async fn peer_records(
-    config: &Config,
-    identity: &link::handshake::Identity,
-) -> Result<HashMap<String, PeerRecord>, RuntimeError> {
-    let mut records = HashMap::new();
-    let identity_bytes = identity.to_bytes();
-    let password_peers = config
-        .peer
-        .iter()
-        .filter(|p| p.connect.is_empty() && p.public_key.is_none());
-    for peer in password_peers {
-        let record = if let Some(record) = &peer.record {
-            crate::config::decode_peer_record(record.expose()).map_err(RuntimeError::Identity)?
-        } else {
-            let password = peer
-                .password
-                .clone()
-                .expect("validation resolved the password");
-            let name = peer.name.clone();
-            let bytes = identity_bytes.clone();
-            tokio::task::spawn_blocking(move || {
-                let identity =
-                    link::handshake::Identity::from_bytes(&bytes).map_err(|e| e.to_string())?;
-                PeerRecord::register(
-                    &mut rand::rngs::OsRng,
-                    &identity,
-                    &name,
-                    password.expose().as_bytes(),
-                )
-                .map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| RuntimeError::Identity(e.to_string()))?
-            .map_err(RuntimeError::Identity)?
-        };
-        records.insert(peer.name.clone(), record);
-    }
-    Ok(records)
 }
 
 /// Binds every TCP listener of `service`.
@@ -649,7 +533,8 @@ impl StreamDispatch for GatewayDispatch {
 impl GatewayDispatch {
     /// A data stream for an FTP session of `service` whose client is `peer`:
     /// handed to the session that offered `ticket` to that peer, or refused
-    /// and audited. (Its bytes go into the session's own audit record.)
+    /// and audited. (Its bytes go into the session's own audit record, and
+    /// it is let in while the gateway drains: its session is already live.)
     fn dispatch_ftp_data(&self, peer: &str, service: String, ticket: u16, request: IncomingStream) {
         if !self.ftp_data.is_offered(peer, &service, ticket) {
             let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
@@ -706,7 +591,7 @@ mod tests {
         tokio::sync::mpsc::Receiver<IncomingStream>,
     ) {
         use link::handshake::SessionKeys;
-        use link::session::{Role, Session};
+        use link::session::{Role, Session, SessionConfig};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dialed = TcpStream::connect(listener.local_addr().unwrap());
         let (dialed, (accepted, _)) = tokio::try_join!(dialed, listener.accept()).unwrap();

@@ -5,6 +5,7 @@
 mod acceptor;
 mod dialer;
 pub mod identity;
+mod start;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use link::session::{IncomingStream, Session};
 
 pub use acceptor::{run_acceptor, AcceptContext, FailureTracker};
 pub use dialer::{run_dialer, DialCredential, DialTarget};
+pub use start::start;
 
 /// Receives the streams a peer opens towards this gateway's services.
 pub trait StreamDispatch: Send + Sync + 'static {

@@ -1,0 +1,158 @@
+//! Starting the links of a gateway from its configuration: an acceptor per
+//! `[link] listen` socket (with the peers' records and pinned keys) and a
+//! dialer per `[[peer]]` with `connect`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use link::handshake::{Identity, PeerRecord, StaticKeys};
+use link::session::SessionConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{
+    identity, run_acceptor, run_dialer, AcceptContext, DialCredential, DialTarget, FailureTracker,
+    Links, StreamDispatch,
+};
+use crate::config::{decode_peer_record, decode_public_key, Config};
+
+/// Starts accepting on `listeners` and dialing every peer with `connect`,
+/// as tasks of `tasks` that end when `stop` is cancelled. Fails (before
+/// starting anything) if the identity file or a peer record cannot be
+/// prepared.
+pub async fn start(
+    config: &Config,
+    listeners: Vec<TcpListener>,
+    links: &Arc<Links>,
+    dispatch: &Arc<dyn StreamDispatch>,
+    stop: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(), String> {
+    let session_config = SessionConfig::default();
+    // The identity is needed to accept links, and to dial in key mode.
+    let dials_with_key = config
+        .peer
+        .iter()
+        .any(|p| !p.connect.is_empty() && p.public_key.is_some());
+    let identity = if !listeners.is_empty() || dials_with_key {
+        Some(identity::load_or_create(&config.gateway.identity)?)
+    } else {
+        None
+    };
+    let static_keys = identity.as_ref().map(Identity::static_keys);
+    if let (false, Some(identity), Some(keys)) = (listeners.is_empty(), identity, &static_keys) {
+        let records = peer_records(config, &identity).await?;
+        let context = Arc::new(AcceptContext {
+            static_keys: keys.clone(),
+            identity,
+            records,
+            key_peers: key_peers(config),
+            hello_times: Default::default(),
+            links: links.clone(),
+            dispatch: dispatch.clone(),
+            config: session_config.clone(),
+            failures: FailureTracker::default(),
+        });
+        for listener in listeners {
+            if let Ok(local) = listener.local_addr() {
+                tracing::info!(service = "[link]", listen = %local, "listening for links");
+            }
+            tasks.spawn(run_acceptor(listener, context.clone(), stop.clone()));
+        }
+    }
+    let gateway_name = config.gateway.name.clone().unwrap_or_default();
+    for peer in config.peer.iter().filter(|p| !p.connect.is_empty()) {
+        let target = DialTarget {
+            peer: peer.name.clone(),
+            connect: peer.connect.clone(),
+            credential: credential(peer, static_keys.as_ref(), &gateway_name),
+        };
+        tasks.spawn(run_dialer(
+            target,
+            links.clone(),
+            dispatch.clone(),
+            session_config.clone(),
+            stop.clone(),
+        ));
+    }
+    Ok(())
+}
+
+/// How we authenticate to a peer we dial: its pinned key, or the password.
+fn credential(
+    peer: &crate::config::PeerConfig,
+    keys: Option<&StaticKeys>,
+    gateway_name: &str,
+) -> DialCredential {
+    match (&peer.public_key, keys) {
+        (Some(key), Some(keys)) => DialCredential::Key {
+            keys: keys.clone(),
+            peer_key: decode_public_key(key).expect("validation checked the key"),
+        },
+        _ => DialCredential::Password {
+            user: peer
+                .user
+                .clone()
+                .unwrap_or_else(|| gateway_name.to_string()),
+            password: peer
+                .password
+                .clone()
+                .expect("validation resolved the password"),
+        },
+    }
+}
+
+/// The key-mode peers that dial in, by their public key.
+fn key_peers(config: &Config) -> HashMap<[u8; 32], String> {
+    config
+        .peer
+        .iter()
+        .filter(|p| p.connect.is_empty())
+        .filter_map(|p| {
+            let key = decode_public_key(p.public_key.as_deref()?).ok()?;
+            Some((key, p.name.clone()))
+        })
+        .collect()
+}
+
+/// The registration records of password-mode peers that dial in: given in
+/// the config, or made now from the configured password (Argon2id, off the
+/// async threads).
+async fn peer_records(
+    config: &Config,
+    identity: &Identity,
+) -> Result<HashMap<String, PeerRecord>, String> {
+    let mut records = HashMap::new();
+    let identity_bytes = identity.to_bytes();
+    let password_peers = config
+        .peer
+        .iter()
+        .filter(|p| p.connect.is_empty() && p.public_key.is_none());
+    for peer in password_peers {
+        let record = if let Some(record) = &peer.record {
+            decode_peer_record(record.expose())?
+        } else {
+            let password = peer
+                .password
+                .clone()
+                .expect("validation resolved the password");
+            let name = peer.name.clone();
+            let bytes = identity_bytes.clone();
+            tokio::task::spawn_blocking(move || {
+                let identity = Identity::from_bytes(&bytes).map_err(|e| e.to_string())?;
+                PeerRecord::register(
+                    &mut rand::rngs::OsRng,
+                    &identity,
+                    &name,
+                    password.expose().as_bytes(),
+                )
+                .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())??
+        };
+        records.insert(peer.name.clone(), record);
+    }
+    Ok(records)
+}
