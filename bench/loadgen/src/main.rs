@@ -1,5 +1,6 @@
-//! SOCKS5 load generator for `bench/socks.py`, single-threaded so that the
-//! server under test keeps the other core.
+//! Load generator for the benchmarks in bench/ (SOCKS5 connections, FTP
+//! sessions, helpers), single-threaded so that the server under test keeps
+//! the other core.
 //!
 //! - `loadgen echo PORT_FILE`: an echo server on 127.0.0.1:0; writes its
 //!   port to PORT_FILE and serves until killed.
@@ -13,6 +14,10 @@
 //!   to whoever connects.
 //! - `loadgen tunnel PROXY TARGET SECONDS`: an HTTP `CONNECT` tunnel to
 //!   TARGET (a source) read for SECONDS; prints the Gbit/s as JSON.
+//! - `loadgen ftp SERVER USER PASS FILE CLIENTS SECONDS`: CLIENTS concurrent
+//!   loops of whole FTP sessions (login, PASV, RETR FILE, QUIT) against
+//!   SERVER (a proxy with a fixed target, or the server itself); prints
+//!   sessions/s and session latency percentiles as JSON.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -20,6 +25,8 @@ use std::time::{Duration, Instant};
 use proto::socks::{Address, Command, Request};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+mod ftp;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -46,6 +53,14 @@ fn main() -> Result<(), Error> {
         Some("hold") => runtime.block_on(hold(args[2].parse()?, args[3].parse()?, args[4].parse()?)),
         Some("source") => runtime.block_on(source(&args[2])),
         Some("tunnel") => runtime.block_on(connect_tunnel(&args[2], &args[3], args[4].parse()?)),
+        Some("ftp") => runtime.block_on(ftp::rate(
+            args[2].parse()?,
+            args[3].clone(),
+            args[4].clone(),
+            args[5].clone(),
+            args[6].parse()?,
+            args[7].parse()?,
+        )),
         _ => Err("usage: loadgen echo PORT_FILE | rate PROXY TARGET CLIENTS SECONDS | hold PROXY TARGET COUNT".into()),
     }
 }
@@ -134,21 +149,27 @@ async fn rate(
         all.extend(latencies);
         errors += e;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_by(|a, b| a.total_cmp(b));
+    report("connections", all, errors, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Prints a rate run's result as JSON: how many rounds (`what`), errors,
+/// rounds per second and latency percentiles in milliseconds.
+fn report(what: &str, mut latencies: Vec<f64>, errors: u64, elapsed: f64) {
+    latencies.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
             .copied()
             .unwrap_or(0.0)
     };
     println!(
-        "{{\"connections\": {}, \"errors\": {errors}, \"per_second\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}}}",
-        all.len(),
-        all.len() as f64 / elapsed,
+        "{{\"{what}\": {}, \"errors\": {errors}, \"per_second\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}}}",
+        latencies.len(),
+        latencies.len() as f64 / elapsed,
         pct(0.50),
         pct(0.99)
     );
-    Ok(())
 }
 
 async fn hold(proxy: SocketAddr, target: SocketAddr, count: usize) -> Result<(), Error> {

@@ -94,6 +94,47 @@ fn ftplib_logs_in_normally_to_a_fixed_target() {
     check_session(&server, &gateway, "alice", false);
 }
 
+/// With `passive_ports`, every passive data port the gateway offers is in
+/// that range (what a firewall in front of it opens), and transfers work.
+/// A PASV whose port the client never uses is replaced by the next one (as
+/// servers do): ten unused ones do not use up the session's data slots.
+#[test]
+fn passive_ports_confine_the_data_ports_offered() {
+    let server = FtpServer::start();
+    std::fs::write(server.path("small.txt"), b"hello").unwrap();
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let low = probe.local_addr().unwrap().port().min(65000);
+    drop(probe);
+    let gateway = RunningGateway::start(&ftp_config(&format!(
+        "target = \"127.0.0.1:{}\"\npassive_ports = \"{low}-{}\"",
+        server.port,
+        low + 20
+    )));
+    let script = format!(
+        r#"
+import ftplib
+f = ftplib.FTP()
+f.connect("127.0.0.1", {port}, timeout=15)
+f.login("alice", "secret")
+for _ in range(10):
+    data = bytearray()
+    f.retrbinary("RETR small.txt", data.extend)
+    assert data == b"hello", data
+    print(f.makepasv()[1])
+f.quit()
+"#,
+        port = gateway.addr("ftp").port()
+    );
+    let out = python(&script);
+    let ports: Vec<u16> = out.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(ports.len(), 10);
+    assert!(
+        ports.iter().all(|p| (low..=low + 20).contains(p)),
+        "{ports:?} not in {low}-{}",
+        low + 20
+    );
+}
+
 #[test]
 fn control_and_data_connections_go_through_via() {
     let server = FtpServer::start();

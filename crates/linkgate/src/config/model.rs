@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::values::{
-    one_or_many, AccessRule, ConfigDuration, DestinationRule, Hop, HostPort, Listen, Secret,
+    one_or_many, AccessRule, ConfigDuration, DestinationRule, Hop, HostPort, Listen, PortRange,
+    Secret,
 };
 
 /// The whole file.
@@ -218,6 +219,10 @@ pub struct ServiceConfig {
     /// (Extension of the contract.)
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout: ConfigDuration,
+    /// ftp: the ports the gateway offers clients for passive-mode data
+    /// connections (to open in a firewall); default: any free port of the
+    /// system's ephemeral range. (Extension of the contract.)
+    pub passive_ports: Option<PortRange>,
 }
 
 fn one_or_many_opt<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>

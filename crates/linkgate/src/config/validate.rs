@@ -379,6 +379,15 @@ fn check_service(
             );
         }
     }
+    if service.passive_ports.is_some() && kind != ServiceKind::Ftp {
+        push(
+            "passive_ports",
+            format!(
+                "passive_ports is for ftp services; a {} service has no data connections",
+                kind.as_str()
+            ),
+        );
+    }
     if service.destinations.is_some() && kind == ServiceKind::Mapping {
         push(
             "destinations",

@@ -515,9 +515,64 @@ deserialize_from_str!(
     "a destination such as \"*.corp.example:443\""
 );
 
+/// An inclusive range of ports, `"50000-50999"` (or one port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    /// The lowest port.
+    pub low: u16,
+    /// The highest port.
+    pub high: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid port range {s:?}: write LOW-HIGH, e.g. 50000-50999");
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(bad)
+        };
+        let (low, high) = match s.split_once('-') {
+            Some((low, high)) => (port(low)?, port(high)?),
+            None => (port(s)?, port(s)?),
+        };
+        if low > high {
+            return Err(format!(
+                "invalid port range {s:?}: it must go from low to high"
+            ));
+        }
+        Ok(PortRange { low, high })
+    }
+}
+deserialize_from_str!(PortRange, "a port range such as \"50000-50999\"");
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(
+            "50000-50999".parse::<PortRange>(),
+            Ok(PortRange {
+                low: 50000,
+                high: 50999
+            })
+        );
+        assert_eq!(
+            "2121".parse::<PortRange>(),
+            Ok(PortRange {
+                low: 2121,
+                high: 2121
+            })
+        );
+        for bad in ["0-10", "9-8", "a-b", "1-70000", ""] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn host_port_forms() {

@@ -31,6 +31,10 @@ pub(super) struct DataConnection {
     pub(super) idle: Duration,
     pub(super) counters: Arc<Counters>,
     pub(super) stop: CancellationToken,
+    /// Cancelled when the client asks for another data connection before
+    /// this one's client end appeared (as servers do, the new one replaces
+    /// it); ignored once both ends are open.
+    pub(super) abandon: CancellationToken,
 }
 
 impl DataConnection {
@@ -38,9 +42,16 @@ impl DataConnection {
     /// the session's counters. Gives up quietly if either end fails: the
     /// server reports the failed transfer on the control connection.
     pub(super) async fn run(self) {
-        let client_side = tokio::time::timeout(self.wait, self.leg.open(self.client_ip));
+        let opening = tokio::time::timeout(self.wait, self.leg.open(self.client_ip));
+        let client_side = async {
+            tokio::select! {
+                biased;
+                () = self.abandon.cancelled() => None,
+                opened = opening => opened.ok().and_then(Result::ok),
+            }
+        };
         let server_side = self.connector.connect(&self.server);
-        let (Ok(Ok(mut client_side)), Ok(mut server_side)) = tokio::join!(client_side, server_side)
+        let (Some(mut client_side), Ok(mut server_side)) = tokio::join!(client_side, server_side)
         else {
             return;
         };

@@ -18,6 +18,7 @@ mod conn;
 mod data;
 mod link_data;
 mod login;
+mod passive;
 mod session;
 
 pub use link_data::{data_stream_name, parse_data_stream_name, LinkDataSlots, Offer};
@@ -83,6 +84,7 @@ pub async fn serve(
         counters: Arc::new(Counters::default()),
         data_slots: Arc::new(Semaphore::new(MAX_DATA_CONNECTIONS)),
         stop: stop.clone(),
+        abandon_last: CancellationToken::new(),
     };
     let (result, reason) = session.relay(&mut client, &mut server).await;
     // Close both control connections properly: over a link, a stream that is

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use proto::ftp::{self, Command, Reply};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +20,9 @@ use crate::service::ServiceRuntime;
 
 /// Commands sent to the server and not answered yet, at most.
 const MAX_PENDING: usize = 64;
+/// How long a new data connection waits for a slot that an abandoned one is
+/// giving back (or that a finishing transfer frees).
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What a command sent to the server is waiting for.
 pub(super) enum Pending {
@@ -66,6 +68,9 @@ pub(super) struct Session<'a> {
     pub(super) counters: Arc<Counters>,
     pub(super) data_slots: Arc<Semaphore>,
     pub(super) stop: CancellationToken,
+    /// Abandons the last data connection started, if its client end has
+    /// not appeared yet.
+    pub(super) abandon_last: CancellationToken,
 }
 
 impl Session<'_> {
@@ -212,7 +217,7 @@ impl Session<'_> {
                 }),
                 Some(port),
             ) => {
-                if !self.start_data(DataLeg::ConnectTo(to), port) {
+                if !self.start_data(DataLeg::ConnectTo(to), port).await {
                     return reply(client, "425 Too many data connections at once").await;
                 }
                 let verb = if extended { "EPRT" } else { "PORT" };
@@ -251,10 +256,11 @@ impl Session<'_> {
         let Some(local) = self.local else {
             return reply(client, "425 Data connections need a direct TCP client").await;
         };
-        let listener = match TcpListener::bind(SocketAddr::new(local.ip(), 0)).await {
-            Ok(listener) => listener,
-            Err(e) => return reply(client, &format!("425 Cannot open a data port: {e}")).await,
-        };
+        let listener =
+            match super::passive::bind_passive(local.ip(), self.service.config.passive_ports) {
+                Ok(listener) => listener,
+                Err(e) => return reply(client, &format!("425 Cannot open a data port: {e}")).await,
+            };
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
         let text = match (extended, local.ip()) {
             (true, _) => format!("229 {}", ftp::format_epsv_reply(port)),
@@ -266,7 +272,10 @@ impl Session<'_> {
                 return reply(client, "425 Use EPSV: this connection is IPv6").await;
             }
         };
-        if !self.start_data(DataLeg::AcceptOn(listener), server_port) {
+        if !self
+            .start_data(DataLeg::AcceptOn(listener), server_port)
+            .await
+        {
             return reply(client, "425 Too many data connections at once").await;
         }
         reply(client, &text).await
@@ -279,7 +288,7 @@ impl Session<'_> {
             return reply(client, "425 Too many data connections waiting").await;
         };
         let text = format!("229 {}", ftp::format_epsv_reply(offer.ticket));
-        if !self.start_data(DataLeg::FromLink(offer), server_port) {
+        if !self.start_data(DataLeg::FromLink(offer), server_port).await {
             return reply(client, "425 Too many data connections at once").await;
         }
         reply(client, &text).await
@@ -288,10 +297,20 @@ impl Session<'_> {
     /// Starts one data connection between the client side `leg` and the
     /// server's passive `server_port` (a ticket when the server is across a
     /// link), in a task of its own; `false` when the session already has its
-    /// most.
-    fn start_data(&self, leg: DataLeg, server_port: u16) -> bool {
-        let Ok(slot) = self.data_slots.clone().try_acquire_owned() else {
-            return false;
+    /// most. A previous one still waiting for its client end is abandoned.
+    async fn start_data(&mut self, leg: DataLeg, server_port: u16) -> bool {
+        self.abandon_last.cancel();
+        self.abandon_last = CancellationToken::new();
+        let slot = match self.data_slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            // The abandoned one gives its slot back as soon as it runs.
+            Err(_) => {
+                match tokio::time::timeout(SLOT_WAIT, self.data_slots.clone().acquire_owned()).await
+                {
+                    Ok(Ok(slot)) => slot,
+                    _ => return false,
+                }
+            }
         };
         let server = match &self.server {
             ServerSide::Tcp(host) => Hop::Direct(HostPort {
@@ -309,6 +328,7 @@ impl Session<'_> {
         let stop = self.stop.clone();
         let wait = self.service.config.connect_timeout.0;
         let idle = self.service.config.idle_timeout.0;
+        let abandon = self.abandon_last.clone();
         tokio::spawn(async move {
             let _slot = slot;
             DataConnection {
@@ -320,6 +340,7 @@ impl Session<'_> {
                 idle,
                 counters,
                 stop,
+                abandon,
             }
             .run()
             .await;
