@@ -3,13 +3,13 @@
 //! file read to its end, QUIT.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use proto::ftp::{parse_pasv_reply, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::{report, Error};
+use crate::{drive, report, Error};
 
 /// A control connection with its unparsed input.
 struct Control {
@@ -90,42 +90,11 @@ pub async fn rate(
     clients: usize,
     seconds: f64,
 ) -> Result<(), Error> {
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut workers = Vec::new();
-    for _ in 0..clients {
+    let rounds = drive(clients, seconds, Duration::from_secs(5), move || {
         let (user, password, file) = (user.clone(), password.clone(), file.clone());
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0u64;
-            let mut last_error = None;
-            while Instant::now() < deadline {
-                let started = Instant::now();
-                let round = session(server, &user, &password, &file);
-                match tokio::time::timeout(Duration::from_secs(5), round).await {
-                    Ok(Ok(_)) => latencies.push(started.elapsed().as_secs_f64() * 1000.0),
-                    Ok(Err(e)) => {
-                        errors += 1;
-                        last_error = Some(e.to_string());
-                    }
-                    Err(_) => errors += 1,
-                }
-            }
-            (latencies, errors, last_error)
-        }));
-    }
-    let started = Instant::now();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    let mut last_error = None;
-    for worker in workers {
-        let (latencies, e, last) = worker.await?;
-        all.extend(latencies);
-        errors += e;
-        last_error = last_error.or(last);
-    }
-    if let Some(e) = last_error {
-        eprintln!("last error: {e}");
-    }
-    report("sessions", all, errors, started.elapsed().as_secs_f64());
+        async move { session(server, &user, &password, &file).await.map(|_| ()) }
+    })
+    .await?;
+    report("sessions", &rounds);
     Ok(())
 }

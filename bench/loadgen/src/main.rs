@@ -116,46 +116,94 @@ async fn rate(
     clients: usize,
     seconds: f64,
 ) -> Result<(), Error> {
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut workers = Vec::new();
-    for _ in 0..clients {
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0u64;
+    // A server that drops a request must not stall the run: 2 s per round.
+    let rounds = drive(
+        clients,
+        seconds,
+        Duration::from_secs(2),
+        move || async move {
+            let mut stream = tunnel(proxy, target).await?;
             let payload = [7u8; 64];
-            while Instant::now() < deadline {
-                let started = Instant::now();
-                let round = async {
-                    let mut stream = tunnel(proxy, target).await?;
-                    stream.write_all(&payload).await?;
-                    let mut back = [0u8; 64];
-                    stream.read_exact(&mut back).await?;
-                    Ok::<_, Error>(())
-                };
-                // A server that drops a request must not stall the run.
-                match tokio::time::timeout(Duration::from_secs(2), round).await {
-                    Ok(Ok(())) => latencies.push(started.elapsed().as_secs_f64() * 1000.0),
-                    _ => errors += 1,
-                }
-            }
-            (latencies, errors)
-        }));
-    }
-    let started = Instant::now();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for worker in workers {
-        let (latencies, e) = worker.await?;
-        all.extend(latencies);
-        errors += e;
-    }
-    report("connections", all, errors, started.elapsed().as_secs_f64());
+            stream.write_all(&payload).await?;
+            let mut back = [0u8; 64];
+            stream.read_exact(&mut back).await?;
+            Ok(())
+        },
+    )
+    .await?;
+    report("connections", &rounds);
     Ok(())
 }
 
+/// What a rate run measured.
+struct Rounds {
+    /// Latency of each successful round, in milliseconds.
+    latencies: Vec<f64>,
+    errors: u64,
+    /// The text of one failed round's error, to show why.
+    last_error: Option<String>,
+    elapsed: f64,
+}
+
+/// Runs `clients` concurrent loops of `round` until `seconds` have passed;
+/// a round that takes longer than `limit` counts as an error.
+async fn drive<F, Fut>(
+    clients: usize,
+    seconds: f64,
+    limit: Duration,
+    round: F,
+) -> Result<Rounds, Error>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), Error>> + Send,
+{
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..clients {
+        let round = round.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let mut last_error = None;
+            while Instant::now() < deadline {
+                let began = Instant::now();
+                match tokio::time::timeout(limit, round()).await {
+                    Ok(Ok(())) => latencies.push(began.elapsed().as_secs_f64() * 1000.0),
+                    Ok(Err(e)) => {
+                        errors += 1;
+                        last_error = Some(e.to_string());
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors, last_error)
+        }));
+    }
+    let mut rounds = Rounds {
+        latencies: Vec::new(),
+        errors: 0,
+        last_error: None,
+        elapsed: 0.0,
+    };
+    for worker in workers {
+        let (latencies, errors, last_error) = worker.await?;
+        rounds.latencies.extend(latencies);
+        rounds.errors += errors;
+        rounds.last_error = rounds.last_error.or(last_error);
+    }
+    rounds.elapsed = started.elapsed().as_secs_f64();
+    Ok(rounds)
+}
+
 /// Prints a rate run's result as JSON: how many rounds (`what`), errors,
-/// rounds per second and latency percentiles in milliseconds.
-fn report(what: &str, mut latencies: Vec<f64>, errors: u64, elapsed: f64) {
+/// rounds per second and latency percentiles in milliseconds; the last
+/// error's text on stderr.
+fn report(what: &str, rounds: &Rounds) {
+    if let Some(e) = &rounds.last_error {
+        eprintln!("last error: {e}");
+    }
+    let mut latencies = rounds.latencies.clone();
     latencies.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| {
         latencies
@@ -164,9 +212,10 @@ fn report(what: &str, mut latencies: Vec<f64>, errors: u64, elapsed: f64) {
             .unwrap_or(0.0)
     };
     println!(
-        "{{\"{what}\": {}, \"errors\": {errors}, \"per_second\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}}}",
+        "{{\"{what}\": {}, \"errors\": {}, \"per_second\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}}}",
         latencies.len(),
-        latencies.len() as f64 / elapsed,
+        rounds.errors,
+        latencies.len() as f64 / rounds.elapsed,
         pct(0.50),
         pct(0.99)
     );

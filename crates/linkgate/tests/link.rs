@@ -471,6 +471,22 @@ fn public_key_in(dir: &tempfile::TempDir) -> String {
     key
 }
 
+/// A hub (identity `gw.key`) that admits the spoke by its public key.
+fn key_hub_config(spoke_key: &str, services: &str) -> String {
+    format!(
+        "[gateway]\nname = \"hub\"\nidentity = \"gw.key\"\nlog = \"json\"\n\n[link]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[peer]]\nname = \"spoke\"\npublic_key = \"{spoke_key}\"\n\n{services}"
+    )
+}
+
+/// A spoke (identity `gw.key`) that dials `connect` pinning `hub_key`.
+fn key_spoke_config(connect: SocketAddr, hub_key: &str) -> String {
+    format!(
+        "[gateway]\nname = \"spoke\"\nidentity = \"gw.key\"\nlog = \"json\"\n\n\
+         [[peer]]\nname = \"hub\"\nconnect = \"{connect}\"\npublic_key = \"{hub_key}\"\n\n{SPOKE_SERVICE}"
+    )
+}
+
 /// Key mode: each gateway pins the other's public key instead of sharing a
 /// password; data flows both ways, and a gateway whose key is not pinned is
 /// refused with a message that names its key on the hub and says why on the
@@ -491,21 +507,8 @@ async fn key_mode_links_with_pinned_public_keys() {
     assert_ne!(hub_key, spoke_key);
     // The same identity gives the same key again.
     assert_eq!(public_key_in(&hub_dir), hub_key);
-    let hub = RunningGateway::start_in(
-        hub_dir,
-        &format!(
-            "[gateway]\nname = \"hub\"\nidentity = \"gw.key\"\nlog = \"json\"\n\n[link]\nlisten = \"127.0.0.1:0\"\n\n\
-             [[peer]]\nname = \"spoke\"\npublic_key = \"{spoke_key}\"\n\n{}",
-            hub_service(echo)
-        ),
-    );
-    let spoke_config = |key: &str| {
-        format!(
-            "[gateway]\nname = \"spoke\"\nidentity = \"gw.key\"\nlog = \"json\"\n\n\
-             [[peer]]\nname = \"hub\"\nconnect = \"{}\"\npublic_key = \"{key}\"\n\n{SPOKE_SERVICE}",
-            link_addr(&hub)
-        )
-    };
+    let hub = RunningGateway::start_in(hub_dir, &key_hub_config(&spoke_key, &hub_service(echo)));
+    let spoke_config = |key: &str| key_spoke_config(link_addr(&hub), key);
     let spoke = RunningGateway::start_in(spoke_dir, &spoke_config(&hub_key));
     wait_link_up(&spoke, 1);
     let data = pseudo_random(3 * 1024 * 1024 + 5, 31);
@@ -557,23 +560,9 @@ async fn a_replayed_key_mode_hello_is_refused() {
     let echo = echo_server().await;
     let (hub_dir, spoke_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (hub_key, spoke_key) = (public_key_in(&hub_dir), public_key_in(&spoke_dir));
-    let hub = RunningGateway::start_in(
-        hub_dir,
-        &format!(
-            "[gateway]\nname = \"hub\"\nidentity = \"gw.key\"\nlog = \"json\"\n\n[link]\nlisten = \"127.0.0.1:0\"\n\n\
-             [[peer]]\nname = \"spoke\"\npublic_key = \"{spoke_key}\"\n\n{}",
-            hub_service(echo)
-        ),
-    );
+    let hub = RunningGateway::start_in(hub_dir, &key_hub_config(&spoke_key, &hub_service(echo)));
     let relay = TestRelay::start(link_addr(&hub), RelayPlan::default()).await;
-    let spoke = RunningGateway::start_in(
-        spoke_dir,
-        &format!(
-            "[gateway]\nname = \"spoke\"\nidentity = \"gw.key\"\nlog = \"json\"\n\n\
-             [[peer]]\nname = \"hub\"\nconnect = \"{}\"\npublic_key = \"{hub_key}\"\n\n{SPOKE_SERVICE}",
-            relay.addr
-        ),
-    );
+    let spoke = RunningGateway::start_in(spoke_dir, &key_spoke_config(relay.addr, &hub_key));
     wait_link_up(&hub, 1);
     let up = relay.up.lock().unwrap().clone();
     let m1_end = 2 + u16::from_be_bytes([up[0], up[1]]) as usize;
