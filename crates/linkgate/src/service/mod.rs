@@ -1,6 +1,7 @@
 //! The services: what happens to a client connection once it is admitted.
 //! One module per service type; [`ServiceRuntime`] holds what they share.
 
+mod data_port;
 mod ftp;
 mod http_proxy;
 mod lockstep;

@@ -11,7 +11,7 @@ use proto::socks::{
     Socks4Request, SocksError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::ServiceRuntime;
@@ -429,7 +429,7 @@ async fn bind(
         )
         .await;
     };
-    let listener = match TcpListener::bind(SocketAddr::new(local.ip(), 0)).await {
+    let listener = match super::data_port::bind_data_port(local.ip(), None) {
         Ok(listener) => listener,
         Err(e) => {
             return refuse(

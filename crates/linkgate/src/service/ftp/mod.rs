@@ -18,7 +18,6 @@ mod conn;
 mod data;
 mod link_data;
 mod login;
-mod passive;
 mod session;
 
 pub use link_data::{data_stream_name, parse_data_stream_name, LinkDataSlots, Offer};

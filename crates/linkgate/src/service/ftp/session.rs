@@ -256,11 +256,13 @@ impl Session<'_> {
         let Some(local) = self.local else {
             return reply(client, "425 Data connections need a direct TCP client").await;
         };
-        let listener =
-            match super::passive::bind_passive(local.ip(), self.service.config.passive_ports) {
-                Ok(listener) => listener,
-                Err(e) => return reply(client, &format!("425 Cannot open a data port: {e}")).await,
-            };
+        let listener = match crate::service::data_port::bind_data_port(
+            local.ip(),
+            self.service.config.passive_ports,
+        ) {
+            Ok(listener) => listener,
+            Err(e) => return reply(client, &format!("425 Cannot open a data port: {e}")).await,
+        };
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
         let text = match (extended, local.ip()) {
             (true, _) => format!("229 {}", ftp::format_epsv_reply(port)),

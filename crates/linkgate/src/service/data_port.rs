@@ -1,4 +1,5 @@
-//! Listening sockets for passive-mode data connections.
+//! Listening sockets that wait for one incoming connection: FTP passive
+//! data ports and SOCKS BIND.
 //!
 //! Letting the kernel pick the port (`bind` to port 0) makes it search the
 //! bind table for a free one, which gets slow once tens of thousands of
@@ -6,7 +7,7 @@
 //! sessions that search took two thirds of the gateway's CPU. Trying
 //! explicit ports from a random starting point costs one hash lookup per
 //! try, and lets an administrator confine the ports to a range a firewall
-//! opens (`passive_ports`).
+//! opens (ftp's `passive_ports`).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -23,10 +24,10 @@ const DEFAULT_RANGE_TRIES: u32 = 64;
 /// Pending connections a data port queues: one is expected.
 const BACKLOG: i32 = 4;
 
-/// A listener on `ip` at a free port of `range` (the service's
-/// `passive_ports`), or of the system's ephemeral range when `None`.
-/// Tries every port of a configured range before failing.
-pub(super) fn bind_passive(ip: IpAddr, range: Option<PortRange>) -> io::Result<TcpListener> {
+/// A listener on `ip` at a free port of `range` (ftp's `passive_ports`),
+/// or of the system's ephemeral range when `None`. Tries every port of a
+/// configured range before failing.
+pub(crate) fn bind_data_port(ip: IpAddr, range: Option<PortRange>) -> io::Result<TcpListener> {
     let (low, high, tries) = match range {
         Some(range) => (range.low, range.high, u32::from(range.high - range.low) + 1),
         None => {
@@ -90,7 +91,7 @@ mod tests {
     async fn ports_come_from_the_range_until_it_is_full() {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         // Find three free consecutive ports to make a range of.
-        let probe = bind_passive(ip, None).unwrap();
+        let probe = bind_data_port(ip, None).unwrap();
         let base = probe.local_addr().unwrap().port().min(60000);
         drop(probe);
         let range = PortRange {
@@ -98,7 +99,7 @@ mod tests {
             high: base + 2,
         };
         let mut held = Vec::new();
-        while let Ok(listener) = bind_passive(ip, Some(range)) {
+        while let Ok(listener) = bind_data_port(ip, Some(range)) {
             let port = listener.local_addr().unwrap().port();
             assert!((range.low..=range.high).contains(&port), "{port}");
             held.push(listener);
@@ -111,8 +112,8 @@ mod tests {
             .collect();
         ports.dedup();
         assert_eq!(ports.len(), held.len());
-        assert!(bind_passive(ip, Some(range)).is_err());
+        assert!(bind_data_port(ip, Some(range)).is_err());
         // The default range always finds one.
-        assert!(bind_passive(ip, None).is_ok());
+        assert!(bind_data_port(ip, None).is_ok());
     }
 }
