@@ -77,6 +77,9 @@ def start_ftp_proxy(tmp, pin, server_port):
     with open(conf, "w") as f:
         # Passive towards the server, like linkgate; its defaults would refuse
         # more than 40 new clients a minute (ForkLimit) and 64 at once.
+        # Never point LogDestination at /dev/null: ftp-proxy replaces its log
+        # file with a regular file at start-up (seen here: it broke /dev/null
+        # for the whole machine).
         f.write(f"""[-Global-]
 ServerType standalone
 Listen 127.0.0.1
