@@ -172,11 +172,42 @@ fn version_and_help() {
         "check",
         "passwd",
         "peer-record",
+        "public-key",
         "default-config",
         "status",
     ] {
         assert!(stdout.contains(word), "--help lacks {word}");
     }
+}
+
+/// `public-key` reads only the identity setting: it works on a config that
+/// is not complete yet, creates the identity file (mode 0600) next to it,
+/// prints the same key every time, and exits 2 on a file it cannot parse.
+#[test]
+fn public_key_prints_a_stable_key_from_a_partial_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    // Not valid for `check` (a peer without any credential), yet fine here.
+    std::fs::write(
+        &config,
+        "[gateway]\nidentity = \"keys/gw.key\"\n\n[[peer]]\nname = \"main\"\nconnect = \"main.example.net:7000\"\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    let (code, first, stderr) = run_cli(&["public-key", "-c", config.to_str().unwrap()], "");
+    assert_eq!(code, 0, "{stderr}");
+    let key = first.trim();
+    assert_eq!(key.len(), 44, "{key}");
+    let identity = dir.path().join("keys/gw.key");
+    let mode = std::fs::metadata(&identity).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let (_, again, _) = run_cli(&["public-key", "-c", config.to_str().unwrap()], "");
+    assert_eq!(again.trim(), key);
+    std::fs::write(&config, "[gateway\n").unwrap();
+    let (code, _, stderr) = run_cli(&["public-key", "-c", config.to_str().unwrap()], "");
+    assert_eq!(code, 2);
+    assert!(stderr.contains("gw.toml"), "{stderr}");
 }
 
 #[test]
