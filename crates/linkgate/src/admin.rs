@@ -35,8 +35,8 @@ pub struct AdminState {
     pub services: ServiceTable,
     /// Live links.
     pub links: Arc<Links>,
-    /// Configured peers: name and whether we dial them.
-    pub peers: Vec<(String, bool)>,
+    /// Configured peers.
+    pub peers: Vec<PeerInfo>,
     /// When the gateway started.
     pub started: Instant,
 }
@@ -71,6 +71,17 @@ pub struct ServiceStatus {
     pub counters: MetricsSnapshot,
 }
 
+/// What the admin page shows of a configured peer.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// The peer's local name.
+    pub name: String,
+    /// Whether this gateway dials it.
+    pub dials: bool,
+    /// `password` or `key`: how the link authenticates.
+    pub auth: &'static str,
+}
+
 /// One link in `/api/status`.
 #[derive(Serialize, serde::Deserialize, Debug)]
 pub struct LinkStatus {
@@ -80,6 +91,9 @@ pub struct LinkStatus {
     pub role: String,
     /// `up` or `down`.
     pub state: String,
+    /// `password` (OPAQUE) or `key` (pinned public keys).
+    #[serde(default)]
+    pub auth: String,
 }
 
 impl AdminState {
@@ -102,10 +116,16 @@ impl AdminState {
         let links = self
             .peers
             .iter()
-            .map(|(peer, dials)| LinkStatus {
-                peer: peer.clone(),
-                role: if *dials { "dials" } else { "accepts" }.into(),
-                state: if up.contains(peer) { "up" } else { "down" }.into(),
+            .map(|peer| LinkStatus {
+                peer: peer.name.clone(),
+                role: if peer.dials { "dials" } else { "accepts" }.into(),
+                state: if up.contains(&peer.name) {
+                    "up"
+                } else {
+                    "down"
+                }
+                .into(),
+                auth: peer.auth.into(),
             })
             .collect();
         Status {
@@ -269,13 +289,16 @@ fn html(status: &Status) -> String {
             c.bytes_down
         );
     }
-    out.push_str("</table><h2>Links</h2><table><tr><th>peer</th><th>role</th><th>state</th></tr>");
+    out.push_str(
+        "</table><h2>Links</h2><table><tr><th>peer</th><th>role</th><th>auth</th><th>state</th></tr>",
+    );
     for l in &status.links {
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&l.peer),
             l.role,
+            escape(&l.auth),
             l.state
         );
     }

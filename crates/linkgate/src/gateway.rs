@@ -169,7 +169,15 @@ impl Gateway {
                 .config
                 .peer
                 .iter()
-                .map(|p| (p.name.clone(), !p.connect.is_empty()))
+                .map(|p| crate::admin::PeerInfo {
+                    name: p.name.clone(),
+                    dials: !p.connect.is_empty(),
+                    auth: if p.public_key.is_some() {
+                        "key"
+                    } else {
+                        "password"
+                    },
+                })
                 .collect(),
             started,
         }

@@ -129,7 +129,10 @@ fn status(admin: &str) -> ExitCode {
                 );
             }
             for l in &status.links {
-                println!("link {:<20} {:<8} {}", l.peer, l.role, l.state);
+                println!(
+                    "link {:<20} {:<8} {:<9} {}",
+                    l.peer, l.role, l.auth, l.state
+                );
             }
             ExitCode::SUCCESS
         }

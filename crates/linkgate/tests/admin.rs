@@ -81,6 +81,7 @@ async fn status_json_metrics_page_and_the_status_command() {
     assert_eq!(closed["denied"], 1);
     assert_eq!(status["links"][0]["peer"], "hub");
     assert_eq!(status["links"][0]["role"], "dials");
+    assert_eq!(status["links"][0]["auth"], "password");
     assert_eq!(status["links"][0]["state"], "down");
 
     let metrics = http
@@ -116,7 +117,13 @@ async fn status_json_metrics_page_and_the_status_command() {
             .any(|l| l.starts_with("web ") && l.contains("mapping")),
         "{out}"
     );
-    assert!(out.contains("link hub"), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("link hub")
+            && l.contains("dials")
+            && l.contains("password")
+            && l.ends_with("down")),
+        "{out}"
+    );
     let (code, _, err) = run_cli(&["status", "--admin", &closed_port().to_string()], "");
     assert_eq!(code, 1);
     assert!(err.contains("cannot get the status from"), "{err}");
