@@ -249,6 +249,56 @@ fn lftp_mirrors_both_ways_in_passive_and_active_mode() {
     }
 }
 
+/// A server that offers TLS: clients that use it "if available" (lftp's and
+/// FileZilla's defaults) must not break the session through the proxy,
+/// which cannot pass TLS on (it reads the commands). AUTH gets 534 from the
+/// gateway, FEAT no longer lists the TLS features, and lftp with its default
+/// settings downloads in plain FTP.
+#[test]
+fn clients_that_try_tls_go_on_without_it() {
+    let server = FtpServer::start_tls();
+    let big = pseudo_random(1024 * 1024 + 11, 17);
+    std::fs::write(server.path("big.bin"), &big).unwrap();
+    let gateway = RunningGateway::start(&ftp_config(&format!(
+        "target = \"127.0.0.1:{}\"",
+        server.port
+    )));
+    let port = gateway.addr("ftp").port();
+    let script = format!(
+        r#"
+import ftplib
+f = ftplib.FTP()
+f.connect("127.0.0.1", {port}, timeout=15)
+feat = f.sendcmd("FEAT")
+print("EPSV" in feat, "AUTH" in feat, "PBSZ" in feat, "PROT" in feat)
+try:
+    f.sendcmd("AUTH TLS")
+except ftplib.error_perm as e:
+    print(str(e)[:4])
+f.login("alice", "secret")
+print(f.sendcmd("PWD")[:3])
+f.quit()
+"#
+    );
+    assert_eq!(python(&script), "True False False False\n534 \n257\n");
+    let got = gateway.dir.path().join("got.bin");
+    let out = Command::new("lftp")
+        .args(["-u", "alice,secret", "-p", &port.to_string(), "-e"])
+        .arg(format!(
+            "set net:max-retries 1; get big.bin -o {}; bye",
+            got.display()
+        ))
+        .arg("127.0.0.1")
+        .output()
+        .expect("lftp is needed for this test (Debian package lftp)");
+    assert!(
+        out.status.success(),
+        "lftp with default TLS settings failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256_file(&got), sha256_hex(&big));
+}
+
 #[test]
 fn with_auth_the_client_logs_in_to_the_proxy_first() {
     let server = FtpServer::start();
@@ -357,6 +407,13 @@ async fn refusals_and_bad_input() {
     assert!(session.reply().await.starts_with("220 "));
     session.send(b"LIST\r\n").await;
     assert!(session.reply().await.starts_with("530 "));
+    // TLS cannot pass through the gateway: refused, and the session goes on.
+    session.send(b"AUTH TLS\r\n").await;
+    let no_tls = session.reply().await;
+    assert!(
+        no_tls.starts_with("534 ") && no_tls.contains("TLS is not available"),
+        "{no_tls}"
+    );
     // A line that is no command gets 500 and the session goes on.
     session.send(b"12 34\r\n").await;
     assert!(session.reply().await.starts_with("500 "));

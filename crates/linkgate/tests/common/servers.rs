@@ -130,18 +130,51 @@ pub struct FtpServer {
 impl FtpServer {
     /// Starts it on a free port.
     pub fn start() -> FtpServer {
+        Self::start_with("", "FTPHandler")
+    }
+
+    /// Starts one that also offers explicit TLS (AUTH TLS, RFC 4217) with a
+    /// self-signed certificate made for the run, plain FTP still allowed:
+    /// what clients that use TLS "if available" meet in the wild.
+    pub fn start_tls() -> FtpServer {
+        let setup = r#"
+import datetime, os, tempfile
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+key = ec.generate_private_key(ec.SECP256R1())
+name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
+now = datetime.datetime.now(datetime.timezone.utc)
+cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256()))
+pem = tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False)
+pem.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()))
+pem.write(cert.public_bytes(serialization.Encoding.PEM))
+pem.close()
+from pyftpdlib.handlers import TLS_FTPHandler
+TLS_FTPHandler.certfile = pem.name
+"#;
+        Self::start_with(setup, "TLS_FTPHandler")
+    }
+
+    /// Starts pyftpdlib with `handler` after running `setup`.
+    fn start_with(setup: &str, handler: &str) -> FtpServer {
         let dir = tempfile::tempdir().unwrap();
         let script = format!(
             r#"
+{setup}
 from pyftpdlib.authorizers import DummyAuthorizer
-from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.handlers import {handler}
 from pyftpdlib.servers import FTPServer
 import logging
 logging.disable(logging.CRITICAL)
 a = DummyAuthorizer()
 a.add_user("alice", "secret", {dir:?}, perm="elradfmw")
-FTPHandler.authorizer = a
-s = FTPServer(("127.0.0.1", 0), FTPHandler)
+{handler}.authorizer = a
+s = FTPServer(("127.0.0.1", 0), {handler})
 print(s.address[1], flush=True)
 s.serve_forever()
 "#,
@@ -161,7 +194,7 @@ s.serve_forever()
         let port = line
             .trim()
             .parse()
-            .expect("pyftpdlib did not start (pip install pyftpdlib)");
+            .expect("pyftpdlib did not start (pip install pyftpdlib pyopenssl)");
         FtpServer { child, port, dir }
     }
 

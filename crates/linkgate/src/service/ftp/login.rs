@@ -4,7 +4,7 @@
 use proto::ftp::{Command, Reply};
 
 use super::conn::{parse_client_line, ClientLine, Conn, SYNTAX_ERROR};
-use super::session::{Pending, ServerSide};
+use super::session::{Pending, ServerSide, NO_TLS};
 use super::{Ended, FTP_PORT};
 use crate::access::Verdict;
 use crate::audit::{Audit, AuditResult};
@@ -57,6 +57,9 @@ pub(super) async fn reach_server(
                 let _ = client.send(b"221 Goodbye\r\n").await;
                 audit.finish(AuditResult::Ok, "client quit before logging in");
                 return Err(Ended);
+            }
+            (_, "AUTH") => {
+                let _ = client.send(format!("{NO_TLS}\r\n").as_bytes()).await;
             }
             (ProxyLogin::NeedUser | ProxyLogin::NeedPass(_), "USER") => {
                 login = ProxyLogin::NeedPass(arg);

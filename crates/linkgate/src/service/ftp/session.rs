@@ -36,6 +36,27 @@ pub(super) enum Pending {
     /// The client, another gateway, asked for a data connection over the
     /// link ([`LINK_DATA_VERB`]).
     LinkData,
+    /// FEAT: relayed without the TLS features (see [`NO_TLS`]).
+    Feat,
+}
+
+/// The answer to AUTH. The gateway cannot pass TLS through: it reads the
+/// commands to relay the data connections. Clients that use TLS "if
+/// available" (FileZilla's and lftp's defaults) go on without it; had AUTH
+/// reached a server that accepts it, the session would break at the first
+/// encrypted byte.
+pub(super) const NO_TLS: &str =
+    "534 TLS is not available through this FTP proxy (it must read the commands); continue without";
+
+/// Whether a FEAT line announces a TLS feature (RFC 4217: AUTH, PBSZ, PROT).
+fn is_tls_feature(line: &[u8]) -> bool {
+    let word: Vec<u8> = line
+        .iter()
+        .skip_while(|b| b.is_ascii_whitespace())
+        .take_while(|b| !b.is_ascii_whitespace())
+        .map(u8::to_ascii_uppercase)
+        .collect();
+    matches!(&word[..], b"AUTH" | b"PBSZ" | b"PROT")
 }
 
 /// Where the session's server is; its data connections go there too.
@@ -172,6 +193,12 @@ impl Session<'_> {
                     extended: verb == "EPRT",
                 }
             }
+            "AUTH" => return reply(client, NO_TLS).await,
+            "FEAT" => {
+                server.send(&command.encode()).await.map_err(to_server)?;
+                self.pending.push_back(Pending::Feat);
+                return Ok(());
+            }
             LINK_DATA_VERB if self.client_peer.is_some() => Pending::LinkData,
             LINK_DATA_VERB => {
                 return reply(client, "502 XLDP is spoken between linkgate gateways only").await;
@@ -224,6 +251,19 @@ impl Session<'_> {
                 reply(client, &format!("200 {verb} command successful")).await
             }
             (Some(Pending::LinkData), Some(port)) => self.offer_link_data(client, port).await,
+            (Some(Pending::Feat), _) if answer.lines.len() > 2 => {
+                let mut features = answer;
+                let last = features.lines.len() - 1;
+                let mut index = 0;
+                features.lines.retain(|line| {
+                    index += 1;
+                    index == 1 || index == last + 1 || !is_tls_feature(line)
+                });
+                client
+                    .send(&features.encode())
+                    .await
+                    .map_err(|e| format!("writing to client: {e}"))
+            }
             (Some(Pending::Passive { .. } | Pending::Active { .. } | Pending::LinkData), None)
                 if answer.code < 400 =>
             {
@@ -348,5 +388,20 @@ impl Session<'_> {
             .await;
         });
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_tls_feature;
+
+    #[test]
+    fn tls_features_are_recognised_in_feat_lines() {
+        for line in [" AUTH TLS", " AUTH SSL", "PBSZ", " prot", "\tAUTH"] {
+            assert!(is_tls_feature(line.as_bytes()), "{line}");
+        }
+        for line in [" EPSV", " MLST type*;size*;", " AUTHX", " SIZE", ""] {
+            assert!(!is_tls_feature(line.as_bytes()), "{line}");
+        }
     }
 }
