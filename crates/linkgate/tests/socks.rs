@@ -72,6 +72,68 @@ fn curl_through_socks4_4a_5_and_5_hostname_gets_identical_bytes() {
         .all(|a| a["bytes_down"].as_u64().unwrap() > body.len() as u64));
 }
 
+/// proxychains (any program, here curl without proxy options, made to use
+/// the SOCKS service by LD_PRELOAD) and OpenBSD netcat's `-X 5` (what ssh's
+/// `ProxyCommand nc -X 5 -x proxy %h %p` runs): identical bytes, audited.
+#[test]
+fn proxychains_and_netcat_as_ssh_uses_it_go_through() {
+    let site = tempfile::tempdir().unwrap();
+    let body = pseudo_random(2 * 1024 * 1024 + 3, 6);
+    std::fs::write(site.path().join("f.bin"), &body).unwrap();
+    let server = PythonHttpServer::start(site.path());
+    let gateway = RunningGateway::start(&socks_config(""));
+    let proxy = gateway.addr("socks");
+    let conf = site.path().join("proxychains.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "strict_chain\nquiet_mode\n[ProxyList]\nsocks5 {} {}\n",
+            proxy.ip(),
+            proxy.port()
+        ),
+    )
+    .unwrap();
+    let got = site.path().join("got.bin");
+    let status = Command::new("proxychains4")
+        .arg("-f")
+        .arg(&conf)
+        .args(["curl", "-sS", "--max-time", "10", "-o"])
+        .arg(&got)
+        .arg(format!("http://{}/f.bin", server.addr))
+        .status()
+        .expect("proxychains4 is needed for this test (Debian package proxychains4)");
+    assert!(status.success());
+    assert_eq!(sha256_file(&got), sha256_hex(&body));
+    let request = format!("GET /f.bin HTTP/1.0\r\nHost: {}\r\n\r\n", server.addr);
+    let mut nc = Command::new("nc")
+        .args(["-X", "5", "-x", &proxy.to_string(), "-N", "-w", "10"])
+        .args([server.addr.ip().to_string(), server.addr.port().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("OpenBSD netcat is needed for this test (Debian package netcat-openbsd)");
+    use std::io::Write;
+    nc.stdin
+        .take()
+        .unwrap()
+        .write_all(request.as_bytes())
+        .unwrap();
+    let out = nc.wait_with_output().unwrap();
+    let split = out
+        .stdout
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer through nc");
+    assert_eq!(sha256_hex(&out.stdout[split + 4..]), sha256_hex(&body));
+    let audits = gateway.wait_for_audits(2, WAIT);
+    assert!(
+        audits.iter().all(|a| a["result"] == "ok"
+            && a["target"] == server.addr.to_string()
+            && a["bytes_down"].as_u64().unwrap() > body.len() as u64),
+        "{audits:?}"
+    );
+}
+
 #[test]
 fn curl_proxy_user_logs_in_and_a_wrong_password_is_rejected() {
     let site = tempfile::tempdir().unwrap();
