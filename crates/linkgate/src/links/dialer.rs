@@ -33,11 +33,18 @@ pub struct DialTarget {
 
 /// How a dialer authenticates.
 pub enum DialCredential {
-    /// Password mode: the name we log in as, and the link password.
-    Password { user: String, password: Secret },
-    /// Key mode: our static keys, and the public key pinned for the peer.
+    /// Password mode (OPAQUE).
+    Password {
+        /// The name the other side knows us by.
+        user: String,
+        /// The link password.
+        password: Secret,
+    },
+    /// Key mode (Noise IKpsk2).
     Key {
+        /// Our static key pair.
         keys: link::handshake::StaticKeys,
+        /// The public key pinned for the peer.
         peer_key: [u8; 32],
     },
 }
