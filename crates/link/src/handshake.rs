@@ -252,20 +252,9 @@ impl ClientAwaitingFinal {
                 self.noise
                     .read_message(noise_message, &mut buf)
                     .map_err(|_| HandshakeError::Authentication)?;
-                if !self.noise.is_handshake_finished() {
-                    return Err(HandshakeError::Malformed("noise handshake incomplete"));
-                }
-                let (initiator_to_responder, responder_to_initiator) =
-                    self.noise.dangerously_get_raw_split();
-                Ok(SessionKeys {
-                    send: initiator_to_responder,
-                    recv: responder_to_initiator,
-                    session_id: session_id(&self.noise),
-                })
+                split_keys(&mut self.noise, true)
             }
-            Some((1, reason)) => Err(HandshakeError::Refused(
-                String::from_utf8_lossy(&reason[..reason.len().min(256)]).into_owned(),
-            )),
+            Some((1, reason)) => Err(refused(reason)),
             _ => Err(HandshakeError::Malformed("bad final message")),
         }
     }
@@ -388,15 +377,8 @@ impl ServerAwaitingFinish {
             .map_err(|_| refuse(HandshakeError::Malformed("noise message 2")))?;
         let mut m4 = vec![0u8];
         m4.extend_from_slice(&buf[..n]);
-        let (initiator_to_responder, responder_to_initiator) = noise.dangerously_get_raw_split();
-        Ok((
-            m4,
-            SessionKeys {
-                send: responder_to_initiator,
-                recv: initiator_to_responder,
-                session_id: session_id(&noise),
-            },
-        ))
+        let keys = split_keys(&mut noise, false).map_err(refuse)?;
+        Ok((m4, keys))
     }
 }
 
@@ -594,6 +576,7 @@ pub fn refusal(reason: &str) -> Vec<u8> {
     message
 }
 
+/// A refusal's reason, as the other gateway sent it (at most 256 bytes).
 fn refused(reason: &[u8]) -> HandshakeError {
     HandshakeError::Refused(String::from_utf8_lossy(&reason[..reason.len().min(256)]).into_owned())
 }
