@@ -172,18 +172,24 @@ fn control_and_data_connections_go_through_via() {
     );
 }
 
+/// curl over IPv4 and over IPv6 (a client on ::1, the server on IPv4):
+/// extended passive by default, and active (EPRT) with `-P -`.
 #[test]
 fn curl_downloads_in_extended_passive_and_active_mode() {
     let server = FtpServer::start();
     let big = pseudo_random(5 * 1024 * 1024, 13);
     std::fs::write(server.path("big.bin"), &big).unwrap();
     let gateway = RunningGateway::start(&ftp_config(&format!(
-        "target = \"127.0.0.1:{}\"",
-        server.port
+        "target = \"127.0.0.1:{port}\"\n\n[[service]]\nname = \"ftp6\"\ntype = \"ftp\"\n\
+         listen = \"[::1]:0\"\ntarget = \"127.0.0.1:{port}\"",
+        port = server.port
     )));
-    let url = format!("ftp://127.0.0.1:{}/big.bin", gateway.addr("ftp").port());
     // curl uses EPSV by default, and EPRT (then PORT) with -P.
-    for active in [None, Some("-")] {
+    let urls = [
+        format!("ftp://{}/big.bin", gateway.addr("ftp")),
+        format!("ftp://{}/big.bin", gateway.addr("ftp6")),
+    ];
+    for (url, active) in urls.iter().flat_map(|url| [(url, None), (url, Some("-"))]) {
         let out = gateway.dir.path().join("down.bin");
         let mut curl = Command::new("curl");
         curl.args(["-sS", "--fail", "--user", "alice:secret", "-o"])
@@ -197,9 +203,13 @@ fn curl_downloads_in_extended_passive_and_active_mode() {
             .expect("curl is needed for this test");
         assert!(
             status.success(),
-            "curl (active: {active:?}) failed: {status}"
+            "curl {url} (active: {active:?}) failed: {status}"
         );
-        assert_eq!(sha256_file(&out), sha256_hex(&big), "active: {active:?}");
+        assert_eq!(
+            sha256_file(&out),
+            sha256_hex(&big),
+            "{url} active: {active:?}"
+        );
     }
 }
 
