@@ -198,7 +198,7 @@ fn curl_downloads_in_extended_passive_and_active_mode() {
             curl.args(["-P", address]);
         }
         let status = curl
-            .arg(&url)
+            .arg(url)
             .status()
             .expect("curl is needed for this test");
         assert!(
