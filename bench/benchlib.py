@@ -9,6 +9,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINKGATE = os.path.join(ROOT, "target", "release", "linkgate")
+LOADGEN = os.path.join(ROOT, "target", "release", "linkgate-loadgen")
+
+
+def require_release_build(loadgen=False):
+    """Exits with the build command unless the release binaries exist."""
+    needed = [LINKGATE] + ([LOADGEN] if loadgen else [])
+    if not all(os.path.exists(binary) for binary in needed):
+        sys.exit("build first: cargo build --release -p linkgate" + (" -p linkgate-loadgen" if loadgen else ""))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 

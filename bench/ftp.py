@@ -30,10 +30,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import (  # noqa: E402
-    LINKGATE, ROOT, Relay, add_pin_option, cpu_placement, free_port, tree_cpu_seconds, wait_for_time_wait_drain,
+    LINKGATE, LOADGEN, Relay, add_pin_option, require_release_build, cpu_placement, free_port, tree_cpu_seconds, wait_for_time_wait_drain,
 )
 
-LOADGEN = os.path.join(ROOT, "target", "release", "linkgate-loadgen")
 BIG = 1 << 30
 
 
@@ -118,9 +117,7 @@ def main():
     add_pin_option(parser)
     args = parser.parse_args()
     server_cpu, load_cpu = cpu_placement(args)
-    for binary in (LINKGATE, LOADGEN):
-        if not os.path.exists(binary):
-            sys.exit("build first: cargo build --release -p linkgate -p linkgate-loadgen")
+    require_release_build(loadgen=True)
     wait_for_time_wait_drain()
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o755)

@@ -33,10 +33,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import (  # noqa: E402
-    LINKGATE, ROOT, Relay, add_pin_option, cpu_placement, free_port, tree_cpu_seconds, wait_for_time_wait_drain,
+    LINKGATE, LOADGEN, Relay, add_pin_option, require_release_build, cpu_placement, free_port, tree_cpu_seconds, wait_for_time_wait_drain,
 )
 
-LOADGEN = os.path.join(ROOT, "target", "release", "linkgate-loadgen")
 BODY = "x" * 100
 
 
@@ -126,6 +125,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=5)
     add_pin_option(parser)
     args = parser.parse_args()
+    require_release_build(loadgen=True)
     server_cpu, load_cpu = cpu_placement(args)
     wait_for_time_wait_drain()
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import LINKGATE, Relay, free_port, percentile, tree_cpu_seconds, wait_port  # noqa: E402
+from benchlib import LINKGATE, Relay, require_release_build, free_port, percentile, tree_cpu_seconds, wait_port  # noqa: E402
 
 PASSWORD = "bench link password"
 
@@ -203,8 +203,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--setups", type=int, default=300)
     args = parser.parse_args()
-    if not os.path.exists(LINKGATE):
-        sys.exit("build first: cargo build --release")
+    require_release_build()
     with tempfile.TemporaryDirectory() as tmp:
         iperf_port = free_port()
         server = subprocess.Popen(["iperf3", "-s", "-p", str(iperf_port)],

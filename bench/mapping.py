@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import LINKGATE, Relay, cpu_seconds, free_port, rss_kib, wait_port
+from benchlib import LINKGATE, Relay, require_release_build, cpu_seconds, free_port, rss_kib, wait_port
 
 
 def start_linkgate(tmp, target_port):
@@ -164,8 +164,7 @@ def main():
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
-    if not os.path.exists(LINKGATE):
-        sys.exit("build first: cargo build --release")
+    require_release_build()
     # The relay holds two sockets per mapped connection; children inherit
     # this process's limit. (This workplace caps the hard limit at 20000.)
     need = args.idle * 2 + 500

@@ -33,11 +33,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import (  # noqa: E402
-    LINKGATE, ROOT, Relay, add_pin_option, children, cpu_placement, free_port, rss_kib, tree_cpu_seconds,
+    LINKGATE, LOADGEN, Relay, add_pin_option, require_release_build, children, cpu_placement, free_port, rss_kib, tree_cpu_seconds,
     wait_for_time_wait_drain,
 )
 
-LOADGEN = os.path.join(ROOT, "target", "release", "linkgate-loadgen")
 
 
 
@@ -92,9 +91,7 @@ def main():
     add_pin_option(parser)
     args = parser.parse_args()
     server_cpu, load_cpu = cpu_placement(args)
-    for binary in (LINKGATE, LOADGEN):
-        if not os.path.exists(binary):
-            sys.exit("build first: cargo build --release -p linkgate -p linkgate-loadgen")
+    require_release_build(loadgen=True)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     wait_for_time_wait_drain()  # an earlier run may have used up the ports

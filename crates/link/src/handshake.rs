@@ -245,18 +245,8 @@ impl ClientAwaitingKe2 {
 
 impl ClientAwaitingFinal {
     /// Processes M4: the hub's acceptance (Noise message 2) or refusal.
-    pub fn receive_final(mut self, m4: &[u8]) -> Result<SessionKeys, HandshakeError> {
-        match m4.split_first() {
-            Some((0, noise_message)) => {
-                let mut buf = [0u8; 128];
-                self.noise
-                    .read_message(noise_message, &mut buf)
-                    .map_err(|_| HandshakeError::Authentication)?;
-                split_keys(&mut self.noise, true)
-            }
-            Some((1, reason)) => Err(refused(reason)),
-            _ => Err(HandshakeError::Malformed("bad final message")),
-        }
+    pub fn receive_final(self, m4: &[u8]) -> Result<SessionKeys, HandshakeError> {
+        initiator_final(self.noise, m4)
     }
 }
 
@@ -499,18 +489,8 @@ pub fn key_client_start(
 
 impl KeyClient {
     /// Processes M2: the hub's acceptance or refusal.
-    pub fn receive_final(mut self, m2: &[u8]) -> Result<SessionKeys, HandshakeError> {
-        match m2.split_first() {
-            Some((0, noise_message)) => {
-                let mut buf = [0u8; 256];
-                self.noise
-                    .read_message(noise_message, &mut buf)
-                    .map_err(|_| HandshakeError::Authentication)?;
-                split_keys(&mut self.noise, true)
-            }
-            Some((1, reason)) => Err(refused(reason)),
-            _ => Err(HandshakeError::Malformed("bad final message")),
-        }
+    pub fn receive_final(self, m2: &[u8]) -> Result<SessionKeys, HandshakeError> {
+        initiator_final(self.noise, m2)
     }
 }
 
@@ -574,6 +554,25 @@ pub fn refusal(reason: &str) -> Vec<u8> {
     let mut message = vec![1u8];
     message.extend_from_slice(&reason.as_bytes()[..reason.len().min(256)]);
     message
+}
+
+/// The dialer's last step in either mode: the hub's final message is 0x00
+/// and Noise's last message (then the record keys), or 0x01 and a reason.
+fn initiator_final(
+    mut noise: snow::HandshakeState,
+    message: &[u8],
+) -> Result<SessionKeys, HandshakeError> {
+    match message.split_first() {
+        Some((0, noise_message)) => {
+            let mut buf = [0u8; 256];
+            noise
+                .read_message(noise_message, &mut buf)
+                .map_err(|_| HandshakeError::Authentication)?;
+            split_keys(&mut noise, true)
+        }
+        Some((1, reason)) => Err(refused(reason)),
+        _ => Err(HandshakeError::Malformed("bad final message")),
+    }
 }
 
 /// A refusal's reason, as the other gateway sent it (at most 256 bytes).
