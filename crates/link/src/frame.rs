@@ -9,6 +9,9 @@ use thiserror::Error;
 pub const MAX_DATA: usize = crate::record::MAX_PLAINTEXT - DATA_HEADER;
 /// Bytes before the data in a DATA frame: type and stream id.
 pub const DATA_HEADER: usize = 5;
+/// The type byte of a DATA frame (the multiplexer writes DATA frames
+/// straight from a stream's queue).
+pub const DATA_TYPE: u8 = kind::DATA;
 /// Longest service name or reason text carried in a frame.
 pub const MAX_TEXT: usize = 1024;
 

@@ -1,11 +1,18 @@
 //! The encrypted, mutually authenticated, multiplexed link between two
-//! linkgate gateways. `handshake`, `record` and `frame` are sans-IO (no
-//! sockets, no clock) and tested in memory; `session` drives them over a
-//! tokio TCP stream and multiplexes streams with per-stream flow control.
+//! linkgate gateways, in layers:
+//! - `handshake`, `record`, `frame` and `mux` are sans-IO (no sockets, no
+//!   clock) and tested in memory: who the peer is, how records are sealed,
+//!   what a record carries, and the stream multiplexer with its scheduler;
+//! - `transport` is what carries the bytes (TCP or any split byte stream);
+//! - `io` runs the handshake over a stream, `session` runs the multiplexer
+//!   over a transport with one reader, one writer and a timer.
+//!
 //! The protocol is written down in docs/link-protocol.md.
 
 pub mod frame;
 pub mod handshake;
 pub mod io;
+pub mod mux;
 pub mod record;
 pub mod session;
+pub mod transport;

@@ -1,67 +1,84 @@
-//! A link session over TCP: many concurrent byte streams, each with
-//! credit-based flow control, multiplexed over one encrypted connection.
+//! A link session: drives the sans-IO multiplexer ([`crate::mux`]) over a
+//! [`Transport`] and gives the gateway async byte streams.
 //!
-//! Tasks: a reader (opens records, dispatches frames; it never blocks on a
-//! stream, so the link can always make progress), a writer (flushes the
-//! outbox to the socket), and a keepalive. Streams seal their own DATA
-//! frames into the shared outbox, so a busy stream's encryption runs on its
-//! own task, in parallel with the writer.
+//! Tasks: a reader (reads records, opens them, hands their frames to the
+//! multiplexer; it never waits for a stream's consumer, so the link always
+//! makes progress), one writer (takes frames from the multiplexer's
+//! scheduler, seals them in wire order — the record nonce is an implicit
+//! counter — and writes them), and a timer (keepalive probes, dead-link
+//! detection). Stream handles only queue plaintext and wait for events.
 //!
-//! Deadlock freedom: DATA is bounded twice (per-stream credit, and the
-//! outbox high-water mark); control frames (WINDOW, FIN, RESET, PONG,
-//! OPEN_OK) are never refused, and the reader never waits for a consumer.
-//! Lock order: a stream's lock, then the outbox lock, never the reverse.
+//! All state lives in one `Mux` behind one lock; wakers and open replies sit
+//! next to it and are fired from the multiplexer's events. The lock is never
+//! held across I/O or encryption.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
-use crate::frame::{Frame, MAX_DATA, MAX_TEXT};
+use crate::frame::Frame;
 use crate::handshake::SessionKeys;
-use crate::record::{complete_record_len, Opener, Sealer};
+pub use crate::mux::Role;
+use crate::mux::{Event, Mux, MuxConfig, MuxStats, ReadState, WriteState};
+use crate::record::{complete_record_len, Opener, Sealer, MAX_RECORD, TAG_LEN};
+use crate::transport::{ReadHalf, Transport, WriteHalf};
 
 /// Tunables of a session.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
-    /// Bytes a stream may have in flight towards us (its receive window).
+    /// Bytes a stream may have in flight towards us (its receive window,
+    /// while the link's receive budget allows).
     pub window: u32,
-    /// Send a PING when nothing was sent for this long.
+    /// All streams' receive windows together: the link's receive memory.
+    pub recv_budget: u64,
+    /// Streams at once on the link, both directions.
+    pub max_streams: usize,
+    /// Send a PING this often (liveness, NAT mappings, round-trip time).
     pub keepalive: Duration,
     /// Declare the link dead when nothing arrived for this long.
     pub dead_after: Duration,
+    /// Fail the link when a write to the transport makes no progress for
+    /// this long (a peer that stopped reading).
+    pub write_timeout: Duration,
     /// Most incoming stream requests waiting for the gateway.
     pub incoming_backlog: usize,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
+        let mux = MuxConfig::default();
         SessionConfig {
-            window: 1024 * 1024,
-            keepalive: Duration::from_secs(15),
-            dead_after: Duration::from_secs(45),
+            window: mux.window,
+            recv_budget: mux.recv_budget,
+            max_streams: mux.max_streams,
+            keepalive: mux.keepalive,
+            dead_after: mux.dead_after,
+            write_timeout: Duration::from_secs(30),
             incoming_backlog: 256,
         }
     }
 }
 
-/// Which end of the link we are: decides stream id parity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// We dialed (odd stream ids).
-    Dialer,
-    /// We accepted (even stream ids).
-    Acceptor,
+impl SessionConfig {
+    fn mux(&self) -> MuxConfig {
+        MuxConfig {
+            window: self.window,
+            recv_budget: self.recv_budget,
+            max_streams: self.max_streams,
+            keepalive: self.keepalive,
+            dead_after: self.dead_after,
+            ..MuxConfig::default()
+        }
+    }
 }
 
 /// How a session ended.
@@ -93,83 +110,99 @@ pub enum OpenError {
     LinkDown(String),
 }
 
-/// Outbox size beyond which DATA waits (control frames never wait).
-const HIGH_WATER: usize = 1024 * 1024;
-/// Bytes read from the socket at a time.
-const READ_CHUNK: usize = 256 * 1024;
-
-struct Outbox {
-    sealer: Sealer,
-    buf: Vec<u8>,
-    /// Streams waiting for the outbox to drain.
-    blocked: Vec<Waker>,
-    /// No more frames: CLOSE was queued or the link failed.
-    closed: bool,
-    last_queued: Instant,
+/// A snapshot of a session's counters.
+#[derive(Clone, Debug, Default)]
+pub struct SessionStats {
+    /// Stream payload, round trip and stream counts from the multiplexer.
+    pub mux: MuxStats,
+    /// Bytes written to and read from the transport (records included).
+    pub wire_sent: u64,
+    /// Bytes read from the transport.
+    pub wire_received: u64,
 }
+
+/// Bytes read from the transport at a time.
+const READ_CHUNK: usize = 256 * 1024;
+/// Records sealed and handed to the transport in one write at most.
+const WRITE_BATCH: usize = 256 * 1024;
 
 #[derive(Default)]
-struct StreamInner {
-    recv: VecDeque<Bytes>,
-    /// Bytes the peer may still send before we grant more.
-    recv_allowance: u64,
-    /// Bytes consumed by the reader since the last WINDOW frame.
-    consumed_unacked: u32,
-    fin_received: bool,
-    send_credit: u64,
-    fin_sent: bool,
-    /// Set when the stream is aborted (RESET, link end); reads and writes fail.
-    reset: Option<String>,
-    read_waker: Option<Waker>,
-    write_waker: Option<Waker>,
-    open_reply: Option<oneshot::Sender<Result<u32, String>>>,
+struct StreamWakers {
+    read: Option<Waker>,
+    write: Option<Waker>,
 }
 
-struct StreamShared {
-    id: u32,
-    inner: Mutex<StreamInner>,
-}
-
-impl StreamShared {
-    fn lock(&self) -> MutexGuard<'_, StreamInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
+struct State {
+    mux: Mux,
+    wakers: HashMap<u32, StreamWakers>,
+    open_replies: HashMap<u32, oneshot::Sender<Result<(), String>>>,
+    /// Set once the session ended: no new streams.
+    ended: bool,
 }
 
 struct Shared {
-    outbox: Mutex<Outbox>,
+    state: Mutex<State>,
     writer_wake: Notify,
-    streams: Mutex<HashMap<u32, Arc<StreamShared>>>,
-    next_id: AtomicU32,
-    config: SessionConfig,
+    reader_wake: Notify,
     end: watch::Sender<Option<LinkEnd>>,
+    wire_sent: AtomicU64,
+    wire_received: AtomicU64,
+}
+
+fn wake(slot: &mut Option<Waker>) {
+    if let Some(waker) = slot.take() {
+        waker.wake();
+    }
 }
 
 impl Shared {
-    fn outbox(&self) -> MutexGuard<'_, Outbox> {
-        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn streams(&self) -> MutexGuard<'_, HashMap<u32, Arc<StreamShared>>> {
-        self.streams.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues a control frame; returns false if the link is closed.
-    fn send_control(&self, frame: &Frame<'_>) -> bool {
-        let mut outbox = self.outbox();
-        if outbox.closed {
-            return false;
+    /// Fires the wakers and replies for the multiplexer's events, wakes the
+    /// writer if something became sendable, and returns incoming stream
+    /// requests (to hand to the gateway after the lock is released).
+    fn settle(&self, state: &mut State) -> Vec<(u32, String)> {
+        let mut incoming = Vec::new();
+        while let Some(event) = state.mux.poll_event() {
+            match event {
+                Event::Incoming { id, service } => incoming.push((id, service)),
+                Event::Opened(id) => {
+                    let delivered = state
+                        .open_replies
+                        .remove(&id)
+                        .is_some_and(|reply| reply.send(Ok(())).is_ok());
+                    if !delivered {
+                        // Whoever opened it stopped waiting.
+                        state.mux.release(id);
+                    }
+                }
+                Event::OpenFailed { id, reason } => {
+                    if let Some(reply) = state.open_replies.remove(&id) {
+                        let _ = reply.send(Err(reason));
+                    }
+                }
+                Event::Readable(id) => {
+                    if let Some(w) = state.wakers.get_mut(&id) {
+                        wake(&mut w.read);
+                    }
+                }
+                Event::Writable(id) => {
+                    if let Some(w) = state.wakers.get_mut(&id) {
+                        wake(&mut w.write);
+                    }
+                }
+            }
         }
-        let Outbox { sealer, buf, .. } = &mut *outbox;
-        sealer.seal(frame, buf);
-        outbox.last_queued = Instant::now();
-        drop(outbox);
-        self.writer_wake.notify_one();
-        true
+        if state.mux.take_dirty() {
+            self.writer_wake.notify_one();
+        }
+        incoming
     }
 
-    /// Marks the session ended (first reason wins), aborts every stream and
-    /// stops the writer.
+    /// Marks the session ended (first reason wins), fails every stream and
+    /// stops the writer once it flushed a queued CLOSE.
     fn finish(&self, end: LinkEnd) {
         self.end.send_if_modified(|current| {
             if current.is_none() {
@@ -180,38 +213,24 @@ impl Shared {
             }
         });
         let reason = format!("link {end}");
-        let streams: Vec<_> = self.streams().drain().map(|(_, s)| s).collect();
-        for stream in streams {
-            let mut inner = stream.lock();
-            inner.reset.get_or_insert_with(|| reason.clone());
-            if let Some(reply) = inner.open_reply.take() {
-                let _ = reply.send(Err(reason.clone()));
-            }
-            wake(&mut inner.read_waker);
-            wake(&mut inner.write_waker);
+        let mut state = self.lock();
+        state.ended = true;
+        state.mux.fail_all(&reason);
+        self.settle(&mut state);
+        for (_, reply) in state.open_replies.drain() {
+            let _ = reply.send(Err(reason.clone()));
         }
-        let mut outbox = self.outbox();
-        outbox.closed = true;
-        for waker in outbox.blocked.drain(..) {
-            waker.wake();
-        }
-        drop(outbox);
+        drop(state);
         self.writer_wake.notify_one();
+        self.reader_wake.notify_one();
     }
-}
 
-fn wake(slot: &mut Option<Waker>) {
-    if let Some(waker) = slot.take() {
-        waker.wake();
+    fn end_reason(&self) -> String {
+        match &*self.end.borrow() {
+            Some(end) => end.to_string(),
+            None => "closing".into(),
+        }
     }
-}
-
-fn text_cap(text: &str) -> &str {
-    let mut end = text.len().min(MAX_TEXT);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 // === Session ===
@@ -223,111 +242,97 @@ pub struct Session {
 }
 
 /// A stream the other gateway wants to open to one of our services.
+/// Dropping it without an answer refuses it.
 pub struct IncomingStream {
     shared: Arc<Shared>,
     id: u32,
-    peer_window: u32,
+    answered: bool,
     /// The service it asks for.
     pub service: String,
 }
 
 impl Session {
-    /// Starts the session's tasks on an authenticated connection. Incoming
+    /// Starts the session's tasks on an authenticated transport. Incoming
     /// stream requests arrive on the returned receiver.
     pub fn start(
-        tcp: TcpStream,
+        transport: impl Transport,
         keys: SessionKeys,
         role: Role,
         config: SessionConfig,
     ) -> (Session, mpsc::Receiver<IncomingStream>) {
-        let _ = tcp.set_nodelay(true);
         let (end, _) = watch::channel(None);
         let shared = Arc::new(Shared {
-            outbox: Mutex::new(Outbox {
-                sealer: Sealer::new(keys.send),
-                buf: Vec::with_capacity(64 * 1024),
-                blocked: Vec::new(),
-                closed: false,
-                last_queued: Instant::now(),
+            state: Mutex::new(State {
+                mux: Mux::new(role, config.mux(), Instant::now().into_std()),
+                wakers: HashMap::new(),
+                open_replies: HashMap::new(),
+                ended: false,
             }),
             writer_wake: Notify::new(),
-            streams: Mutex::new(HashMap::new()),
-            next_id: AtomicU32::new(if role == Role::Dialer { 1 } else { 2 }),
-            config: config.clone(),
+            reader_wake: Notify::new(),
             end,
+            wire_sent: AtomicU64::new(0),
+            wire_received: AtomicU64::new(0),
         });
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_backlog);
-        let (read_half, write_half) = tcp.into_split();
+        let (read_half, write_half) = transport.into_halves();
         let opener = Opener::new(keys.recv);
-        tokio::spawn(run_writer(shared.clone(), write_half));
+        let sealer = Sealer::new(keys.send);
+        let writer_shared = shared.clone();
+        let write_timeout = config.write_timeout;
+        tokio::spawn(async move {
+            if let Err(end) = run_writer(&writer_shared, write_half, sealer, write_timeout).await {
+                writer_shared.finish(end);
+            }
+        });
         let reader_shared = shared.clone();
         tokio::spawn(async move {
-            let end = run_reader(&reader_shared, read_half, opener, incoming_tx, role).await;
+            let end = run_reader(&reader_shared, read_half, opener, incoming_tx).await;
             reader_shared.finish(end);
         });
-        tokio::spawn(run_keepalive(shared.clone()));
+        tokio::spawn(run_timer(shared.clone()));
         (Session { shared }, incoming_rx)
     }
 
     /// Opens a stream to the other gateway's `service`; resolves once the
     /// other side accepted or refused it.
     pub async fn open(&self, service: &str) -> Result<LinkStream, OpenError> {
-        let id = self.shared.next_id.fetch_add(2, Ordering::Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
-        let stream = Arc::new(StreamShared {
+        let id = {
+            let mut state = self.shared.lock();
+            if state.ended {
+                return Err(OpenError::LinkDown(self.shared.end_reason()));
+            }
+            let id = state.mux.open(service).map_err(OpenError::LinkDown)?;
+            state.open_replies.insert(id, reply_tx);
+            state.wakers.insert(id, StreamWakers::default());
+            self.shared.settle(&mut state);
+            id
+        };
+        // Until the answer, a drop of this future must release the stream.
+        let guard = LinkStream {
+            shared: self.shared.clone(),
             id,
-            inner: Mutex::new(StreamInner {
-                recv_allowance: u64::from(self.shared.config.window),
-                open_reply: Some(reply_tx),
-                ..StreamInner::default()
-            }),
-        });
-        self.shared.streams().insert(id, stream.clone());
-        let window = self.shared.config.window;
-        if !self.shared.send_control(&Frame::Open {
-            id,
-            window,
-            service: text_cap(service),
-        }) {
-            self.shared.streams().remove(&id);
-            return Err(OpenError::LinkDown(self.end_reason()));
-        }
+        };
         match reply_rx.await {
-            Ok(Ok(peer_window)) => {
-                stream.lock().send_credit = u64::from(peer_window);
-                Ok(LinkStream::new(self.shared.clone(), stream))
-            }
+            Ok(Ok(())) => Ok(guard),
             Ok(Err(reason)) => {
-                self.shared.streams().remove(&id);
-                Err(OpenError::Refused(reason))
+                if self.is_ended() {
+                    Err(OpenError::LinkDown(reason))
+                } else {
+                    Err(OpenError::Refused(reason))
+                }
             }
-            Err(_) => Err(OpenError::LinkDown(self.end_reason())),
-        }
-    }
-
-    fn end_reason(&self) -> String {
-        match &*self.shared.end.borrow() {
-            Some(end) => end.to_string(),
-            None => "closing".into(),
+            Err(_) => Err(OpenError::LinkDown(self.shared.end_reason())),
         }
     }
 
     /// Sends an authenticated CLOSE record and stops sending; the session
-    /// ends when the peer closes its side (or after the writer flushes).
+    /// ends when the peer closes its side.
     pub fn close(&self, reason: &str) {
-        let mut outbox = self.shared.outbox();
-        if !outbox.closed {
-            let Outbox { sealer, buf, .. } = &mut *outbox;
-            sealer.seal(
-                &Frame::Close {
-                    reason: text_cap(reason),
-                },
-                buf,
-            );
-            outbox.closed = true;
-        }
-        drop(outbox);
-        self.shared.writer_wake.notify_one();
+        let mut state = self.shared.lock();
+        state.mux.close(reason);
+        self.shared.settle(&mut state);
     }
 
     /// Waits until the session has ended and says how.
@@ -352,261 +357,235 @@ impl Session {
     pub fn same_session(&self, other: &Session) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
+
+    /// Counters now: bytes each way, streams, round-trip time.
+    pub fn stats(&self) -> SessionStats {
+        SessionStats {
+            mux: self.shared.lock().mux.stats(),
+            wire_sent: self.shared.wire_sent.load(Ordering::Relaxed),
+            wire_received: self.shared.wire_received.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl IncomingStream {
-    /// Accepts the stream; the other side may send at once.
-    pub fn accept(self) -> Option<LinkStream> {
-        let stream = Arc::new(StreamShared {
-            id: self.id,
-            inner: Mutex::new(StreamInner {
-                recv_allowance: u64::from(self.shared.config.window),
-                send_credit: u64::from(self.peer_window),
-                ..StreamInner::default()
-            }),
-        });
-        self.shared.streams().insert(self.id, stream.clone());
-        let window = self.shared.config.window;
-        if !self.shared.send_control(&Frame::OpenOk {
-            id: self.id,
-            window,
-        }) {
-            self.shared.streams().remove(&self.id);
+    /// Accepts the stream; the other side may send at once. None if the
+    /// link ended (or the other side gave up) meanwhile.
+    pub fn accept(mut self) -> Option<LinkStream> {
+        self.answered = true;
+        let mut state = self.shared.lock();
+        if !state.mux.accept(self.id) {
             return None;
         }
-        Some(LinkStream::new(self.shared.clone(), stream))
+        state.wakers.insert(self.id, StreamWakers::default());
+        self.shared.settle(&mut state);
+        drop(state);
+        Some(LinkStream {
+            shared: self.shared.clone(),
+            id: self.id,
+        })
     }
 
     /// Refuses the stream, telling the other side why.
-    pub fn refuse(self, reason: &str) {
-        self.shared.send_control(&Frame::OpenFail {
-            id: self.id,
-            reason: text_cap(reason),
-        });
+    pub fn refuse(mut self, reason: &str) {
+        self.answered = true;
+        self.refuse_now(reason);
+    }
+
+    fn refuse_now(&self, reason: &str) {
+        let mut state = self.shared.lock();
+        state.mux.refuse(self.id, reason);
+        self.shared.settle(&mut state);
+    }
+}
+
+impl Drop for IncomingStream {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.refuse_now("the gateway did not take the stream");
+        }
     }
 }
 
 // === Tasks ===
 
-async fn run_writer(shared: Arc<Shared>, mut tcp: tokio::net::tcp::OwnedWriteHalf) {
-    let mut spare = Vec::with_capacity(64 * 1024);
+/// Takes frames from the scheduler, seals them in order and writes them.
+/// Returns Ok when our CLOSE went out or the session ended.
+async fn run_writer(
+    shared: &Arc<Shared>,
+    mut transport: WriteHalf,
+    mut sealer: Sealer,
+    write_timeout: Duration,
+) -> Result<(), LinkEnd> {
+    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_RECORD + 2);
+    let mut records: Vec<(usize, usize)> = Vec::new();
     loop {
-        let (chunk, closed) = {
-            let mut outbox = shared.outbox();
-            std::mem::swap(&mut outbox.buf, &mut spare);
-            for waker in outbox.blocked.drain(..) {
-                waker.wake();
+        let (close_sent, ended) = {
+            let mut state = shared.lock();
+            let now = Instant::now().into_std();
+            let throttled = !state.mux.wants_read();
+            while out.len() < WRITE_BATCH {
+                let start = out.len();
+                out.extend_from_slice(&[0, 0]);
+                if !state.mux.poll_transmit(now, &mut out) {
+                    out.truncate(start);
+                    break;
+                }
+                out.extend_from_slice(&[0; TAG_LEN]);
+                records.push((start, out.len()));
             }
-            (std::mem::take(&mut spare), outbox.closed)
+            shared.settle(&mut state);
+            if throttled && state.mux.wants_read() {
+                shared.reader_wake.notify_one();
+            }
+            (state.mux.close_sent(), state.ended)
         };
-        if chunk.is_empty() {
-            spare = chunk;
-            if closed {
-                let _ = tcp.shutdown().await;
-                return;
+        if out.is_empty() {
+            if close_sent || ended {
+                let _ = tokio::time::timeout(write_timeout, transport.shutdown()).await;
+                return Ok(());
             }
             shared.writer_wake.notified().await;
             continue;
         }
-        if let Err(e) = tcp.write_all(&chunk).await {
-            shared.finish(LinkEnd::Failed(format!("writing to the link: {e}")));
-            return;
+        for &(start, end) in &records {
+            sealer.seal_in_place(&mut out[start..end]);
         }
-        spare = chunk;
-        spare.clear();
-        if spare.capacity() > 4 * HIGH_WATER {
-            spare.shrink_to(64 * 1024);
+        records.clear();
+        match tokio::time::timeout(write_timeout, transport.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(LinkEnd::Failed(format!("writing to the link: {e}"))),
+            Err(_) => {
+                return Err(LinkEnd::Failed(format!(
+                    "the other gateway has not taken data for {write_timeout:?}"
+                )))
+            }
+        }
+        shared
+            .wire_sent
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        out.clear();
+        if out.capacity() > 4 * WRITE_BATCH {
+            out.shrink_to(WRITE_BATCH + MAX_RECORD + 2);
         }
     }
 }
 
-async fn run_keepalive(shared: Arc<Shared>) {
+/// Sends keepalive probes and declares a silent link dead.
+async fn run_timer(shared: Arc<Shared>) {
     let mut end = shared.end.subscribe();
-    let mut counter = 0u64;
     loop {
-        let idle_since = shared.outbox().last_queued;
-        let due = idle_since + shared.config.keepalive;
+        let due = shared.lock().mux.next_timeout();
         tokio::select! {
-            () = tokio::time::sleep_until(due) => {}
+            () = tokio::time::sleep_until(Instant::from_std(due)) => {}
             _ = end.changed() => return,
         }
-        if shared.outbox().last_queued <= idle_since {
-            counter += 1;
-            if !shared.send_control(&Frame::Ping(counter)) {
-                return;
-            }
+        let result = {
+            let mut state = shared.lock();
+            let result = state.mux.handle_timeout(Instant::now().into_std());
+            shared.settle(&mut state);
+            result
+        };
+        if let Err(reason) = result {
+            shared.finish(LinkEnd::Failed(reason));
+            return;
         }
     }
 }
 
 async fn run_reader(
     shared: &Arc<Shared>,
-    mut tcp: tokio::net::tcp::OwnedReadHalf,
+    mut transport: ReadHalf,
     mut opener: Opener,
     incoming: mpsc::Sender<IncomingStream>,
-    role: Role,
 ) -> LinkEnd {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut close_received: Option<String> = None;
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK + MAX_RECORD + 2);
+    let mut end = shared.end.subscribe();
     loop {
-        if buf.capacity() - buf.len() < 64 * 1024 {
-            buf.reserve(READ_CHUNK);
-        }
-        let read = tokio::time::timeout(shared.config.dead_after, tcp.read_buf(&mut buf)).await;
-        let n = match read {
-            Err(_) => {
-                return LinkEnd::Failed(format!(
-                    "nothing received for {:?}: the other gateway or the network is gone",
-                    shared.config.dead_after
-                ))
+        // Peer-caused replies backed up: let the writer catch up first.
+        loop {
+            let notified = shared.reader_wake.notified();
+            {
+                let state = shared.lock();
+                if state.ended {
+                    return LinkEnd::Failed(shared.end_reason());
+                }
+                if state.mux.wants_read() {
+                    break;
+                }
             }
-            Ok(Err(e)) => return LinkEnd::Failed(format!("reading from the link: {e}")),
-            Ok(Ok(n)) => n,
+            notified.await;
+        }
+        let n = tokio::select! {
+            read = transport.read_buf(&mut buf) => match read {
+                Ok(n) => n,
+                Err(e) => return LinkEnd::Failed(format!("reading from the link: {e}")),
+            },
+            _ = end.changed() => return LinkEnd::Failed(shared.end_reason()),
         };
         if n == 0 {
-            return match close_received {
-                Some(reason) => LinkEnd::Closed(reason),
+            return match shared.lock().mux.close_received() {
+                Some(reason) => LinkEnd::Closed(reason.to_string()),
                 None => LinkEnd::Failed(
                     "the connection ended without a close record (truncated)".into(),
                 ),
             };
         }
-        while let Some(len) = complete_record_len(&buf) {
-            let mut record = buf.split_to(len);
-            if close_received.is_some() {
-                return LinkEnd::Failed("data after the close record".into());
+        shared.wire_received.fetch_add(n as u64, Ordering::Relaxed);
+        // Open every complete record outside the lock, then hand the frames
+        // to the multiplexer in one go.
+        let mut at = 0;
+        let mut plaintexts: Vec<(usize, usize)> = Vec::new();
+        while let Some(len) = complete_record_len(&buf[at..]) {
+            match opener.open(&mut buf[at + 2..at + len]) {
+                Ok(plaintext) => plaintexts.push((at + 2, plaintext.len())),
+                Err(e) => {
+                    close_for(shared, &e.to_string());
+                    return LinkEnd::Failed(e.to_string());
+                }
             }
-            let plaintext_len = match opener.open(&mut record[2..]) {
-                Ok(plaintext) => plaintext.len(),
-                Err(e) => return LinkEnd::Failed(e.to_string()),
-            };
-            record.truncate(2 + plaintext_len);
-            record.advance(2);
-            if let Err(reason) = dispatch(shared, record, &incoming, role, &mut close_received) {
-                let _ = shared.send_control(&Frame::Close {
-                    reason: text_cap(&reason),
-                });
-                return LinkEnd::Failed(reason);
-            }
+            at += len;
         }
-    }
-}
-
-/// Handles one decrypted frame. An `Err` is a protocol violation by the
-/// peer: the link is closed.
-fn dispatch(
-    shared: &Arc<Shared>,
-    plaintext: BytesMut,
-    incoming: &mpsc::Sender<IncomingStream>,
-    role: Role,
-    close_received: &mut Option<String>,
-) -> Result<(), String> {
-    let frame = Frame::decode(&plaintext).map_err(|e| e.to_string())?;
-    let stream_of = |id: u32| shared.streams().get(&id).cloned();
-    match frame {
-        Frame::Data { id, data } => {
-            let len = data.len();
-            if len == 0 || len > MAX_DATA {
-                return Err("empty or oversized data frame".into());
+        let requests = {
+            let mut state = shared.lock();
+            let now = Instant::now().into_std();
+            for &(start, len) in &plaintexts {
+                let handled = Frame::decode(&buf[start..start + len])
+                    .map_err(|e| e.to_string())
+                    .and_then(|frame| state.mux.handle_frame(frame, now).map_err(|e| e.0));
+                if let Err(reason) = handled {
+                    state.mux.close(&reason);
+                    shared.settle(&mut state);
+                    return LinkEnd::Failed(reason);
+                }
             }
-            // Streams we dropped may still receive in-flight data: ignore it.
-            let Some(stream) = stream_of(id) else {
-                return Ok(());
-            };
-            let payload = plaintext.freeze().slice(crate::frame::DATA_HEADER..);
-            let mut inner = stream.lock();
-            if inner.reset.is_some() || inner.fin_received {
-                return Ok(());
-            }
-            if len as u64 > inner.recv_allowance {
-                return Err(format!("stream {id} sent beyond its window"));
-            }
-            inner.recv_allowance -= len as u64;
-            inner.recv.push_back(payload);
-            wake(&mut inner.read_waker);
-        }
-        Frame::Open {
-            id,
-            window,
-            service,
-        } => {
-            let theirs = if role == Role::Dialer { 0 } else { 1 };
-            if id % 2 != theirs || shared.streams().contains_key(&id) {
-                return Err(format!("invalid stream id {id} in open"));
-            }
+            shared.settle(&mut state)
+        };
+        for (id, service) in requests {
             let request = IncomingStream {
                 shared: shared.clone(),
                 id,
-                peer_window: window,
-                service: service.to_string(),
+                answered: false,
+                service,
             };
             if let Err(
-                mpsc::error::TrySendError::Full(request)
-                | mpsc::error::TrySendError::Closed(request),
+                mpsc::error::TrySendError::Full(mut request)
+                | mpsc::error::TrySendError::Closed(mut request),
             ) = incoming.try_send(request)
             {
-                request.refuse("the gateway is too busy to accept more streams");
+                request.answered = true;
+                request.refuse_now("the gateway is too busy to accept more streams");
             }
         }
-        Frame::OpenOk { id, window } => {
-            if let Some(stream) = stream_of(id) {
-                if let Some(reply) = stream.lock().open_reply.take() {
-                    let _ = reply.send(Ok(window));
-                }
-            }
-        }
-        Frame::OpenFail { id, reason } => {
-            if let Some(stream) = shared.streams().remove(&id) {
-                if let Some(reply) = stream.lock().open_reply.take() {
-                    let _ = reply.send(Err(reason.to_string()));
-                }
-            }
-        }
-        Frame::Window { id, increment } => {
-            if let Some(stream) = stream_of(id) {
-                let mut inner = stream.lock();
-                inner.send_credit += u64::from(increment);
-                wake(&mut inner.write_waker);
-            }
-        }
-        Frame::Fin { id } => {
-            if let Some(stream) = stream_of(id) {
-                let mut inner = stream.lock();
-                inner.fin_received = true;
-                wake(&mut inner.read_waker);
-            }
-        }
-        Frame::Reset { id, reason } => {
-            if let Some(stream) = shared.streams().remove(&id) {
-                let mut inner = stream.lock();
-                inner.reset = Some(format!("reset by the other gateway: {reason}"));
-                wake(&mut inner.read_waker);
-                wake(&mut inner.write_waker);
-            }
-        }
-        Frame::Ping(value) => {
-            shared.send_control(&Frame::Pong(value));
-        }
-        Frame::Pong(_) => {}
-        Frame::Close { reason } => {
-            *close_received = Some(reason.to_string());
-            // Answer with our own close so the peer sees a clean end too.
-            let mut outbox = shared.outbox();
-            if !outbox.closed {
-                let Outbox { sealer, buf, .. } = &mut *outbox;
-                sealer.seal(
-                    &Frame::Close {
-                        reason: "closing in reply",
-                    },
-                    buf,
-                );
-                outbox.closed = true;
-            }
-            drop(outbox);
-            shared.writer_wake.notify_one();
-        }
+        buf.drain(..at);
     }
-    Ok(())
+}
+
+/// Queues a CLOSE telling the peer why we end the link.
+fn close_for(shared: &Shared, reason: &str) {
+    let mut state = shared.lock();
+    state.mux.close(reason);
+    shared.settle(&mut state);
 }
 
 // === LinkStream ===
@@ -615,17 +594,11 @@ fn dispatch(
 /// half-close. Dropping it before both directions finished resets it.
 pub struct LinkStream {
     shared: Arc<Shared>,
-    stream: Arc<StreamShared>,
+    id: u32,
 }
 
-impl LinkStream {
-    fn new(shared: Arc<Shared>, stream: Arc<StreamShared>) -> Self {
-        LinkStream { shared, stream }
-    }
-
-    fn broken(reason: &str) -> io::Error {
-        io::Error::new(io::ErrorKind::ConnectionReset, reason.to_string())
-    }
+fn broken(reason: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, reason.to_string())
 }
 
 impl AsyncRead for LinkStream {
@@ -635,41 +608,28 @@ impl AsyncRead for LinkStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let mut inner = this.stream.lock();
-        if !inner.recv.is_empty() {
-            let mut copied = 0;
-            while buf.remaining() > 0 {
-                let Some(front) = inner.recv.front_mut() else {
-                    break;
-                };
-                let n = front.len().min(buf.remaining());
-                buf.put_slice(&front[..n]);
-                front.advance(n);
-                if front.is_empty() {
-                    inner.recv.pop_front();
+        let mut state = this.shared.lock();
+        match state.mux.read_state(this.id) {
+            ReadState::Data => {
+                let (a, b) = state.mux.recv_slices(this.id);
+                let from_a = a.len().min(buf.remaining());
+                buf.put_slice(&a[..from_a]);
+                let from_b = b.len().min(buf.remaining());
+                buf.put_slice(&b[..from_b]);
+                state.mux.consume(this.id, from_a + from_b);
+                this.shared.settle(&mut state);
+                Poll::Ready(Ok(()))
+            }
+            ReadState::Eof => Poll::Ready(Ok(())),
+            ReadState::Reset(reason) => Poll::Ready(Err(broken(&reason))),
+            ReadState::Gone => Poll::Ready(Err(broken("stream closed"))),
+            ReadState::Blocked => {
+                if let Some(w) = state.wakers.get_mut(&this.id) {
+                    w.read = Some(cx.waker().clone());
                 }
-                copied += n;
+                Poll::Pending
             }
-            inner.consumed_unacked += copied as u32;
-            // Grant more credit once a quarter of the window was consumed.
-            if inner.consumed_unacked >= this.shared.config.window / 4 && !inner.fin_received {
-                let increment = std::mem::take(&mut inner.consumed_unacked);
-                inner.recv_allowance += u64::from(increment);
-                this.shared.send_control(&Frame::Window {
-                    id: this.stream.id,
-                    increment,
-                });
-            }
-            return Poll::Ready(Ok(()));
         }
-        if inner.fin_received {
-            return Poll::Ready(Ok(()));
-        }
-        if let Some(reason) = &inner.reset {
-            return Poll::Ready(Err(Self::broken(reason)));
-        }
-        inner.read_waker = Some(cx.waker().clone());
-        Poll::Pending
     }
 }
 
@@ -679,90 +639,50 @@ impl AsyncWrite for LinkStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let mut inner = this.stream.lock();
-        if let Some(reason) = &inner.reset {
-            return Poll::Ready(Err(Self::broken(reason)));
-        }
-        if inner.fin_sent {
-            return Poll::Ready(Err(io::Error::new(
+        let this = self.get_mut();
+        let mut state = this.shared.lock();
+        match state.mux.write(this.id, data) {
+            WriteState::Queued(n) => {
+                this.shared.settle(&mut state);
+                Poll::Ready(Ok(n))
+            }
+            WriteState::Blocked => {
+                if let Some(w) = state.wakers.get_mut(&this.id) {
+                    w.write = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            WriteState::Reset(reason) => Poll::Ready(Err(broken(&reason))),
+            WriteState::Finished => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "write after shutdown",
-            )));
+            ))),
         }
-        if inner.send_credit == 0 {
-            inner.write_waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        let n = data.len().min(MAX_DATA).min(inner.send_credit as usize);
-        let mut outbox = this.shared.outbox();
-        if outbox.closed {
-            return Poll::Ready(Err(Self::broken("link closed")));
-        }
-        if outbox.buf.len() >= HIGH_WATER {
-            outbox.blocked.push(cx.waker().clone());
-            return Poll::Pending;
-        }
-        let Outbox { sealer, buf, .. } = &mut *outbox;
-        sealer.seal(
-            &Frame::Data {
-                id: this.stream.id,
-                data: &data[..n],
-            },
-            buf,
-        );
-        outbox.last_queued = Instant::now();
-        drop(outbox);
-        inner.send_credit -= n as u64;
-        drop(inner);
-        this.shared.writer_wake.notify_one();
-        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Frames are flushed by the writer task as soon as they are queued.
+        // The writer task sends queued data as soon as the scheduler allows.
         Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let mut inner = this.stream.lock();
-        if inner.fin_sent {
-            return Poll::Ready(Ok(()));
-        }
-        if let Some(reason) = &inner.reset {
-            // A peer that finished sending and then left has nothing more to
-            // learn from our end of stream: like TCP's shutdown towards a
-            // closed socket, this is not an error. Data writes still are.
-            if inner.fin_received {
-                inner.fin_sent = true;
-                return Poll::Ready(Ok(()));
-            }
-            return Poll::Ready(Err(Self::broken(reason)));
-        }
-        inner.fin_sent = true;
-        drop(inner);
-        this.shared.send_control(&Frame::Fin { id: this.stream.id });
-        Poll::Ready(Ok(()))
+        let mut state = this.shared.lock();
+        let result = state.mux.finish(this.id);
+        this.shared.settle(&mut state);
+        Poll::Ready(result.map_err(|reason| broken(&reason)))
     }
 }
 
 impl Drop for LinkStream {
     fn drop(&mut self) {
-        let id = self.stream.id;
-        let finished = {
-            let inner = self.stream.lock();
-            inner.reset.is_some() || (inner.fin_sent && inner.fin_received)
-        };
-        self.shared.streams().remove(&id);
-        if !finished {
-            self.shared.send_control(&Frame::Reset {
-                id,
-                reason: "stream closed",
-            });
-        }
+        let mut state = self.shared.lock();
+        state.wakers.remove(&self.id);
+        state.open_replies.remove(&self.id);
+        state.mux.release(self.id);
+        self.shared.settle(&mut state);
     }
 }

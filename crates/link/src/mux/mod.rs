@@ -1,0 +1,994 @@
+//! The stream multiplexer, sans-IO: the stream table, flow-control windows,
+//! per-stream send and receive queues, and the scheduler that picks the next
+//! frame to send. No sockets, no clock (time is passed in), no wakers: the
+//! caller feeds frames in ([`Mux::handle_frame`]), takes frames out
+//! ([`Mux::poll_transmit`]) and reacts to [`Event`]s. `session` drives it
+//! over a transport.
+//!
+//! Scheduling: control frames first (OPEN, OPEN_OK, OPEN_FAIL, RESET, CLOSE,
+//! then a due PING/PONG and window updates), then stream data by deficit
+//! round robin over two lists, as fq_codel does: a stream that had nothing
+//! queued joins the *new* list and is served before streams that stayed
+//! busy (the *old* list), so a keystroke does not wait behind bulk
+//! transfers on the same link.
+//!
+//! Bounds against a hostile peer (all per link, documented in
+//! docs/link-protocol.md): at most `max_streams` streams; receive windows
+//! drawn from one budget of `recv_budget` bytes (each stream gets at least
+//! [`MIN_WINDOW`]); received data is copied out of the record into the
+//! stream's own buffer, so memory follows what is buffered, not which
+//! records it came in; at most one pending PONG and one window update per
+//! stream; peer-caused control replies (OPEN_FAIL) past [`CONTROL_LIMIT`]
+//! make [`Mux::wants_read`] false so the caller stops reading; stream ids
+//! only increase, windows never exceed [`MAX_WINDOW`].
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::frame::{Frame, MAX_DATA, MAX_TEXT};
+
+/// Largest window (and send credit) a stream may have: 2³¹ − 1, as in
+/// HTTP/2. A WINDOW frame that would go past it is a protocol error.
+pub const MAX_WINDOW: u64 = (1 << 31) - 1;
+/// The smallest receive window a stream is given, however full the link's
+/// budget is, so every stream can make progress.
+pub const MIN_WINDOW: u32 = 64 * 1024;
+/// Control frames queued at once before the caller should stop reading
+/// (peer-caused replies would otherwise grow without bound).
+pub const CONTROL_LIMIT: usize = 1024;
+/// Bytes of data a stream is served before others get their turn.
+const QUANTUM: i64 = 16 * 1024;
+
+/// Which end of the link we are: decides stream id parity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// We dialed (odd stream ids).
+    Dialer,
+    /// We accepted (even stream ids).
+    Acceptor,
+}
+
+/// Tunables of the multiplexer.
+#[derive(Clone, Debug)]
+pub struct MuxConfig {
+    /// The receive window a stream gets while the budget allows.
+    pub window: u32,
+    /// All streams' receive windows together (the link's receive memory).
+    pub recv_budget: u64,
+    /// Streams (both directions, opening ones included) at once.
+    pub max_streams: usize,
+    /// Bytes a local writer may queue on one stream before it waits.
+    pub send_queue: usize,
+    /// Send a PING this often (RTT measurement and liveness).
+    pub keepalive: Duration,
+    /// Declare the link dead when nothing arrived for this long.
+    pub dead_after: Duration,
+}
+
+impl Default for MuxConfig {
+    fn default() -> Self {
+        MuxConfig {
+            window: 1024 * 1024,
+            recv_budget: 32 * 1024 * 1024,
+            max_streams: 1024,
+            send_queue: 256 * 1024,
+            keepalive: Duration::from_secs(5),
+            dead_after: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Something the driver must react to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The peer asks for a stream to our `service`: accept or refuse it.
+    Incoming { id: u32, service: String },
+    /// Our OPEN was accepted.
+    Opened(u32),
+    /// Our OPEN was refused, or the link ended first.
+    OpenFailed { id: u32, reason: String },
+    /// Data, end of stream or a reset is ready to be read.
+    Readable(u32),
+    /// Room in the send queue again (or the stream was reset).
+    Writable(u32),
+}
+
+/// The peer broke the protocol: the link must be closed with this reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProtocolError(pub String);
+
+/// What reading a stream found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadState {
+    /// Buffered bytes are available (see [`Mux::recv_slices`]).
+    Data,
+    /// The peer finished sending: end of stream.
+    Eof,
+    /// The stream was aborted; the reason.
+    Reset(String),
+    /// Nothing yet: wait for [`Event::Readable`].
+    Blocked,
+    /// No such stream.
+    Gone,
+}
+
+/// What writing to a stream did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WriteState {
+    /// This many bytes were queued.
+    Queued(usize),
+    /// The send queue is full: wait for [`Event::Writable`].
+    Blocked,
+    /// The stream was aborted (or the link ended); the reason.
+    Reset(String),
+    /// The stream was already finished for sending.
+    Finished,
+}
+
+/// Counters for the console and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct MuxStats {
+    /// Stream payload bytes sent.
+    pub bytes_sent: u64,
+    /// Stream payload bytes received.
+    pub bytes_received: u64,
+    /// Streams in the table now.
+    pub streams: usize,
+    /// Streams opened over the link's life, both directions.
+    pub streams_total: u64,
+    /// The latest PING round trip.
+    pub rtt: Option<Duration>,
+    /// The smoothed PING round trip (7/8 old + 1/8 new, as TCP's SRTT).
+    pub srtt: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum List {
+    New,
+    Old,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// We sent OPEN and wait for OPEN_OK.
+    Opening,
+    /// The peer sent OPEN; the gateway has not decided yet.
+    Pending,
+    /// Both sides agreed.
+    Open,
+}
+
+struct Stream {
+    phase: Phase,
+    /// The local handle is gone; the stream lives on only to send what
+    /// was queued and its FIN.
+    detached: bool,
+    // Receiving.
+    recv: VecDeque<u8>,
+    /// This stream's share of the receive budget.
+    window: u32,
+    /// Bytes the peer may still send.
+    allowance: u64,
+    /// Bytes read by the application since the last WINDOW.
+    consumed: u64,
+    /// Window increment waiting to be sent.
+    window_due: u64,
+    fin_received: bool,
+    reset: Option<String>,
+    // Sending.
+    send: VecDeque<u8>,
+    credit: u64,
+    fin_queued: bool,
+    fin_sent: bool,
+    writer_waiting: bool,
+    list: Option<List>,
+    deficit: i64,
+}
+
+impl Stream {
+    fn new(phase: Phase, window: u32, credit: u64) -> Self {
+        Stream {
+            phase,
+            detached: false,
+            recv: VecDeque::new(),
+            window,
+            allowance: u64::from(window),
+            consumed: 0,
+            window_due: 0,
+            fin_received: false,
+            reset: None,
+            send: VecDeque::new(),
+            credit,
+            fin_queued: false,
+            fin_sent: false,
+            writer_waiting: false,
+            list: None,
+            deficit: 0,
+        }
+    }
+
+    /// Whether the scheduler has something for this stream to send now.
+    fn sendable(&self) -> bool {
+        self.phase == Phase::Open
+            && self.reset.is_none()
+            && ((!self.send.is_empty() && self.credit > 0)
+                || (self.send.is_empty() && self.fin_queued && !self.fin_sent))
+    }
+
+    /// Both directions ended cleanly (or it was reset): nothing more to do.
+    fn finished(&self) -> bool {
+        self.reset.is_some() || (self.fin_sent && self.fin_received)
+    }
+}
+
+enum Control {
+    Open {
+        id: u32,
+        window: u32,
+        service: String,
+    },
+    OpenOk {
+        id: u32,
+        window: u32,
+    },
+    OpenFail {
+        id: u32,
+        reason: String,
+    },
+    Reset {
+        id: u32,
+        reason: String,
+    },
+}
+
+fn capped(text: &str) -> String {
+    let mut end = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// The multiplexer of one link.
+pub struct Mux {
+    role: Role,
+    config: MuxConfig,
+    streams: HashMap<u32, Stream>,
+    /// Next id for a stream we open.
+    next_local: u32,
+    /// Lowest id the peer may open next (ids only increase).
+    next_peer: u32,
+    /// Sum of all streams' receive windows.
+    windows_total: u64,
+    control: VecDeque<Control>,
+    /// Control entries caused by the peer (OPEN_FAIL replies).
+    peer_control: usize,
+    pong_due: Option<u64>,
+    ping_due: Option<u64>,
+    window_updates: VecDeque<u32>,
+    new_flows: VecDeque<u32>,
+    old_flows: VecDeque<u32>,
+    events: VecDeque<Event>,
+    /// Our CLOSE: queued (with its reason) and whether it went out.
+    close: Option<String>,
+    close_sent: bool,
+    /// The peer's CLOSE reason, once received.
+    close_received: Option<String>,
+    /// Set when something became sendable; cleared by [`Mux::take_dirty`].
+    dirty: bool,
+    last_received: Instant,
+    next_ping: Instant,
+    ping_counter: u64,
+    ping_outstanding: Option<(u64, Instant)>,
+    stats: MuxStats,
+}
+
+impl Mux {
+    /// A multiplexer for a link that was just established at `now`.
+    pub fn new(role: Role, config: MuxConfig, now: Instant) -> Self {
+        let (next_local, next_peer) = match role {
+            Role::Dialer => (1, 2),
+            Role::Acceptor => (2, 1),
+        };
+        Mux {
+            role,
+            next_ping: now + config.keepalive,
+            config,
+            streams: HashMap::new(),
+            next_local,
+            next_peer,
+            windows_total: 0,
+            control: VecDeque::new(),
+            peer_control: 0,
+            pong_due: None,
+            ping_due: None,
+            window_updates: VecDeque::new(),
+            new_flows: VecDeque::new(),
+            old_flows: VecDeque::new(),
+            events: VecDeque::new(),
+            close: None,
+            close_sent: false,
+            close_received: None,
+            dirty: false,
+            last_received: now,
+            ping_counter: 0,
+            ping_outstanding: None,
+            stats: MuxStats::default(),
+        }
+    }
+
+    // === Local API ===
+
+    /// Queues an OPEN for the peer's `service` and returns the new stream's
+    /// id; [`Event::Opened`] or [`Event::OpenFailed`] follows.
+    pub fn open(&mut self, service: &str) -> Result<u32, String> {
+        if self.close.is_some() || self.close_received.is_some() {
+            return Err("the link is closing".into());
+        }
+        if self.streams.len() >= self.config.max_streams {
+            return Err(format!(
+                "the link already carries its maximum of {} streams",
+                self.config.max_streams
+            ));
+        }
+        let id = self.next_local;
+        self.next_local = id
+            .checked_add(2)
+            .ok_or("the link has used up its stream ids; it must reconnect")?;
+        let window = self.grant_window();
+        self.streams
+            .insert(id, Stream::new(Phase::Opening, window, 0));
+        self.stats.streams_total += 1;
+        self.push_control(Control::Open {
+            id,
+            window,
+            service: capped(service),
+        });
+        Ok(id)
+    }
+
+    /// Accepts the peer's pending stream `id`; false if it is gone.
+    pub fn accept(&mut self, id: u32) -> bool {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return false;
+        };
+        if stream.phase != Phase::Pending {
+            return false;
+        }
+        stream.phase = Phase::Open;
+        let window = stream.window;
+        self.push_control(Control::OpenOk { id, window });
+        true
+    }
+
+    /// Refuses the peer's pending stream `id`, telling it why.
+    pub fn refuse(&mut self, id: u32, reason: &str) {
+        if self
+            .streams
+            .get(&id)
+            .is_some_and(|s| s.phase == Phase::Pending)
+        {
+            self.remove(id);
+            self.push_control(Control::OpenFail {
+                id,
+                reason: capped(reason),
+            });
+        }
+    }
+
+    /// What a read of stream `id` would find now. With [`ReadState::Data`],
+    /// copy from [`Mux::recv_slices`] and call [`Mux::consume`].
+    pub fn read_state(&self, id: u32) -> ReadState {
+        let Some(stream) = self.streams.get(&id) else {
+            return ReadState::Gone;
+        };
+        if !stream.recv.is_empty() {
+            ReadState::Data
+        } else if stream.fin_received {
+            ReadState::Eof
+        } else if let Some(reason) = &stream.reset {
+            ReadState::Reset(reason.clone())
+        } else {
+            ReadState::Blocked
+        }
+    }
+
+    /// The buffered bytes of stream `id`, in order, as two slices.
+    pub fn recv_slices(&self, id: u32) -> (&[u8], &[u8]) {
+        self.streams
+            .get(&id)
+            .map_or((&[][..], &[][..]), |s| s.recv.as_slices())
+    }
+
+    /// Marks `n` buffered bytes of stream `id` as read; grants the peer
+    /// more window once a quarter of it was consumed.
+    pub fn consume(&mut self, id: u32, n: usize) {
+        let budget_free = self.config.recv_budget.saturating_sub(self.windows_total);
+        let max_window = u64::from(self.config.window);
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let n = n.min(stream.recv.len());
+        stream.recv.drain(..n);
+        if stream.recv.is_empty() && stream.recv.capacity() > 64 * 1024 {
+            // An idle stream should not keep a window-sized allocation.
+            stream.recv = VecDeque::new();
+        }
+        stream.consumed += n as u64;
+        if stream.fin_received || stream.reset.is_some() {
+            return;
+        }
+        if stream.consumed >= u64::from(stream.window) / 4 {
+            // Grow a stream that got a small window while the link was busy.
+            let grown = (u64::from(stream.window) + budget_free).min(max_window);
+            let growth = grown.saturating_sub(u64::from(stream.window));
+            stream.window = grown as u32;
+            self.windows_total += growth;
+            let increment = std::mem::take(&mut stream.consumed) + growth;
+            stream.allowance += increment;
+            if stream.window_due == 0 {
+                self.window_updates.push_back(id);
+            }
+            stream.window_due += increment;
+            self.dirty = true;
+        }
+    }
+
+    /// Queues `data` (or the part that fits) on stream `id`.
+    pub fn write(&mut self, id: u32, data: &[u8]) -> WriteState {
+        let send_queue = self.config.send_queue;
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return WriteState::Reset("stream closed".into());
+        };
+        if let Some(reason) = &stream.reset {
+            return WriteState::Reset(reason.clone());
+        }
+        if stream.fin_queued {
+            return WriteState::Finished;
+        }
+        let room = send_queue.saturating_sub(stream.send.len());
+        if room == 0 {
+            stream.writer_waiting = true;
+            return WriteState::Blocked;
+        }
+        let n = room.min(data.len());
+        stream.send.extend(&data[..n]);
+        self.schedule(id);
+        WriteState::Queued(n)
+    }
+
+    /// Half-closes stream `id` for sending: FIN follows the queued data.
+    /// Err with the reason when the stream was reset (unless the peer had
+    /// finished sending first: then there is nothing left to tell it).
+    pub fn finish(&mut self, id: u32) -> Result<(), String> {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return Err("stream closed".into());
+        };
+        if stream.fin_queued {
+            return Ok(());
+        }
+        if let Some(reason) = &stream.reset {
+            // A peer that finished sending and then left has nothing more
+            // to learn from our end of stream: like TCP's shutdown towards
+            // a closed socket, this is not an error.
+            if stream.fin_received {
+                stream.fin_queued = true;
+                stream.fin_sent = true;
+                return Ok(());
+            }
+            return Err(reason.clone());
+        }
+        stream.fin_queued = true;
+        self.schedule(id);
+        Ok(())
+    }
+
+    /// The local handle of stream `id` is gone. A stream that ended cleanly
+    /// both ways is forgotten; one whose FIN is queued still sends its data
+    /// and FIN first (then a RESET, unless the peer finished too: we will
+    /// not read more); any other is reset at once, its queued data dropped.
+    pub fn release(&mut self, id: u32) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if stream.finished() {
+            self.remove(id);
+        } else if stream.fin_queued && !stream.fin_sent {
+            stream.detached = true;
+            stream.recv = VecDeque::new();
+        } else {
+            self.remove(id);
+            self.push_control(Control::Reset {
+                id,
+                reason: "stream closed".into(),
+            });
+        }
+    }
+
+    /// Queues an authenticated CLOSE; nothing is sent after it.
+    pub fn close(&mut self, reason: &str) {
+        if self.close.is_none() {
+            self.close = Some(capped(reason));
+            self.dirty = true;
+        }
+    }
+
+    /// The link ended: every stream is reset with `reason` and every open
+    /// in progress fails. Queued data is dropped (a queued CLOSE stays).
+    pub fn fail_all(&mut self, reason: &str) {
+        let ids: Vec<u32> = self.streams.keys().copied().collect();
+        for id in ids {
+            let stream = self.streams.get_mut(&id).expect("listed");
+            match stream.phase {
+                Phase::Opening => {
+                    self.remove(id);
+                    self.events.push_back(Event::OpenFailed {
+                        id,
+                        reason: reason.to_string(),
+                    });
+                }
+                _ if stream.detached => self.remove(id),
+                _ => {
+                    stream.reset.get_or_insert_with(|| reason.to_string());
+                    stream.send = VecDeque::new();
+                    self.events.push_back(Event::Readable(id));
+                    self.events.push_back(Event::Writable(id));
+                }
+            }
+        }
+        self.control.clear();
+        self.peer_control = 0;
+        self.window_updates.clear();
+        self.new_flows.clear();
+        self.old_flows.clear();
+        self.pong_due = None;
+        self.ping_due = None;
+    }
+
+    // === Wire ===
+
+    /// Handles one frame from the peer, received at `now`.
+    pub fn handle_frame(&mut self, frame: Frame<'_>, now: Instant) -> Result<(), ProtocolError> {
+        self.last_received = now;
+        let err = |text: String| Err(ProtocolError(text));
+        if self.close_received.is_some() {
+            return err("frame after the close record".into());
+        }
+        match frame {
+            Frame::Data { id, data } => {
+                if data.is_empty() || data.len() > MAX_DATA {
+                    return err("empty or oversized data frame".into());
+                }
+                self.check_used(id)?;
+                let Some(stream) = self.streams.get_mut(&id) else {
+                    return Ok(());
+                };
+                if stream.phase != Phase::Open {
+                    return err(format!("data on stream {id} before it was open"));
+                }
+                if stream.fin_received {
+                    return err(format!("data on stream {id} after its end"));
+                }
+                if data.len() as u64 > stream.allowance {
+                    return err(format!("stream {id} sent beyond its window"));
+                }
+                stream.allowance -= data.len() as u64;
+                self.stats.bytes_received += data.len() as u64;
+                if stream.reset.is_some() || stream.detached {
+                    // Nobody will read it.
+                    return Ok(());
+                }
+                stream.recv.extend(data);
+                self.events.push_back(Event::Readable(id));
+            }
+            Frame::Open {
+                id,
+                window,
+                service,
+            } => {
+                if self.role_of(id) == self.role || id < self.next_peer {
+                    return err(format!("invalid stream id {id} in open"));
+                }
+                if u64::from(window) > MAX_WINDOW {
+                    return err(format!("stream {id} opened with a window over 2^31-1"));
+                }
+                self.next_peer = id.saturating_add(2);
+                if self.streams.len() >= self.config.max_streams
+                    || self.close.is_some()
+                    || self.peer_control >= CONTROL_LIMIT
+                {
+                    let reason = if self.close.is_some() {
+                        "the link is closing".to_string()
+                    } else {
+                        format!(
+                            "the link already carries its maximum of {} streams",
+                            self.config.max_streams
+                        )
+                    };
+                    self.peer_control += 1;
+                    self.push_control(Control::OpenFail { id, reason });
+                    return Ok(());
+                }
+                let own_window = self.grant_window();
+                self.streams.insert(
+                    id,
+                    Stream::new(Phase::Pending, own_window, u64::from(window)),
+                );
+                self.stats.streams_total += 1;
+                self.events.push_back(Event::Incoming {
+                    id,
+                    service: service.to_string(),
+                });
+            }
+            Frame::OpenOk { id, window } => {
+                if u64::from(window) > MAX_WINDOW {
+                    return err(format!("stream {id} accepted with a window over 2^31-1"));
+                }
+                self.check_used(id)?;
+                let Some(stream) = self.streams.get_mut(&id) else {
+                    return Ok(());
+                };
+                if stream.phase != Phase::Opening {
+                    return err(format!("open-ok for stream {id} that was not opening"));
+                }
+                stream.phase = Phase::Open;
+                stream.credit = u64::from(window);
+                self.events.push_back(Event::Opened(id));
+                self.schedule(id);
+            }
+            Frame::OpenFail { id, reason } => {
+                self.check_used(id)?;
+                let Some(stream) = self.streams.get_mut(&id) else {
+                    return Ok(());
+                };
+                if stream.phase != Phase::Opening {
+                    return err(format!("open-fail for stream {id} that was not opening"));
+                }
+                self.remove(id);
+                self.events.push_back(Event::OpenFailed {
+                    id,
+                    reason: reason.to_string(),
+                });
+            }
+            Frame::Window { id, increment } => {
+                self.check_used(id)?;
+                let Some(stream) = self.streams.get_mut(&id) else {
+                    return Ok(());
+                };
+                let credit = stream.credit + u64::from(increment);
+                if credit > MAX_WINDOW {
+                    return err(format!("stream {id}'s window grew past 2^31-1"));
+                }
+                stream.credit = credit;
+                self.schedule(id);
+            }
+            Frame::Fin { id } => {
+                self.check_used(id)?;
+                let Some(stream) = self.streams.get_mut(&id) else {
+                    return Ok(());
+                };
+                if stream.phase != Phase::Open {
+                    return err(format!("fin on stream {id} before it was open"));
+                }
+                stream.fin_received = true;
+                if stream.detached && stream.fin_sent {
+                    self.remove(id);
+                } else {
+                    self.events.push_back(Event::Readable(id));
+                }
+            }
+            Frame::Reset { id, reason } => {
+                self.check_used(id)?;
+                let Some(stream) = self.streams.get_mut(&id) else {
+                    return Ok(());
+                };
+                if stream.phase == Phase::Opening {
+                    return err(format!("reset of stream {id} before it was answered"));
+                }
+                if stream.detached {
+                    self.remove(id);
+                    return Ok(());
+                }
+                // A pending stream keeps the reset for the gateway to find
+                // when it takes the stream; a scheduled one is skipped.
+                stream.reset = Some(format!("reset by the other gateway: {reason}"));
+                stream.send = VecDeque::new();
+                self.events.push_back(Event::Readable(id));
+                self.events.push_back(Event::Writable(id));
+            }
+            Frame::Ping(value) => {
+                self.pong_due = Some(value);
+                self.dirty = true;
+            }
+            Frame::Pong(value) => {
+                if let Some((expected, sent)) = self.ping_outstanding {
+                    if value == expected {
+                        let rtt = now.saturating_duration_since(sent);
+                        self.stats.rtt = Some(rtt);
+                        self.stats.srtt = Some(match self.stats.srtt {
+                            Some(srtt) => (srtt * 7 + rtt) / 8,
+                            None => rtt,
+                        });
+                        self.ping_outstanding = None;
+                    }
+                }
+            }
+            Frame::Close { reason } => {
+                self.close_received = Some(reason.to_string());
+                // Answer with our own close so the peer sees a clean end too.
+                self.close("closed in reply to the other gateway");
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes the next frame to send into `out` (the plaintext of one
+    /// record); false when there is nothing to send now.
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
+        if self.close_sent {
+            return false;
+        }
+        if let Some(control) = self.control.pop_front() {
+            match control {
+                Control::Open {
+                    id,
+                    window,
+                    service,
+                } => Frame::Open {
+                    id,
+                    window,
+                    service: &service,
+                }
+                .encode(out),
+                Control::OpenOk { id, window } => Frame::OpenOk { id, window }.encode(out),
+                Control::OpenFail { id, reason } => {
+                    self.peer_control = self.peer_control.saturating_sub(1);
+                    Frame::OpenFail {
+                        id,
+                        reason: &reason,
+                    }
+                    .encode(out)
+                }
+                Control::Reset { id, reason } => Frame::Reset {
+                    id,
+                    reason: &reason,
+                }
+                .encode(out),
+            }
+            return true;
+        }
+        if let Some(reason) = &self.close {
+            Frame::Close { reason }.encode(out);
+            self.close_sent = true;
+            return true;
+        }
+        if let Some(value) = self.pong_due.take() {
+            Frame::Pong(value).encode(out);
+            return true;
+        }
+        if let Some(value) = self.ping_due.take() {
+            Frame::Ping(value).encode(out);
+            self.ping_outstanding.get_or_insert((value, now));
+            return true;
+        }
+        while let Some(id) = self.window_updates.pop_front() {
+            if let Some(stream) = self.streams.get_mut(&id) {
+                let increment = std::mem::take(&mut stream.window_due);
+                if increment > 0 && stream.reset.is_none() && !stream.fin_received {
+                    Frame::Window {
+                        id,
+                        increment: increment.min(MAX_WINDOW) as u32,
+                    }
+                    .encode(out);
+                    return true;
+                }
+            }
+        }
+        self.transmit_data(out)
+    }
+
+    /// Deficit round robin: new flows first, then old ones.
+    fn transmit_data(&mut self, out: &mut Vec<u8>) -> bool {
+        let send_queue = self.config.send_queue;
+        loop {
+            let (id, list) = match (self.new_flows.front(), self.old_flows.front()) {
+                (Some(&id), _) => (id, List::New),
+                (None, Some(&id)) => (id, List::Old),
+                (None, None) => return false,
+            };
+            macro_rules! pop {
+                () => {
+                    match list {
+                        List::New => self.new_flows.pop_front(),
+                        List::Old => self.old_flows.pop_front(),
+                    }
+                };
+            }
+            let Some(stream) = self.streams.get_mut(&id) else {
+                pop!();
+                continue;
+            };
+            if !stream.sendable() {
+                stream.list = None;
+                pop!();
+                continue;
+            }
+            if stream.deficit <= 0 {
+                stream.deficit += QUANTUM;
+                stream.list = Some(List::Old);
+                pop!();
+                self.old_flows.push_back(id);
+                continue;
+            }
+            if stream.send.is_empty() {
+                // Only the FIN is left.
+                Frame::Fin { id }.encode(out);
+                stream.fin_sent = true;
+                stream.list = None;
+                pop!();
+                if stream.detached {
+                    let reset = !stream.fin_received;
+                    self.remove(id);
+                    if reset {
+                        self.push_control(Control::Reset {
+                            id,
+                            reason: "stream closed".into(),
+                        });
+                    }
+                }
+                return true;
+            }
+            let n = stream
+                .send
+                .len()
+                .min(MAX_DATA)
+                .min(stream.credit.min(MAX_DATA as u64) as usize);
+            out.push(crate::frame::DATA_TYPE);
+            out.extend_from_slice(&id.to_be_bytes());
+            let (a, b) = stream.send.as_slices();
+            let from_a = n.min(a.len());
+            out.extend_from_slice(&a[..from_a]);
+            out.extend_from_slice(&b[..n - from_a]);
+            stream.send.drain(..n);
+            if stream.send.is_empty() && stream.send.capacity() > 64 * 1024 {
+                stream.send = VecDeque::new();
+            }
+            stream.credit -= n as u64;
+            stream.deficit -= n as i64;
+            self.stats.bytes_sent += n as u64;
+            if stream.writer_waiting && stream.send.len() <= send_queue / 2 {
+                stream.writer_waiting = false;
+                self.events.push_back(Event::Writable(id));
+            }
+            if !stream.sendable() {
+                stream.list = None;
+                pop!();
+            }
+            return true;
+        }
+    }
+
+    /// Keeps time: queues a PING every keepalive interval; Err when nothing
+    /// arrived for `dead_after`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), String> {
+        if now.saturating_duration_since(self.last_received) >= self.config.dead_after {
+            return Err(format!(
+                "nothing received for {:?}: the other gateway or the network is gone",
+                self.config.dead_after
+            ));
+        }
+        if now >= self.next_ping {
+            self.ping_counter += 1;
+            self.ping_due = Some(self.ping_counter);
+            if self.ping_outstanding.is_some_and(|(_, sent)| {
+                now.saturating_duration_since(sent) >= self.config.dead_after
+            }) {
+                self.ping_outstanding = None;
+            }
+            self.next_ping = now + self.config.keepalive;
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// When [`Mux::handle_timeout`] should be called next.
+    pub fn next_timeout(&self) -> Instant {
+        self.next_ping
+            .min(self.last_received + self.config.dead_after)
+    }
+
+    /// The next event to react to.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Whether something became sendable since the last call (the driver
+    /// then wakes its writer).
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// False while peer-caused replies are backed up: stop reading the
+    /// transport until the writer has sent some.
+    pub fn wants_read(&self) -> bool {
+        self.peer_control < CONTROL_LIMIT
+    }
+
+    /// Whether our CLOSE went out (nothing more will be sent).
+    pub fn close_sent(&self) -> bool {
+        self.close_sent
+    }
+
+    /// The peer's CLOSE reason, once it arrived.
+    pub fn close_received(&self) -> Option<&str> {
+        self.close_received.as_deref()
+    }
+
+    /// Counters now.
+    pub fn stats(&self) -> MuxStats {
+        MuxStats {
+            streams: self.streams.len(),
+            ..self.stats.clone()
+        }
+    }
+
+    // === Internals ===
+
+    fn role_of(&self, id: u32) -> Role {
+        if id % 2 == 1 {
+            Role::Dialer
+        } else {
+            Role::Acceptor
+        }
+    }
+
+    /// A frame may name a stream that is gone (frames may still be in
+    /// flight after a reset), but never an id that was not opened yet.
+    fn check_used(&self, id: u32) -> Result<(), ProtocolError> {
+        let used = if self.role_of(id) == self.role {
+            id < self.next_local
+        } else {
+            id < self.next_peer
+        };
+        if !used || id == 0 {
+            return Err(ProtocolError(format!(
+                "frame for stream {id}, never opened"
+            )));
+        }
+        Ok(())
+    }
+
+    fn grant_window(&mut self) -> u32 {
+        let free = self.config.recv_budget.saturating_sub(self.windows_total);
+        let window = free
+            .min(u64::from(self.config.window))
+            .max(u64::from(MIN_WINDOW.min(self.config.window))) as u32;
+        self.windows_total += u64::from(window);
+        window
+    }
+
+    fn push_control(&mut self, control: Control) {
+        self.control.push_back(control);
+        self.dirty = true;
+    }
+
+    fn schedule(&mut self, id: u32) {
+        if let Some(stream) = self.streams.get_mut(&id) {
+            if stream.list.is_none() && stream.sendable() {
+                stream.list = Some(List::New);
+                stream.deficit = QUANTUM;
+                self.new_flows.push_back(id);
+                self.dirty = true;
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u32) {
+        if let Some(stream) = self.streams.remove(&id) {
+            self.windows_total = self.windows_total.saturating_sub(u64::from(stream.window));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
