@@ -281,6 +281,12 @@ impl AsyncRead for Prefixed {
     }
 }
 
+impl crate::stream::ByteStream for Prefixed {
+    fn abort_on_drop(&mut self) {
+        self.inner.abort_on_drop();
+    }
+}
+
 impl AsyncWrite for Prefixed {
     fn poll_write(
         mut self: Pin<&mut Self>,

@@ -28,6 +28,19 @@ pub enum RelayEnd {
     Error(String),
 }
 
+impl RelayOutcome {
+    /// After a failure (an I/O error on either side, or the end of the
+    /// shutdown grace), makes dropping both streams reset them: each side
+    /// then sees an error, never a clean end that would pass a cut-off
+    /// transfer for a complete one (DESIGN §4).
+    pub fn pass_failure_on(&self, client: &mut Stream, target: &mut Stream) {
+        if matches!(self.end, RelayEnd::Error(_) | RelayEnd::Shutdown) {
+            client.abort_on_drop();
+            target.abort_on_drop();
+        }
+    }
+}
+
 /// Bytes moved and how the relay ended.
 #[derive(Debug)]
 pub struct RelayOutcome {
@@ -235,6 +248,7 @@ pub async fn relay_and_record(
         }
     }
     let outcome = relay(client, target, idle.0, stop).await;
+    outcome.pass_failure_on(client, target);
     audit.bytes_up = outcome.bytes_up + early.len() as u64;
     audit.bytes_down = outcome.bytes_down;
     match outcome.end {

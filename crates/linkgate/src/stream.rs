@@ -9,8 +9,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Anything that carries bytes both ways and can be half-closed.
-pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> ByteStream for T {}
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// Makes dropping the stream tell the other end that the connection
+    /// failed (a TCP reset), instead of ending it cleanly. The default does
+    /// nothing: a link stream dropped before it finished is reset anyway.
+    fn abort_on_drop(&mut self) {}
+}
+
+impl ByteStream for link::session::LinkStream {}
+impl ByteStream for tokio::io::DuplexStream {}
 
 /// A connected byte stream. TCP is kept as its own variant so that the relay
 /// can later take kernel fast paths (e.g. splice) when both ends are sockets.
@@ -21,6 +28,20 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Any other transport (link streams, proxied streams with leftover bytes).
     Boxed(Box<dyn ByteStream>),
+}
+
+impl Stream {
+    /// Makes dropping this stream reset the connection (SO_LINGER 0 on
+    /// TCP), so that a failure on the other side of a relay reaches this
+    /// side as an error, never as a clean end of data.
+    pub fn abort_on_drop(&mut self) {
+        match self {
+            Stream::Tcp(tcp) => {
+                let _ = socket2::SockRef::from(&*tcp).set_linger(Some(std::time::Duration::ZERO));
+            }
+            Stream::Boxed(inner) => inner.abort_on_drop(),
+        }
+    }
 }
 
 impl From<TcpStream> for Stream {

@@ -115,6 +115,14 @@ pub struct PeerConfig {
     /// Key mode instead of a password: that gateway's public key, as
     /// `linkgate public-key` prints it there. (Extension of the contract.)
     pub public_key: Option<String>,
+    /// Probe the link this often; it is declared down after three
+    /// keepalive intervals without a word from the other side.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: ConfigDuration,
+}
+
+fn default_keepalive() -> ConfigDuration {
+    ConfigDuration(std::time::Duration::from_secs(5))
 }
 
 /// `[[user]]`.

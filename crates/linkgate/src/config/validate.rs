@@ -184,6 +184,15 @@ fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
                 named("user is for the dialing side; on the accepting side the peer's name is the user it logs in as"),
             ));
         }
+        let keepalive = peer.keepalive.0;
+        if keepalive < std::time::Duration::from_millis(100)
+            || keepalive > std::time::Duration::from_secs(600)
+        {
+            out.push((
+                path("keepalive"),
+                named("keepalive must be between 100ms and 10m (the link is declared down after three of them)"),
+            ));
+        }
         if !dialing && !has_link_listener {
             out.push((
                 path("connect"),

@@ -85,8 +85,8 @@ pub struct AcceptContext {
     pub links: Arc<Links>,
     /// Where incoming streams go.
     pub dispatch: Arc<dyn StreamDispatch>,
-    /// Session tunables.
-    pub config: SessionConfig,
+    /// Session tunables of each peer, by name.
+    pub configs: HashMap<String, SessionConfig>,
     /// Per-source failure counts.
     pub failures: FailureTracker,
 }
@@ -192,7 +192,8 @@ async fn accept_one(
     };
     context.failures.succeeded(ip);
     tracing::info!(%peer, %from, "link up");
-    let (session, incoming) = Session::start(tcp, keys, Role::Acceptor, context.config.clone());
+    let config = context.configs.get(&peer).cloned().unwrap_or_default();
+    let (session, incoming) = Session::start(tcp, keys, Role::Acceptor, config);
     let serving = serve_session(
         &context.links,
         &context.dispatch,

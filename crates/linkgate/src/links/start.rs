@@ -29,7 +29,6 @@ pub async fn start(
     stop: &CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<(), String> {
-    let session_config = SessionConfig::default();
     // The identity is needed to accept links, and to dial in key mode.
     let dials_with_key = config
         .peer
@@ -51,7 +50,11 @@ pub async fn start(
             hello_times: Default::default(),
             links: links.clone(),
             dispatch: dispatch.clone(),
-            config: session_config.clone(),
+            configs: config
+                .peer
+                .iter()
+                .map(|p| (p.name.clone(), session_config(p)))
+                .collect(),
             failures: FailureTracker::default(),
         });
         for listener in listeners {
@@ -72,11 +75,21 @@ pub async fn start(
             target,
             links.clone(),
             dispatch.clone(),
-            session_config.clone(),
+            session_config(peer),
             stop.clone(),
         ));
     }
     Ok(())
+}
+
+/// The session tunables for the link to `peer`: its keepalive, and down
+/// after three unanswered keepalive intervals.
+pub fn session_config(peer: &crate::config::PeerConfig) -> SessionConfig {
+    SessionConfig {
+        keepalive: peer.keepalive.0,
+        dead_after: peer.keepalive.0 * 3,
+        ..SessionConfig::default()
+    }
 }
 
 /// How we authenticate to a peer we dial: its pinned key, or the password.

@@ -525,6 +525,10 @@ async fn connect(
     response
 }
 
+/// A tunnel whose connection hyper would not hand back (not expected: the
+/// downcast below takes our own stream back).
+impl crate::stream::ByteStream for TokioIo<hyper::upgrade::Upgraded> {}
+
 async fn run_tunnel(service: &ServiceRuntime, tunnel: Tunnel, stop: &CancellationToken) {
     let Tunnel {
         upgrade,

@@ -56,6 +56,7 @@ impl DataConnection {
             return;
         };
         let outcome = relay(&mut client_side, &mut server_side, self.idle, &self.stop).await;
+        outcome.pass_failure_on(&mut client_side, &mut server_side);
         self.counters
             .up
             .fetch_add(outcome.bytes_up, Ordering::Relaxed);
