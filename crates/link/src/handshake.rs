@@ -74,6 +74,15 @@ pub enum HandshakeError {
     /// The hub refused and said why.
     #[error("the other gateway refused the link: {0}")]
     Refused(String),
+    /// The hub throttles logins and asked us to come back later (an
+    /// unauthenticated hint).
+    #[error("the other gateway is not taking logins from here now ({reason}); it asks to retry in {retry_after} s")]
+    Busy {
+        /// Seconds the hub asks the dialer to wait.
+        retry_after: u16,
+        /// What the hub said, escaped.
+        reason: String,
+    },
     /// Key mode: no peer has the dialer's public key.
     #[error("no [[peer]] has this public key")]
     UnknownKey,
@@ -269,17 +278,70 @@ pub fn parse_hello(m1: &[u8]) -> Result<Hello, HandshakeError> {
     let user = m1
         .get(6..6 + user_len)
         .ok_or(HandshakeError::Malformed("truncated hello"))?;
-    let user = std::str::from_utf8(user)
-        .ok()
-        .filter(|u| !u.is_empty())
-        .ok_or(HandshakeError::Malformed("user name is not UTF-8"))?
-        .to_string();
+    if !valid_user(user) {
+        return Err(HandshakeError::Malformed(
+            "user name must be 1-64 letters, digits, '.', '_' or '-'",
+        ));
+    }
+    let user = String::from_utf8_lossy(user).into_owned();
     let request = CredentialRequest::deserialize(&m1[6 + user_len..])
         .map_err(|_| HandshakeError::Malformed("bad KE1"))?;
     Ok(Hello {
         user,
         request,
         m1: m1.to_vec(),
+    })
+}
+
+/// Whether `name` is a valid user (peer) name: 1–64 ASCII letters, digits,
+/// `.`, `_` or `-`, the alphabet of `[[peer]] name`. The name arrives
+/// before authentication, so nothing else may reach the hub's logs.
+pub fn valid_user(name: &[u8]) -> bool {
+    (1..=MAX_USER).contains(&name.len())
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Text that came from the other side (before or after authentication),
+/// made safe for a log line: invalid UTF-8 replaced, control characters
+/// (newlines, escape codes) escaped, at most `max` bytes kept.
+pub fn untrusted_text(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(max)]);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// First bytes of a "busy" answer, which the hub may send in place of M2
+/// (either mode) when it throttles logins. It is not authenticated: a
+/// dialer takes its retry time as a hint, never as proof of anything.
+pub const BUSY_MAGIC: &[u8; 4] = b"LGB1";
+
+/// A busy answer: `BUSY_MAGIC` | retry after (u16 seconds) | reason.
+pub fn busy(retry_after_secs: u16, reason: &str) -> Vec<u8> {
+    let mut message = BUSY_MAGIC.to_vec();
+    message.extend_from_slice(&retry_after_secs.to_be_bytes());
+    message.extend_from_slice(&reason.as_bytes()[..reason.len().min(256)]);
+    message
+}
+
+/// Reads a busy answer: `Some(error)` if `m2` is one. (A real M2 is never
+/// this short with this prefix: KE2 is a fixed 320 bytes, a key-mode M2
+/// starts with 0x00 or 0x01.)
+pub fn parse_busy(m2: &[u8]) -> Option<HandshakeError> {
+    if m2.len() < 6 || m2.len() > 6 + 256 || &m2[..4] != BUSY_MAGIC {
+        return None;
+    }
+    Some(HandshakeError::Busy {
+        retry_after: u16::from_be_bytes([m2[4], m2[5]]),
+        reason: untrusted_text(&m2[6..], 256),
     })
 }
 
@@ -577,7 +639,7 @@ fn initiator_final(
 
 /// A refusal's reason, as the other gateway sent it (at most 256 bytes).
 fn refused(reason: &[u8]) -> HandshakeError {
-    HandshakeError::Refused(String::from_utf8_lossy(&reason[..reason.len().min(256)]).into_owned())
+    HandshakeError::Refused(untrusted_text(reason, 256))
 }
 
 fn split_keys(

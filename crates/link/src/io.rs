@@ -55,6 +55,9 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     let (client, m1) = handshake::client_start(&mut OsRng, user, password)?;
     write_message(stream, &m1).await?;
     let m2 = read_message(stream).await?;
+    if let Some(busy) = handshake::parse_busy(&m2) {
+        return Err(busy.into());
+    }
     let (client, m3) =
         tokio::task::spawn_blocking(move || client.receive_ke2(&mut OsRng, &m2, None))
             .await
@@ -79,6 +82,9 @@ pub async fn dial_key<S: AsyncRead + AsyncWrite + Unpin>(
     let (client, m1) = handshake::key_client_start(keys, hub, timestamp, None)?;
     write_message(stream, &m1).await?;
     let m2 = read_message(stream).await?;
+    if let Some(busy) = handshake::parse_busy(&m2) {
+        return Err(busy.into());
+    }
     Ok(client.receive_final(&m2)?)
 }
 
@@ -103,6 +109,13 @@ pub trait HubPeers {
     /// Whether `timestamp` is later than that of every key-mode hello
     /// accepted from `peer` so far; if so, it is remembered.
     fn fresh(&self, peer: &str, timestamp: u64) -> bool;
+    /// Called before the hub answers a password-mode hello for `user`
+    /// (each answer lets the dialer test one password guess). `Err` with
+    /// (seconds, reason) refuses it with a busy answer instead.
+    fn password_attempt(&self, user: &str) -> Result<(), (u16, String)> {
+        let _ = user;
+        Ok(())
+    }
 }
 
 /// The hub's side: answers a dialer in either mode. In password mode its
@@ -127,6 +140,14 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     let lookup = |user: &str| peers.record(user);
     let hello = handshake::parse_hello(&m1).map_err(|e| fail(None, e.into()))?;
     let user = hello.user.clone();
+    if let Err((retry_after, reason)) = peers.password_attempt(&user) {
+        let _ = write_message(stream, &handshake::busy(retry_after, &reason)).await;
+        let busy = HandshakeError::Busy {
+            retry_after,
+            reason,
+        };
+        return Err(fail(Some(&user), busy.into()));
+    }
     let record = lookup(&user);
     let known = record.is_some();
     let (server, m2) = handshake::server_respond(&mut OsRng, identity, record.as_ref(), hello)

@@ -304,12 +304,23 @@ fn passwd() -> ExitCode {
 /// `epoll_wait` calls) without lowering it further. See bench/README.md.
 const EVENT_INTERVAL: u32 = 32;
 
+/// Raises the soft limit on open files to the hard limit. A gateway started
+/// by hand gets the shell's soft limit (often 1024), far below what its
+/// connections need; running out makes every listener's accept fail.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open files limit"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
+}
+
 fn run(path: Option<PathBuf>) -> ExitCode {
     let loaded = match load(path.as_ref()) {
         Ok(loaded) => loaded,
         Err(e) => return config_failure(&e),
     };
     let _log_guard = linkgate::logging::init(loaded.config.gateway.log);
+    raise_open_file_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().event_interval(EVENT_INTERVAL);
     if let Some(threads) = loaded.config.gateway.threads {

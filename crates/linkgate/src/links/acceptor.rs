@@ -1,72 +1,27 @@
-//! The `[link] listen` side: accepts links from peers, authenticates them,
-//! serves their sessions, and slows down sources that keep failing.
+//! The `[link] listen` side: accepts links from peers, authenticates them
+//! and serves their sessions. Who may start a handshake, and how many
+//! password answers a source or a user name gets, is [`super::throttle`]'s
+//! call; refusals are answered at once (a busy message), never by sleeping.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use link::handshake::{Identity, PeerRecord, StaticKeys};
-use link::io::HubPeers;
+use link::handshake::{HandshakeError, Identity, PeerRecord, StaticKeys};
+use link::io::{HubPeers, LinkHandshakeError};
 use link::session::{LinkEnd, Role, Session, SessionConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::throttle::{Busy, LoginThrottle, Noted};
 use super::{serve_session, Links, StreamDispatch};
 
+/// The dialer sends its hello at once; a connection silent for this long
+/// is dropped (it holds a handshake slot of its source meanwhile).
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The whole handshake, hello to final message.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Failed authentications per source address, to slow down guessing.
-///
-/// After [`FREE_FAILURES`] failures, each new handshake from that address
-/// first waits 250 ms × 2^(failures − FREE_FAILURES), at most 10 s; a
-/// success or 15 quiet minutes forget the address.
-#[derive(Default)]
-pub struct FailureTracker {
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
-}
-
-/// Failures allowed before delays start.
-pub const FREE_FAILURES: u32 = 3;
-const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
-const MAX_TRACKED: usize = 100_000;
-
-impl FailureTracker {
-    /// The delay to impose on a new handshake from `ip`.
-    pub fn delay(&self, ip: IpAddr) -> Duration {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(&ip) {
-            Some((_, last)) if last.elapsed() > FORGET_AFTER => {
-                map.remove(&ip);
-                Duration::ZERO
-            }
-            Some((count, _)) if *count >= FREE_FAILURES => {
-                let exponent = (count - FREE_FAILURES).min(6);
-                (Duration::from_millis(250) * 2u32.pow(exponent)).min(Duration::from_secs(10))
-            }
-            _ => Duration::ZERO,
-        }
-    }
-
-    /// Records a failed handshake from `ip`.
-    pub fn failed(&self, ip: IpAddr) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_TRACKED {
-            map.retain(|_, (_, last)| last.elapsed() < FORGET_AFTER);
-        }
-        let entry = map.entry(ip).or_insert((0, Instant::now()));
-        entry.0 += 1;
-        entry.1 = Instant::now();
-    }
-
-    /// Forgets `ip` after a successful handshake.
-    pub fn succeeded(&self, ip: IpAddr) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&ip);
-    }
-}
 
 /// Everything the link listener needs.
 pub struct AcceptContext {
@@ -87,21 +42,49 @@ pub struct AcceptContext {
     pub dispatch: Arc<dyn StreamDispatch>,
     /// Session tunables of each peer, by name.
     pub configs: HashMap<String, SessionConfig>,
-    /// Per-source failure counts.
-    pub failures: FailureTracker,
+    /// Who may start a handshake, and how many password answers each
+    /// source and user name gets.
+    pub throttle: Mutex<LoginThrottle>,
 }
 
-impl HubPeers for AcceptContext {
+impl AcceptContext {
+    fn throttle(&self) -> std::sync::MutexGuard<'_, LoginThrottle> {
+        self.throttle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The hub's view of the peers for one handshake from `ip`.
+struct Attempt<'a> {
+    context: &'a AcceptContext,
+    ip: IpAddr,
+}
+
+fn whole_seconds(wait: Duration) -> u16 {
+    u16::try_from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).unwrap_or(u16::MAX)
+}
+
+impl HubPeers for Attempt<'_> {
     fn record(&self, user: &str) -> Option<PeerRecord> {
-        self.records.get(user).cloned()
+        self.context.records.get(user).cloned()
     }
 
     fn key_peer(&self, key: &[u8; 32]) -> Option<String> {
-        self.key_peers.get(key).cloned()
+        self.context.key_peers.get(key).cloned()
+    }
+
+    fn password_attempt(&self, user: &str) -> Result<(), (u16, String)> {
+        self.context
+            .throttle()
+            .password_attempt(self.ip, user, Instant::now())
+            .map_err(|busy| (whole_seconds(busy.retry_after), busy.reason.to_string()))
     }
 
     fn fresh(&self, peer: &str, timestamp: u64) -> bool {
-        let mut times = self.hello_times.lock().unwrap_or_else(|p| p.into_inner());
+        let mut times = self
+            .context
+            .hello_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         match times.get(peer) {
             Some(&last) if timestamp <= last => false,
             _ => {
@@ -130,6 +113,11 @@ pub async fn run_acceptor(
                 }
             },
         };
+        let admitted = context.throttle().admit(from.ip(), Instant::now());
+        if let Err((busy, noted)) = admitted {
+            refuse_busy(&tcp, from, &busy, noted);
+            continue;
+        }
         let context = context.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -141,56 +129,81 @@ pub async fn run_acceptor(
     }
 }
 
+/// Answers a refused connection with the busy message, without waiting
+/// (a socket that cannot take 60 bytes at once gets nothing), and closes it.
+fn refuse_busy(tcp: &TcpStream, from: SocketAddr, busy: &Busy, noted: Noted) {
+    let seconds = whole_seconds(busy.retry_after);
+    let message = link::handshake::busy(seconds, busy.reason);
+    let mut framed = (message.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&message);
+    let _ = tcp.try_write(&framed);
+    match noted {
+        Noted::Started => tracing::warn!(
+            %from,
+            "throttling link logins from {}: {}; its handshakes are refused for {seconds} s",
+            from.ip(),
+            busy.reason
+        ),
+        Noted::Quiet => {
+            tracing::debug!(%from, reason = busy.reason, "link handshake refused: busy")
+        }
+    }
+}
+
+/// Releases a handshake slot of the throttle when dropped.
+struct Slot<'a> {
+    context: &'a AcceptContext,
+    ip: IpAddr,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.context.throttle().finished(self.ip);
+    }
+}
+
 async fn accept_one(
     mut tcp: TcpStream,
     from: SocketAddr,
     context: &Arc<AcceptContext>,
     stop: &CancellationToken,
 ) {
-    let ip = crate::access::canonical(from.ip());
-    let delay = context.failures.delay(ip);
-    if !delay.is_zero() {
-        tracing::debug!(%from, ?delay, "slowing down a source with failed link logins");
-        tokio::time::sleep(delay).await;
+    let ip = from.ip();
+    let slot = Slot {
+        context: context.as_ref(),
+        ip,
+    };
+    let mut first = [0u8; 1];
+    if tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, tcp.peek(&mut first))
+        .await
+        .is_err()
+    {
+        tracing::debug!(%from, "no link hello within {FIRST_MESSAGE_TIMEOUT:?}; closed");
+        return;
     }
-    let handshake = link::io::accept(
-        &mut tcp,
-        &context.identity,
-        &context.static_keys,
-        context.as_ref(),
-    );
-    let (peer, keys) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let attempt = Attempt {
+        context: context.as_ref(),
+        ip,
+    };
+    let handshake = link::io::accept(&mut tcp, &context.identity, &context.static_keys, &attempt);
+    let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+    drop(slot);
+    let (peer, keys) = match outcome {
         Ok(Ok(done)) => done,
         Ok(Err(failure)) => {
-            context.failures.failed(ip);
-            let peer = failure.user.as_deref().unwrap_or("?");
-            match (failure.key, &failure.user) {
-                (Some(key), None) => {
-                    use base64::Engine;
-                    let key = base64::engine::general_purpose::STANDARD.encode(key);
-                    tracing::warn!(
-                        %from,
-                        peer,
-                        "authentication failed for a gateway with public key {key}: {}; if it is one of yours, give its [[peer]] public_key = \"{key}\"",
-                        failure.error
-                    );
-                }
-                _ => tracing::warn!(
-                    %from,
-                    peer,
-                    "authentication failed for peer '{peer}': {}; check that both gateways have the same password (or keys) and that this gateway has a [[peer]] named '{peer}'",
-                    failure.error
-                ),
-            }
+            log_failure(context, from, failure);
             return;
         }
         Err(_) => {
-            context.failures.failed(ip);
-            tracing::warn!(%from, "link handshake timed out");
+            // Not counted against anyone: a slow network, or a slow hub.
+            tracing::warn!(%from, "link handshake timed out after {HANDSHAKE_TIMEOUT:?}");
             return;
         }
     };
-    context.failures.succeeded(ip);
+    let password_user = context.records.contains_key(&peer).then_some(peer.as_str());
+    context
+        .throttle()
+        .succeeded(ip, password_user, Instant::now());
     tracing::info!(%peer, %from, "link up");
     let config = context.configs.get(&peer).cloned().unwrap_or_default();
     let (session, incoming) = Session::start(tcp, keys, Role::Acceptor, config);
@@ -216,27 +229,47 @@ async fn accept_one(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn delays_start_after_free_failures_grow_and_reset_on_success() {
-        let tracker = FailureTracker::default();
-        let ip: IpAddr = "192.0.2.7".parse().unwrap();
-        for _ in 0..FREE_FAILURES {
-            assert_eq!(tracker.delay(ip), Duration::ZERO);
-            tracker.failed(ip);
+/// Logs why a handshake failed, and charges key-mode failures to the
+/// source (password answers were charged when they were given).
+fn log_failure(context: &AcceptContext, from: SocketAddr, failure: link::io::AcceptFailure) {
+    let peer = failure.user.as_deref().unwrap_or("?");
+    match &failure.error {
+        LinkHandshakeError::Handshake(HandshakeError::Busy {
+            retry_after,
+            reason,
+        }) => {
+            tracing::warn!(
+                %from,
+                peer,
+                "refused a link login for '{peer}' for now ({reason}); asked to retry in {retry_after} s"
+            );
+            return;
         }
-        assert_eq!(tracker.delay(ip), Duration::from_millis(250));
-        tracker.failed(ip);
-        assert_eq!(tracker.delay(ip), Duration::from_millis(500));
-        for _ in 0..20 {
-            tracker.failed(ip);
+        LinkHandshakeError::Io(e) => {
+            tracing::debug!(%from, peer, error = %e, "link handshake abandoned");
+            return;
         }
-        assert_eq!(tracker.delay(ip), Duration::from_secs(10));
-        assert_eq!(tracker.delay("192.0.2.8".parse().unwrap()), Duration::ZERO);
-        tracker.succeeded(ip);
-        assert_eq!(tracker.delay(ip), Duration::ZERO);
+        LinkHandshakeError::Handshake(_) => {}
+    }
+    if failure.key.is_some() || failure.user.is_none() {
+        context.throttle().key_failure(from.ip(), Instant::now());
+    }
+    match (failure.key, &failure.user) {
+        (Some(key), None) => {
+            use base64::Engine;
+            let key = base64::engine::general_purpose::STANDARD.encode(key);
+            tracing::warn!(
+                %from,
+                peer,
+                "authentication failed for a gateway with public key {key}: {}; if it is one of yours, give its [[peer]] public_key = \"{key}\"",
+                failure.error
+            );
+        }
+        _ => tracing::warn!(
+            %from,
+            peer,
+            "authentication failed for peer '{peer}': {}; check that both gateways have the same password (or keys) and that this gateway has a [[peer]] named '{peer}'",
+            failure.error
+        ),
     }
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use link::handshake::HandshakeError;
 use link::io::LinkHandshakeError;
 use link::session::{LinkEnd, Role, Session, SessionConfig};
 use rand::Rng;
@@ -18,6 +19,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest wait a hub's busy answer can impose on us.
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(60);
 /// A link that stayed up this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
@@ -59,31 +62,40 @@ pub async fn run_dialer(
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
-        if let Some((session, incoming, addr)) = establish(&target, &config).await {
-            tracing::info!(peer = %target.peer, %addr, "link up");
-            let started = Instant::now();
-            let end = tokio::select! {
-                end = serve_session(&links, &dispatch, &target.peer, session.clone(), incoming) => end,
-                () = stop.cancelled() => {
-                    session.close("gateway shutting down");
-                    return;
+        let mut hint = None;
+        match establish(&target, &config).await {
+            Err(retry_after) => hint = retry_after,
+            Ok((session, incoming, addr)) => {
+                tracing::info!(peer = %target.peer, %addr, "link up");
+                let started = Instant::now();
+                let end = tokio::select! {
+                    end = serve_session(&links, &dispatch, &target.peer, session.clone(), incoming) => end,
+                    () = stop.cancelled() => {
+                        session.close("gateway shutting down");
+                        return;
+                    }
+                };
+                match &end {
+                    LinkEnd::Closed(reason) => {
+                        tracing::info!(peer = %target.peer, %reason, "link closed by the other gateway")
+                    }
+                    LinkEnd::Failed(reason) => {
+                        tracing::warn!(peer = %target.peer, %reason, "link down")
+                    }
                 }
-            };
-            match &end {
-                LinkEnd::Closed(reason) => {
-                    tracing::info!(peer = %target.peer, %reason, "link closed by the other gateway")
+                if started.elapsed() >= STABLE_AFTER {
+                    backoff = FIRST_BACKOFF;
                 }
-                LinkEnd::Failed(reason) => {
-                    tracing::warn!(peer = %target.peer, %reason, "link down")
-                }
-            }
-            if started.elapsed() >= STABLE_AFTER {
-                backoff = FIRST_BACKOFF;
             }
         }
         // Jitter spreads reconnects of many offices after a hub restart.
         let half = backoff / 2;
-        let wait = half + half.mul_f64(rand::thread_rng().gen::<f64>());
+        let mut wait = half + half.mul_f64(rand::thread_rng().gen::<f64>());
+        if let Some(retry_after) = hint {
+            // The hub's busy answer is unauthenticated: a hint, honoured
+            // within our own bounds.
+            wait = wait.max(retry_after.min(MAX_BUSY_WAIT));
+        }
         tracing::debug!(peer = %target.peer, wait = ?wait, "reconnecting after backoff");
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -93,15 +105,21 @@ pub async fn run_dialer(
     }
 }
 
-/// One pass over the peer's addresses; logs each failure.
-async fn establish(
-    target: &DialTarget,
-    config: &SessionConfig,
-) -> Option<(
+/// A link just established: the session, its incoming streams, and the
+/// address it was made to.
+type Established = (
     Session,
     tokio::sync::mpsc::Receiver<link::session::IncomingStream>,
     HostPort,
-)> {
+);
+
+/// One pass over the peer's addresses; logs each failure. `Err` carries the
+/// longest retry time a busy hub asked for, if any.
+async fn establish(
+    target: &DialTarget,
+    config: &SessionConfig,
+) -> Result<Established, Option<Duration>> {
+    let mut hint: Option<Duration> = None;
     for addr in &target.connect {
         let mut tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect_tcp(addr)).await {
             Ok(Ok(tcp)) => tcp,
@@ -127,7 +145,19 @@ async fn establish(
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(keys)) => {
                 let (session, incoming) = Session::start(tcp, keys, Role::Dialer, config.clone());
-                return Some((session, incoming, addr.clone()));
+                return Ok((session, incoming, addr.clone()));
+            }
+            Ok(Err(LinkHandshakeError::Handshake(HandshakeError::Busy {
+                retry_after,
+                reason,
+            }))) => {
+                tracing::warn!(
+                    peer = %target.peer,
+                    %addr,
+                    "the other gateway is not taking link logins from here now: {reason}; retrying in {retry_after} s (its hint)"
+                );
+                let wait = Duration::from_secs(u64::from(retry_after));
+                hint = Some(hint.map_or(wait, |h| h.max(wait)));
             }
             Ok(Err(LinkHandshakeError::Handshake(e))) => match &target.credential {
                 DialCredential::Password { user, .. } => tracing::error!(
@@ -151,5 +181,5 @@ async fn establish(
             Err(_) => tracing::warn!(peer = %target.peer, %addr, "link handshake timed out"),
         }
     }
-    None
+    Err(hint)
 }

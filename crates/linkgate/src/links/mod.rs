@@ -6,13 +6,14 @@ mod acceptor;
 mod dialer;
 pub mod identity;
 mod start;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use link::session::{IncomingStream, Session};
 
-pub use acceptor::{run_acceptor, AcceptContext, FailureTracker};
+pub use acceptor::{run_acceptor, AcceptContext};
 pub use dialer::{run_dialer, DialCredential, DialTarget};
 pub use start::start;
 

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    identity, run_acceptor, run_dialer, AcceptContext, DialCredential, DialTarget, FailureTracker,
-    Links, StreamDispatch,
+    identity, run_acceptor, run_dialer, AcceptContext, DialCredential, DialTarget, Links,
+    StreamDispatch,
 };
 use crate::config::{decode_peer_record, decode_public_key, Config};
 
@@ -55,7 +55,7 @@ pub async fn start(
                 .iter()
                 .map(|p| (p.name.clone(), session_config(p)))
                 .collect(),
-            failures: FailureTracker::default(),
+            throttle: Default::default(),
         });
         for listener in listeners {
             if let Ok(local) = listener.local_addr() {
