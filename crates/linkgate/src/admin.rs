@@ -138,7 +138,17 @@ impl AdminState {
     }
 }
 
-/// Binds the admin address; serves until `stop` is cancelled.
+/// Admin connections served at once; more are closed at accept.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Time a client has to send a request head.
+const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Time a connection may stay open at all (a console polls every few
+/// seconds on a keep-alive connection; it reconnects after this).
+const ADMIN_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Binds the admin address; serves until `stop` is cancelled. At most
+/// [`MAX_ADMIN_CONNECTIONS`] at once, each with a header timeout and a
+/// bounded lifetime, so half-sent requests cannot pile up.
 pub async fn start(
     addr: SocketAddr,
     state: AdminState,
@@ -147,24 +157,36 @@ pub async fn start(
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, "admin listening");
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let (socket, _) = tokio::select! {
+            let (socket, from) = tokio::select! {
                 () = stop.cancelled() => return,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
-                    Err(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed; pausing 100ms");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
                 },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%from, "admin connection refused: {MAX_ADMIN_CONNECTIONS} already open");
+                continue;
             };
             let state = state.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |request| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(respond(&state, &request)) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(socket), service)
-                    .await;
+                let serving = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(socket), service);
+                let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, serving).await;
             });
         }
     });

@@ -459,6 +459,9 @@ fn admit_tcp(service: &Arc<ServiceRuntime>, tcp: TcpStream, peer: SocketAddr, sh
     let client = ClientId::Addr(peer);
     let mut audit = new_audit(service, &client);
     let Some(slot) = admission(service, &client, &mut audit) else {
+        if service.slots_full() {
+            crate::service::busy::refuse(service.config.kind, tcp, audit.reason.clone());
+        }
         audit.emit();
         return;
     };

@@ -217,3 +217,73 @@ async fn a_frozen_hub_is_noticed_within_three_keepalives_and_relinked_when_it_wa
     );
     assert_eq!(servers::round_trip(addr, b"after").await, b"after");
 }
+
+/// An origin that answers any request with a 200 whose body is cut by a
+/// reset after 1 MiB: chunked, or delimited by the connection's end.
+fn resetting_origin(chunked: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let framing = if chunked {
+                    "Transfer-Encoding: chunked"
+                } else {
+                    "Connection: close"
+                };
+                let _ = write!(client, "HTTP/1.1 200 OK\r\n{framing}\r\n\r\n");
+                let chunk = vec![b'x'; 64 * 1024];
+                for _ in 0..16 {
+                    let ok = if chunked {
+                        write!(client, "{:x}\r\n", chunk.len()).is_ok()
+                            && client.write_all(&chunk).is_ok()
+                            && client.write_all(b"\r\n").is_ok()
+                    } else {
+                        client.write_all(&chunk).is_ok()
+                    };
+                    if !ok {
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_upstream_reset_aborts_the_http_response_instead_of_ending_it() {
+    let config = "[gateway]\nlog = \"json\"\n\n[[service]]\nname = \"web-proxy\"\ntype = \"http\"\nlisten = \"127.0.0.1:0\"\n";
+    let gateway = RunningGateway::start(config);
+    let proxy = gateway.addr("web-proxy").to_string();
+    for (chunked, http10) in [(true, false), (false, false), (false, true), (true, true)] {
+        let origin = resetting_origin(chunked);
+        let mut args = vec!["-sS", "-o", "/dev/null", "-x", &proxy];
+        if http10 {
+            args.push("-0");
+        }
+        let url = format!("http://{origin}/big");
+        args.push(&url);
+        let out = std::process::Command::new("curl")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "curl (chunked upstream: {chunked}, HTTP/1.0 client: {http10}) took a cut-off body for a whole one"
+        );
+    }
+    let audits = gateway.wait_for_audits(4, WAIT);
+    assert!(audits.iter().all(|a| a["result"] == "error"), "{audits:?}");
+}

@@ -231,6 +231,10 @@ pub struct ServiceConfig {
     /// connections (to open in a firewall); default: any free port of the
     /// system's ephemeral range. (Extension of the contract.)
     pub passive_ports: Option<PortRange>,
+    /// http: how long the upstream may take to start its response (the
+    /// status line and headers) after the request was sent; default 60s.
+    /// (Extension of the contract.)
+    pub response_timeout: Option<ConfigDuration>,
 }
 
 fn one_or_many_opt<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>

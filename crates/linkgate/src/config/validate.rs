@@ -388,6 +388,18 @@ fn check_service(
             );
         }
     }
+    if service.response_timeout.is_some() && kind != ServiceKind::Http {
+        push(
+            "response_timeout",
+            format!(
+                "response_timeout is for http services; a {} service waits for no response",
+                kind.as_str()
+            ),
+        );
+    }
+    if service.response_timeout.is_some_and(|d| d.0.is_zero()) {
+        push("response_timeout", "must be longer than zero".into());
+    }
     if service.passive_ports.is_some() && kind != ServiceKind::Ftp {
         push(
             "passive_ports",

@@ -14,7 +14,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -32,6 +32,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
+use super::abortable::Abortable;
 use super::ServiceRuntime;
 use crate::access::Verdict;
 use crate::audit::{Audit, AuditResult};
@@ -177,8 +178,9 @@ pub async fn serve(
         requests: AtomicU64::new(0),
         login: Mutex::new(None),
         tunnel: Mutex::new(None),
+        client_failed: Arc::new(AtomicBool::new(false)),
     });
-    let io = TokioIo::new(inbound.stream);
+    let io = TokioIo::new(Abortable::new(inbound.stream, state.client_failed.clone()));
     let handler = {
         let state = state.clone();
         let template = AuditTemplate::of(audit);
@@ -237,6 +239,9 @@ struct ConnState {
     login: Mutex<Option<(HeaderValue, String)>>,
     /// A CONNECT tunnel to run once hyper hands the connection over.
     tunnel: Mutex<Option<Tunnel>>,
+    /// Set when a response body broke off: the client connection is then
+    /// reset instead of closed ([`Abortable`]).
+    client_failed: Arc<AtomicBool>,
 }
 
 struct Tunnel {
@@ -353,6 +358,10 @@ async fn login(
 
 // === Forwarding absolute-URI requests ===
 
+/// How long an upstream may take to start its response, unless the service
+/// says otherwise (`response_timeout`).
+const DEFAULT_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn forward(
     service: &ServiceRuntime,
     state: &ConnState,
@@ -433,7 +442,23 @@ async fn forward(
             )
         }
     };
-    match sender.send_request(upstream_request).await {
+    let response_timeout = service
+        .config
+        .response_timeout
+        .map_or(DEFAULT_RESPONSE_TIMEOUT, |d| d.0);
+    let sent = tokio::time::timeout(response_timeout, sender.send_request(upstream_request)).await;
+    let Ok(sent) = sent else {
+        // The connection is dropped, not pooled: it is stuck mid-exchange.
+        return failed(
+            audit,
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "upstream sent no response within {}",
+                humantime::format_duration(response_timeout)
+            ),
+        );
+    };
+    match sent {
         Ok(response) => {
             state.upstreams.checkin(target, sender);
             let (mut parts, body) = response.into_parts();
@@ -457,6 +482,7 @@ async fn forward(
                 audit: Some(audit),
                 uploaded,
                 downloaded: 0,
+                client_failed: state.client_failed.clone(),
             };
             Response::from_parts(parts, body.boxed())
         }
@@ -545,8 +571,8 @@ async fn run_tunnel(service: &ServiceRuntime, tunnel: Tunnel, stop: &Cancellatio
     };
     // Take our own stream back (and any bytes hyper had already read), so the
     // tunnel relays socket to socket like a mapping.
-    let (mut client, early) = match upgraded.downcast::<TokioIo<Stream>>() {
-        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+    let (mut client, early) = match upgraded.downcast::<TokioIo<Abortable>>() {
+        Ok(parts) => (parts.io.into_inner().into_stream(), parts.read_buf),
         Err(upgraded) => (
             Stream::Boxed(Box::new(TokioIo::new(upgraded))),
             Bytes::new(),
@@ -731,6 +757,8 @@ struct AuditedBody {
     audit: Option<Audit>,
     uploaded: Arc<AtomicU64>,
     downloaded: u64,
+    /// The client connection's failure mark, set when this body breaks off.
+    client_failed: Arc<AtomicBool>,
 }
 
 impl AuditedBody {
@@ -762,6 +790,7 @@ impl HttpBody for AuditedBody {
                 }
             }
             Poll::Ready(Some(Err(e))) => {
+                self.client_failed.store(true, Ordering::Relaxed);
                 let why = format!("upstream response body failed: {e}");
                 self.finish(Some(why));
             }

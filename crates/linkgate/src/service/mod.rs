@@ -1,6 +1,8 @@
 //! The services: what happens to a client connection once it is admitted.
 //! One module per service type; [`ServiceRuntime`] holds what they share.
 
+mod abortable;
+pub mod busy;
 mod data_port;
 mod ftp;
 mod http_proxy;
@@ -76,6 +78,11 @@ impl ServiceRuntime {
             slots: Arc::new(Semaphore::new(config.max_connections as usize)),
             config,
         })
+    }
+
+    /// Whether every `max_connections` slot is taken.
+    pub fn slots_full(&self) -> bool {
+        self.slots.available_permits() == 0
     }
 
     /// Takes one of the service's `max_connections` slots, if any is free.

@@ -57,6 +57,7 @@ pub async fn serve(
     let inbound_client = inbound.client;
     let mut client = Conn::new(inbound.stream);
     let timeout = service.config.handshake_timeout;
+    let login_deadline = tokio::time::Instant::now() + timeout.0;
     let login = tokio::time::timeout(
         timeout.0,
         login::reach_server(service, &mut client, &inbound_client, audit),
@@ -84,6 +85,7 @@ pub async fn serve(
         data_slots: Arc::new(Semaphore::new(MAX_DATA_CONNECTIONS)),
         stop: stop.clone(),
         abandon_last: CancellationToken::new(),
+        login_deadline: Some(login_deadline),
     };
     let (result, reason) = session.relay(&mut client, &mut server).await;
     // Close both control connections properly: over a link, a stream that is

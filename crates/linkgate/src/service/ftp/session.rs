@@ -92,6 +92,18 @@ pub(super) struct Session<'a> {
     /// Abandons the last data connection started, if its client end has
     /// not appeared yet.
     pub(super) abandon_last: CancellationToken,
+    /// Until the server accepted the login (230), when the session's
+    /// `handshake_timeout` runs out: the whole login is bounded, not only
+    /// the part before the server was reached.
+    pub(super) login_deadline: Option<tokio::time::Instant>,
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Session<'_> {
@@ -148,6 +160,11 @@ impl Session<'_> {
                 },
                 () = self.stop.cancelled() => {
                     return (AuditResult::Error, "gateway shutting down: grace period over".into())
+                }
+                () = sleep_until_or_never(self.login_deadline) => {
+                    let _ = client.send(b"421 Login not finished in time\r\n").await;
+                    let timeout = self.service.config.handshake_timeout;
+                    return (AuditResult::Error, format!("login not finished within {timeout}"));
                 }
             };
         }
@@ -220,6 +237,9 @@ impl Session<'_> {
     }
 
     async fn on_reply(&mut self, answer: Reply, client: &mut Conn) -> Result<(), String> {
+        if answer.code == 230 {
+            self.login_deadline = None;
+        }
         // Preliminary replies (1xx) come before the final one.
         let pending = if answer.code < 200 {
             None
