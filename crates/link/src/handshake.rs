@@ -92,7 +92,23 @@ pub enum HandshakeError {
     StaleHello,
 }
 
-/// Keys and identity of an established link session.
+/// A fixed Noise ephemeral key, for known-answer tests. It can only be
+/// made with the `test-hooks` feature (which only this crate's own tests
+/// enable), so every real handshake takes a fresh ephemeral: the hook is in
+/// the signatures, but outside tests only `None` can be passed.
+pub struct FixedEphemeral([u8; 32]);
+
+#[cfg(feature = "test-hooks")]
+impl FixedEphemeral {
+    /// The ephemeral secret `key` (tests only).
+    pub fn new(key: [u8; 32]) -> Self {
+        FixedEphemeral(key)
+    }
+}
+
+/// Keys and identity of an established link session. Wiped from memory
+/// when dropped.
+#[derive(zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct SessionKeys {
     /// Key for records we send.
     pub send: [u8; 32],
@@ -227,7 +243,7 @@ impl ClientAwaitingKe2 {
         self,
         rng: &mut R,
         m2: &[u8],
-        ephemeral: Option<&[u8; 32]>,
+        ephemeral: Option<&FixedEphemeral>,
     ) -> Result<(ClientAwaitingFinal, Vec<u8>), HandshakeError> {
         let response = CredentialResponse::<LinkSuite>::deserialize(m2)
             .map_err(|_| HandshakeError::Malformed("bad KE2"))?;
@@ -239,7 +255,7 @@ impl ClientAwaitingKe2 {
         let ke3 = finish.message.serialize();
         let prologue = prologue(&self.m1, m2, &ke3);
         let psk = noise_psk(&finish.session_key);
-        let mut noise = noise_builder(&prologue, &psk, ephemeral)?
+        let mut noise = noise_builder(&prologue, &psk, ephemeral.map(|e| &e.0))?
             .build_initiator()
             .map_err(|_| HandshakeError::Malformed("noise setup"))?;
         let mut m3 = ke3.to_vec();
@@ -391,7 +407,7 @@ impl ServerAwaitingFinish {
     pub fn receive_finish(
         self,
         m3: &[u8],
-        ephemeral: Option<&[u8; 32]>,
+        ephemeral: Option<&FixedEphemeral>,
     ) -> Result<(Vec<u8>, SessionKeys), (HandshakeError, Vec<u8>)> {
         let refuse = |e: HandshakeError| {
             let mut m4 = vec![1u8];
@@ -414,7 +430,7 @@ impl ServerAwaitingFinish {
             .map_err(|_| refuse(HandshakeError::Authentication))?;
         let prologue = prologue(&self.m1, &self.m2, ke3);
         let psk = noise_psk(&finish.session_key);
-        let mut noise = noise_builder(&prologue, &psk, ephemeral)
+        let mut noise = noise_builder(&prologue, &psk, ephemeral.map(|e| &e.0))
             .and_then(|b| {
                 b.build_responder()
                     .map_err(|_| HandshakeError::Malformed("noise setup"))
@@ -454,8 +470,9 @@ pub fn hello_mode(m1: &[u8]) -> Result<Mode, HandshakeError> {
     }
 }
 
-/// A gateway's static X25519 key pair for key mode.
-#[derive(Clone)]
+/// A gateway's static X25519 key pair for key mode. Wiped from memory when
+/// dropped (clones too: each copy wipes itself).
+#[derive(Clone, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct StaticKeys {
     secret: [u8; 32],
     /// The public half, which the other gateway pins.
@@ -476,7 +493,8 @@ impl Identity {
     /// identity file holds one secret and needs no second format.
     pub fn static_keys(&self) -> StaticKeys {
         let mut secret = [0u8; 32];
-        Hkdf::<Sha256>::new(None, &self.to_bytes())
+        let identity = zeroize::Zeroizing::new(self.to_bytes());
+        Hkdf::<Sha256>::new(None, &identity)
             .expand(b"linkgate link v1 static x25519 key", &mut secret)
             .expect("32 bytes is a valid HKDF-SHA256 output length");
         let public = curve25519_dalek::montgomery::MontgomeryPoint::mul_base_clamped(secret);
@@ -485,6 +503,15 @@ impl Identity {
             public: public.to_bytes(),
         }
     }
+}
+
+/// Whether an X25519 public key is one of the low-order points (or maps to
+/// one): a Diffie-Hellman with it gives a fixed result whatever the secret,
+/// so such a key must never be pinned or accepted. Multiplying by the
+/// cofactor (8) sends exactly those points to the identity (u = 0).
+pub fn is_low_order(public: &[u8; 32]) -> bool {
+    let point = curve25519_dalek::montgomery::MontgomeryPoint(*public);
+    (point * curve25519_dalek::scalar::Scalar::from(8u8)).to_bytes() == [0u8; 32]
 }
 
 /// Key mode's pre-shared key: none is configured, so zeros (as WireGuard
@@ -536,9 +563,9 @@ pub fn key_client_start(
     keys: &StaticKeys,
     hub: &[u8; 32],
     timestamp: u64,
-    ephemeral: Option<&[u8; 32]>,
+    ephemeral: Option<&FixedEphemeral>,
 ) -> Result<(KeyClient, Vec<u8>), HandshakeError> {
-    let mut noise = key_noise(keys, Some(hub), ephemeral, true)?;
+    let mut noise = key_noise(keys, Some(hub), ephemeral.map(|e| &e.0), true)?;
     let mut m1 = MAGIC.to_vec();
     m1.push(KEY_MODE);
     let mut buf = [0u8; 256];
@@ -571,12 +598,12 @@ pub struct KeyHello {
 pub fn key_server_read(
     keys: &StaticKeys,
     m1: &[u8],
-    ephemeral: Option<&[u8; 32]>,
+    ephemeral: Option<&FixedEphemeral>,
 ) -> Result<KeyHello, HandshakeError> {
     if hello_mode(m1)? != Mode::Key {
         return Err(HandshakeError::Version);
     }
-    let mut noise = key_noise(keys, None, ephemeral, false)?;
+    let mut noise = key_noise(keys, None, ephemeral.map(|e| &e.0), false)?;
     let mut payload = [0u8; 256];
     let n = noise
         .read_message(&m1[5..], &mut payload)
@@ -588,6 +615,9 @@ pub fn key_server_read(
         .get_remote_static()
         .and_then(|key| key.try_into().ok())
         .ok_or(HandshakeError::Malformed("key hello without a static key"))?;
+    if is_low_order(&public) {
+        return Err(HandshakeError::Malformed("low-order static key"));
+    }
     Ok(KeyHello {
         noise,
         public,

@@ -55,8 +55,10 @@ fn rekey(raw: &[u8; 32]) -> [u8; 32] {
     block
 }
 
+/// One direction's key and counter. The raw key is wiped when dropped
+/// (ring's own key schedule is ring's to handle).
 struct CipherState {
-    raw: [u8; 32],
+    raw: zeroize::Zeroizing<[u8; 32]>,
     key: LessSafeKey,
     counter: u64,
     rekey_interval: u64,
@@ -66,17 +68,23 @@ impl CipherState {
     fn new(raw: [u8; 32], rekey_interval: u64) -> Self {
         CipherState {
             key: aead_key(&raw),
-            raw,
+            raw: zeroize::Zeroizing::new(raw),
             counter: 0,
             rekey_interval,
         }
     }
 
     /// Advances the counter after a record, rekeying at each interval.
+    /// Noise reserves nonce 2^64 - 1 for REKEY and forbids reuse: a link
+    /// that ever got there (it cannot, at any real rate) must end.
     fn advance(&mut self) {
-        self.counter += 1;
+        self.counter = self
+            .counter
+            .checked_add(1)
+            .filter(|&c| c < u64::MAX)
+            .expect("record counter exhausted: the link must be re-established");
         if self.counter.is_multiple_of(self.rekey_interval) {
-            self.raw = rekey(&self.raw);
+            *self.raw = rekey(&self.raw);
             self.key = aead_key(&self.raw);
         }
     }

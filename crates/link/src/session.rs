@@ -142,6 +142,8 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// Becomes true when the first record from the peer was opened.
+    authenticated: watch::Sender<bool>,
     writer_wake: Notify,
     reader_wake: Notify,
     end: watch::Sender<Option<LinkEnd>>,
@@ -270,6 +272,7 @@ impl Session {
             }),
             writer_wake: Notify::new(),
             reader_wake: Notify::new(),
+            authenticated: watch::channel(false).0,
             end,
             wire_sent: AtomicU64::new(0),
             wire_received: AtomicU64::new(0),
@@ -345,6 +348,17 @@ impl Session {
             if end.changed().await.is_err() {
                 return LinkEnd::Failed("session dropped".into());
             }
+        }
+    }
+
+    /// Resolves once a record from the other side was opened: proof that it
+    /// holds the session keys (a replayed handshake never gets this far).
+    /// Returns false if the session ended first.
+    pub async fn authenticated(&self) -> bool {
+        let mut seen = self.shared.authenticated.subscribe();
+        tokio::select! {
+            result = seen.wait_for(|&seen| seen) => result.is_ok(),
+            _ = self.ended() => *self.shared.authenticated.borrow(),
         }
     }
 
@@ -561,6 +575,11 @@ async fn run_reader(
             }
             shared.settle(&mut state)
         };
+        if !plaintexts.is_empty() {
+            shared
+                .authenticated
+                .send_if_modified(|seen| !std::mem::replace(seen, true));
+        }
         for (id, service) in requests {
             let request = IncomingStream {
                 shared: shared.clone(),

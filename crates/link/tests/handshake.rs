@@ -46,17 +46,20 @@ fn run(
         return Outcome::Failed;
     };
     tamper(2, &mut m2);
-    let Ok((client, mut m3)) = client.receive_ke2(&mut rng, &m2, Some(&[1u8; 32])) else {
+    let Ok((client, mut m3)) =
+        client.receive_ke2(&mut rng, &m2, Some(&FixedEphemeral::new([1u8; 32])))
+    else {
         return Outcome::Failed;
     };
     tamper(3, &mut m3);
-    let (mut m4, server_keys) = match server.receive_finish(&m3, Some(&[2u8; 32])) {
-        Ok(done) => done,
-        Err((_, refusal)) => {
-            assert_eq!(refusal[0], 1, "a failed hub sends a refusal");
-            return Outcome::Failed;
-        }
-    };
+    let (mut m4, server_keys) =
+        match server.receive_finish(&m3, Some(&FixedEphemeral::new([2u8; 32]))) {
+            Ok(done) => done,
+            Err((_, refusal)) => {
+                assert_eq!(refusal[0], 1, "a failed hub sends a refusal");
+                return Outcome::Failed;
+            }
+        };
     tamper(4, &mut m4);
     let Ok(client_keys) = client.receive_final(&m4) else {
         return Outcome::Failed;

@@ -20,9 +20,15 @@ fn static_keys_are_stable_per_identity_and_differ_between_identities() {
 #[test]
 fn pinned_keys_give_matching_session_keys_and_the_hub_learns_who_and_when() {
     let (dialer, hub) = (keys(1), keys(2));
-    let (client, m1) = key_client_start(&dialer, &hub.public, 42, Some(&[7; 32])).unwrap();
+    let (client, m1) = key_client_start(
+        &dialer,
+        &hub.public,
+        42,
+        Some(&FixedEphemeral::new([7u8; 32])),
+    )
+    .unwrap();
     assert_eq!(hello_mode(&m1), Ok(Mode::Key));
-    let hello = key_server_read(&hub, &m1, Some(&[8; 32])).unwrap();
+    let hello = key_server_read(&hub, &m1, Some(&FixedEphemeral::new([8u8; 32]))).unwrap();
     assert_eq!(hello.public, dialer.public);
     assert_eq!(hello.timestamp, 42);
     let (m2, hub_keys) = hello.accept().unwrap();
@@ -72,8 +78,14 @@ fn every_flipped_byte_fails_and_refusals_carry_their_reason() {
     let (client, m1) = key_client_start(&dialer, &hub.public, 5, None).unwrap();
     let (m2, _) = key_server_read(&hub, &m1, None).unwrap().accept().unwrap();
     for i in 0..m2.len() {
-        let (client, m1) = key_client_start(&dialer, &hub.public, 5, Some(&[9; 32])).unwrap();
-        let (mut bad, _) = key_server_read(&hub, &m1, Some(&[10; 32]))
+        let (client, m1) = key_client_start(
+            &dialer,
+            &hub.public,
+            5,
+            Some(&FixedEphemeral::new([9u8; 32])),
+        )
+        .unwrap();
+        let (mut bad, _) = key_server_read(&hub, &m1, Some(&FixedEphemeral::new([10u8; 32])))
             .unwrap()
             .accept()
             .unwrap();
@@ -100,4 +112,23 @@ fn the_mode_byte_tells_password_from_key_mode_and_nothing_else_passes() {
     for bad in [&b"LGK1\x03"[..], b"LGK2\x01", b"LGK", b""] {
         assert_eq!(hello_mode(bad), Err(HandshakeError::Version));
     }
+}
+
+#[test]
+fn low_order_keys_are_recognised_and_real_keys_are_not() {
+    use linkgate_link::handshake::is_low_order;
+    // The all-zero key (order 2), u = 1 (order 4), and a point of order 8.
+    let mut order8 = [0u8; 32];
+    order8.copy_from_slice(&[
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ]);
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    for key in [[0u8; 32], one, order8] {
+        assert!(is_low_order(&key), "{key:?}");
+    }
+    let identity = linkgate_link::handshake::Identity::generate(&mut rand::rngs::OsRng);
+    assert!(!is_low_order(&identity.static_keys().public));
 }

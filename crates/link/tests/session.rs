@@ -203,3 +203,35 @@ async fn a_peer_that_finished_and_left_does_not_fail_the_shutdown() {
     assert!(staying.write_all(b"too late").await.is_err());
     staying.shutdown().await.unwrap();
 }
+
+/// A session proves itself with its first record (each side PINGs at once);
+/// one whose other end sends nothing never does.
+#[tokio::test]
+async fn a_session_is_authenticated_by_the_first_record_from_the_other_side() {
+    let ((dialer, _), (acceptor, _)) = pair(SessionConfig::default()).await;
+    for session in [&dialer, &acceptor] {
+        tokio::time::timeout(Duration::from_secs(5), session.authenticated())
+            .await
+            .map(|proven| assert!(proven))
+            .expect("the other side's first PING arrives at once");
+    }
+    // A handshake whose sender cannot follow it with records: here, a
+    // session over a connection whose other end stays silent.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (_held, _) = listener.accept().await.unwrap();
+    let keys = linkgate_link::handshake::SessionKeys {
+        send: [1; 32],
+        recv: [2; 32],
+        session_id: [0; 32],
+    };
+    let (lonely, _) = Session::start(silent, keys, Role::Acceptor, SessionConfig::default());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), lonely.authenticated())
+            .await
+            .is_err(),
+        "no record, no proof"
+    );
+}

@@ -142,6 +142,19 @@ pub struct MuxStats {
     pub srtt: Option<Duration>,
 }
 
+/// What the multiplexer holds in memory (see [`Mux::memory`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MuxMemory {
+    /// Bytes allocated for data received and not yet read, all streams.
+    pub received: usize,
+    /// Bytes allocated for data queued to send, all streams.
+    pub queued: usize,
+    /// Control frames waiting to be sent.
+    pub control: usize,
+    /// All receive windows together: what the peer may make us buffer.
+    pub windows: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum List {
     New,
@@ -241,6 +254,11 @@ enum Control {
     },
 }
 
+/// Text from the peer, safe for logs and audit records.
+fn untrusted(text: &str) -> String {
+    crate::handshake::untrusted_text(text.as_bytes(), MAX_TEXT)
+}
+
 fn capped(text: &str) -> String {
     let mut end = text.len().min(MAX_TEXT);
     while !text.is_char_boundary(end) {
@@ -292,7 +310,10 @@ impl Mux {
         };
         Mux {
             role,
-            next_ping: now + config.keepalive,
+            // The first PING goes out at once: it proves to the other side
+            // that we hold the session keys (a replayed handshake cannot
+            // send it), and it measures the round trip from the start.
+            next_ping: now,
             config,
             streams: HashMap::new(),
             next_local,
@@ -617,7 +638,7 @@ impl Mux {
                 self.stats.streams_total += 1;
                 self.events.push_back(Event::Incoming {
                     id,
-                    service: service.to_string(),
+                    service: untrusted(service),
                 });
             }
             Frame::OpenOk { id, window } => {
@@ -647,7 +668,7 @@ impl Mux {
                 self.remove(id);
                 self.events.push_back(Event::OpenFailed {
                     id,
-                    reason: reason.to_string(),
+                    reason: untrusted(reason),
                 });
             }
             Frame::Window { id, increment } => {
@@ -691,7 +712,7 @@ impl Mux {
                 }
                 // A pending stream keeps the reset for the gateway to find
                 // when it takes the stream; a scheduled one is skipped.
-                stream.reset = Some(format!("reset by the other gateway: {reason}"));
+                stream.reset = Some(format!("reset by the other gateway: {}", untrusted(reason)));
                 stream.send = VecDeque::new();
                 self.events.push_back(Event::Readable(id));
                 self.events.push_back(Event::Writable(id));
@@ -714,7 +735,7 @@ impl Mux {
                 }
             }
             Frame::Close { reason } => {
-                self.close_received = Some(reason.to_string());
+                self.close_received = Some(untrusted(reason));
                 // Answer with our own close so the peer sees a clean end too.
                 self.close("closed in reply to the other gateway");
             }
@@ -922,6 +943,21 @@ impl Mux {
     /// The peer's CLOSE reason, once it arrived.
     pub fn close_received(&self) -> Option<&str> {
         self.close_received.as_deref()
+    }
+
+    /// Memory held for the link now, by what holds it (capacities, not
+    /// payload lengths: what is allocated is what counts).
+    pub fn memory(&self) -> MuxMemory {
+        let mut memory = MuxMemory {
+            control: self.control.len(),
+            windows: self.windows_total,
+            ..MuxMemory::default()
+        };
+        for stream in self.streams.values() {
+            memory.received += stream.recv.capacity();
+            memory.queued += stream.send.capacity();
+        }
+        memory
     }
 
     /// Counters now.

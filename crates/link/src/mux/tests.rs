@@ -338,6 +338,12 @@ fn windows_come_from_one_budget_per_link() {
 fn keepalive_measures_the_round_trip_and_silence_kills_the_link() {
     let start = Instant::now();
     let (mut a, mut b, _) = linked(start);
+    // The first probe goes at once, the next after the keepalive interval.
+    a.handle_timeout(start).unwrap();
+    let first = drain(&mut a, start);
+    assert!(matches!(Frame::decode(&first[0]).unwrap(), Frame::Ping(_)));
+    deliver(&mut b, &first, start).unwrap();
+    deliver(&mut a, &drain(&mut b, start), start).unwrap();
     assert!(a.handle_timeout(start + Duration::from_secs(1)).is_ok());
     assert!(drain(&mut a, start).is_empty(), "no probe before keepalive");
     let t = start + Duration::from_secs(5);

@@ -447,14 +447,18 @@ fn check_service(
 
 /// Decodes a `[[peer]] public_key` (base64 from `linkgate public-key`).
 pub fn decode_public_key(text: &str) -> Result<[u8; 32], String> {
-    STANDARD
+    let key = STANDARD
         .decode(text.trim())
         .ok()
         .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
         .ok_or_else(|| {
             "public_key is not a key: paste the output of `linkgate public-key` on that gateway"
                 .to_string()
-        })
+        })?;
+    if link::handshake::is_low_order(&key) {
+        return Err("public_key is a degenerate (low-order) key that anyone could impersonate; paste the output of `linkgate public-key` on that gateway".into());
+    }
+    Ok(key)
 }
 
 /// Decodes a `[[peer]] record` (base64 from `linkgate peer-record`).

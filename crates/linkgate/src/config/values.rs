@@ -63,8 +63,9 @@ where
 // === Secret ===
 
 /// A password, key or record from the configuration. Its `Debug` prints
-/// asterisks and it has no `Display`, so it cannot leak into logs by accident.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+/// asterisks and it has no `Display`, so it cannot leak into logs by
+/// accident; it is wiped from memory when dropped.
+#[derive(Clone, PartialEq, Eq, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 #[serde(transparent)]
 pub struct Secret(String);
 

@@ -213,6 +213,7 @@ async fn accept_one(
         &peer,
         session.clone(),
         incoming,
+        true,
     );
     let end = tokio::select! {
         end = serving => end,

@@ -69,7 +69,7 @@ pub async fn run_dialer(
                 tracing::info!(peer = %target.peer, %addr, "link up");
                 let started = Instant::now();
                 let end = tokio::select! {
-                    end = serve_session(&links, &dispatch, &target.peer, session.clone(), incoming) => end,
+                    end = serve_session(&links, &dispatch, &target.peer, session.clone(), incoming, false) => end,
                     () = stop.cancelled() => {
                         session.close("gateway shutting down");
                         return;

@@ -81,15 +81,35 @@ impl Links {
     }
 }
 
+/// How long an accepted session may take to show its first record before
+/// it is dropped (the dialer sends a PING at once).
+const FIRST_RECORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs a new session: registers it, feeds its incoming streams to
 /// `dispatch`, and unregisters it when it ends. Returns how it ended.
+///
+/// An accepted session replaces the peer's registered one only once it
+/// has received an authenticated record, as WireGuard switches only on the
+/// first authenticated data: a replayed key-mode hello completes a
+/// handshake, but its sender has no keys to follow it with, so the live
+/// link stays.
 async fn serve_session(
     links: &Arc<Links>,
     dispatch: &Arc<dyn StreamDispatch>,
     peer: &str,
     session: Session,
     mut incoming: tokio::sync::mpsc::Receiver<IncomingStream>,
+    wait_for_proof: bool,
 ) -> link::session::LinkEnd {
+    if wait_for_proof {
+        let proven = tokio::time::timeout(FIRST_RECORD_TIMEOUT, session.authenticated()).await;
+        if !matches!(proven, Ok(true)) {
+            session.close("no authenticated record after the handshake");
+            return link::session::LinkEnd::Failed(
+                "the other side sent no authenticated record after the handshake (a replayed hello?)".into(),
+            );
+        }
+    }
     links.register(peer, session.clone());
     let dispatcher = {
         let dispatch = dispatch.clone();
