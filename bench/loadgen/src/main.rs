@@ -18,6 +18,10 @@
 //!   loops of whole FTP sessions (login, PASV, RETR FILE, QUIT) against
 //!   SERVER (a proxy with a fixed target, or the server itself); prints
 //!   sessions/s and session latency percentiles as JSON.
+//! - `loadgen hostile HUB USER PASSWORD MODE SERVICE STREAMS SECONDS`: an
+//!   authenticated link peer that floods the hub (see `hostile.rs`).
+//! - `loadgen guess HUB USER SOURCE COUNT`: wrong-password link logins
+//!   from the local address SOURCE; prints how many the hub answered.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -27,6 +31,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod ftp;
+mod hostile;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -61,6 +66,8 @@ fn main() -> Result<(), Error> {
             args[6].parse()?,
             args[7].parse()?,
         )),
+        Some("hostile") => runtime.block_on(hostile::run(&args[2..])),
+        Some("guess") => runtime.block_on(hostile::guess(&args[2..])),
         _ => Err("usage: loadgen echo PORT_FILE | rate PROXY TARGET CLIENTS SECONDS | hold PROXY TARGET COUNT".into()),
     }
 }

@@ -36,6 +36,12 @@ pub const MIN_WINDOW: u32 = 64 * 1024;
 /// Control frames queued at once before the caller should stop reading
 /// (peer-caused replies would otherwise grow without bound).
 pub const CONTROL_LIMIT: usize = 1024;
+/// All streams' send queues together may hold about this much: with many
+/// streams each gets `SEND_BUDGET / streams` (at least [`MIN_SEND_QUEUE`]),
+/// so a peer that grants no credit cannot make us queue more.
+pub const SEND_BUDGET: usize = 16 * 1024 * 1024;
+/// The smallest send queue a stream gets.
+pub const MIN_SEND_QUEUE: usize = 16 * 1024;
 /// Bytes of data a stream is served before others get their turn.
 const QUANTUM: i64 = 16 * 1024;
 
@@ -57,7 +63,8 @@ pub struct MuxConfig {
     pub recv_budget: u64,
     /// Streams (both directions, opening ones included) at once.
     pub max_streams: usize,
-    /// Bytes a local writer may queue on one stream before it waits.
+    /// Bytes a local writer may queue on one stream before it waits, while
+    /// the link's send budget allows (see [`SEND_BUDGET`]).
     pub send_queue: usize,
     /// Send a PING this often (RTT measurement and liveness).
     pub keepalive: Duration,
@@ -70,7 +77,7 @@ impl Default for MuxConfig {
         MuxConfig {
             window: 1024 * 1024,
             recv_budget: 32 * 1024 * 1024,
-            max_streams: 1024,
+            max_streams: 256,
             send_queue: 256 * 1024,
             keepalive: Duration::from_secs(5),
             dead_after: Duration::from_secs(15),
@@ -252,6 +259,17 @@ enum Control {
         id: u32,
         reason: String,
     },
+}
+
+/// Makes room for `more` bytes in `queue`, growing it as a vector does
+/// (doubling) but never past `limit`: what is allocated then stays within
+/// the window (or send queue) it is accounted against.
+fn reserve_within(queue: &mut VecDeque<u8>, more: usize, limit: usize) {
+    let needed = queue.len() + more;
+    if needed > queue.capacity() {
+        let target = needed.max(queue.capacity() * 2).min(limit.max(needed));
+        queue.reserve_exact(target - queue.len());
+    }
 }
 
 /// Text from the peer, safe for logs and audit records.
@@ -457,7 +475,7 @@ impl Mux {
 
     /// Queues `data` (or the part that fits) on stream `id`.
     pub fn write(&mut self, id: u32, data: &[u8]) -> WriteState {
-        let send_queue = self.config.send_queue;
+        let send_queue = self.send_cap();
         let Some(stream) = self.streams.get_mut(&id) else {
             return WriteState::Reset("stream closed".into());
         };
@@ -473,6 +491,7 @@ impl Mux {
             return WriteState::Blocked;
         }
         let n = room.min(data.len());
+        reserve_within(&mut stream.send, n, send_queue);
         stream.send.extend(&data[..n]);
         self.schedule(id);
         WriteState::Queued(n)
@@ -599,6 +618,7 @@ impl Mux {
                     // Nobody will read it.
                     return Ok(());
                 }
+                reserve_within(&mut stream.recv, data.len(), stream.window as usize);
                 stream.recv.extend(data);
                 self.events.push_back(Event::Readable(id));
             }
@@ -810,7 +830,7 @@ impl Mux {
 
     /// Deficit round robin: new flows first, then old ones.
     fn transmit_data(&mut self, out: &mut Vec<u8>) -> bool {
-        let send_queue = self.config.send_queue;
+        let send_queue = self.send_cap();
         loop {
             let (id, list) = match (self.new_flows.front(), self.old_flows.front()) {
                 (Some(&id), _) => (id, List::New),
@@ -992,6 +1012,14 @@ impl Mux {
             )));
         }
         Ok(())
+    }
+
+    /// The send queue each stream may fill now.
+    fn send_cap(&self) -> usize {
+        (SEND_BUDGET / self.streams.len().max(1)).clamp(
+            MIN_SEND_QUEUE.min(self.config.send_queue),
+            self.config.send_queue,
+        )
     }
 
     fn grant_window(&mut self) -> u32 {

@@ -119,6 +119,15 @@ pub struct PeerConfig {
     /// keepalive intervals without a word from the other side.
     #[serde(default = "default_keepalive")]
     pub keepalive: ConfigDuration,
+    /// Streams at once on the link to that gateway (both directions); more
+    /// are refused. Bounds what an authenticated peer can make us hold.
+    /// (Extension of the contract.)
+    #[serde(default = "default_max_streams")]
+    pub max_streams: u32,
+}
+
+fn default_max_streams() -> u32 {
+    256
 }
 
 fn default_keepalive() -> ConfigDuration {

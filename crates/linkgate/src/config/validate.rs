@@ -193,6 +193,9 @@ fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
                 named("keepalive must be between 100ms and 10m (the link is declared down after three of them)"),
             ));
         }
+        if !(1..=65_536).contains(&peer.max_streams) {
+            out.push((path("max_streams"), named("max_streams must be 1-65536")));
+        }
         if !dialing && !has_link_listener {
             out.push((
                 path("connect"),

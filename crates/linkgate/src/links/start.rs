@@ -88,6 +88,7 @@ pub fn session_config(peer: &crate::config::PeerConfig) -> SessionConfig {
     SessionConfig {
         keepalive: peer.keepalive.0,
         dead_after: peer.keepalive.0 * 3,
+        max_streams: peer.max_streams as usize,
         ..SessionConfig::default()
     }
 }
