@@ -94,8 +94,9 @@ pub async fn run(args: &[String]) -> Result<(), Error> {
                 'fill: while Instant::now() < deadline {
                     out.clear();
                     for (i, sent) in sent.iter_mut().enumerate() {
-                        // Stay inside the default 1 MiB window (no protocol error).
-                        if *sent >= 1_000_000 {
+                        // Stay inside the smallest window a stream gets
+                        // (64 KiB): within the rules, no protocol error.
+                        if *sent >= 60_000 {
                             continue;
                         }
                         for _ in 0..64 {

@@ -237,3 +237,31 @@ fn known_answer_transcript() {
         "the handshake changed: a protocol change needs a new version"
     );
 }
+
+#[test]
+fn a_busy_answer_reads_as_busy_and_a_real_m2_never_does() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let identity = Identity::generate(&mut rng);
+    let record = PeerRecord::register(&mut rng, &identity, "branch", b"pw").unwrap();
+    for known in [true, false] {
+        let (_, m1) = client_start(&mut rng, "branch", b"pw").unwrap();
+        let hello = parse_hello(&m1).unwrap();
+        let (_, m2) = server_respond(&mut rng, &identity, known.then_some(&record), hello).unwrap();
+        assert_eq!(m2.len(), 320, "KE2 has a fixed size");
+        assert!(parse_busy(&m2).is_none());
+    }
+    match parse_busy(&busy(6, "too many failed link logins\nforged line")) {
+        Some(HandshakeError::Busy {
+            retry_after,
+            reason,
+        }) => {
+            assert_eq!(retry_after, 6);
+            assert_eq!(reason, "too many failed link logins\\nforged line");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        parse_hello(b"LGK1\x01\x05br\nch").is_err(),
+        "names outside the alphabet"
+    );
+}
