@@ -306,7 +306,9 @@ impl Session {
             if state.ended {
                 return Err(OpenError::LinkDown(self.shared.end_reason()));
             }
-            let id = state.mux.open(service).map_err(OpenError::LinkDown)?;
+            // The link is up but will not take one more stream (its limit,
+            // or it is closing): the caller reports it like a refusal.
+            let id = state.mux.open(service).map_err(OpenError::Refused)?;
             state.open_replies.insert(id, reply_tx);
             state.wakers.insert(id, StreamWakers::default());
             self.shared.settle(&mut state);

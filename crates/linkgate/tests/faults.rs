@@ -287,3 +287,22 @@ fn an_upstream_reset_aborts_the_http_response_instead_of_ending_it() {
     let audits = gateway.wait_for_audits(4, WAIT);
     assert!(audits.iter().all(|a| a["result"] == "error"), "{audits:?}");
 }
+
+#[test]
+fn a_target_that_resets_reaches_a_telnet_client_as_a_reset() {
+    const TOTAL: usize = 8 * 1024 * 1024;
+    let target = slow_sender(TOTAL, Some(512 * 1024));
+    let config = "[gateway]\nlog = \"json\"\n\n[[service]]\nname = \"consoles\"\ntype = \"telnet\"\nlisten = \"127.0.0.1:0\"\ndestinations = [\"127.0.0.1\"]\n";
+    let gateway = RunningGateway::start(config);
+    let mut client = TcpStream::connect(gateway.addr("consoles")).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut prompt = [0u8; 256];
+    let n = client.read(&mut prompt).unwrap();
+    assert!(String::from_utf8_lossy(&prompt[..n]).contains("destination"));
+    write!(client, "{}\r\n", target).unwrap();
+    assert_reset(download(client, usize::MAX, || {}), TOTAL, "telnet");
+    let audit = &gateway.wait_for_audits(1, WAIT)[0];
+    assert_eq!(audit["result"], "error");
+}
