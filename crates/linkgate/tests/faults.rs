@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::pair::*;
@@ -19,29 +19,21 @@ use common::*;
 /// (so that a test can break things mid-transfer), then closes cleanly;
 /// with `reset_at`, it resets the connection after that many bytes instead.
 fn slow_sender(total: usize, reset_at: Option<usize>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { return };
-            std::thread::spawn(move || {
-                let chunk = vec![0x5a; 64 * 1024];
-                let mut sent = 0;
-                while sent < total {
-                    if reset_at.is_some_and(|at| sent >= at) {
-                        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-                        return;
-                    }
-                    if client.write_all(&chunk).is_err() {
-                        return;
-                    }
-                    sent += chunk.len();
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            });
+    common::servers::thread_server(move |mut client| {
+        let chunk = vec![0x5a; 64 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            if reset_at.is_some_and(|at| sent >= at) {
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                return;
+            }
+            if client.write_all(&chunk).is_err() {
+                return;
+            }
+            sent += chunk.len();
+            std::thread::sleep(Duration::from_millis(5));
         }
-    });
-    addr
+    })
 }
 
 /// Reads from `client` until it ends; calls `trigger` once `after` bytes
@@ -221,45 +213,37 @@ async fn a_frozen_hub_is_noticed_within_three_keepalives_and_relinked_when_it_wa
 /// An origin that answers any request with a 200 whose body is cut by a
 /// reset after 1 MiB: chunked, or delimited by the connection's end.
 fn resetting_origin(chunked: bool) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { return };
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if client.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let framing = if chunked {
-                    "Transfer-Encoding: chunked"
-                } else {
-                    "Connection: close"
-                };
-                let _ = write!(client, "HTTP/1.1 200 OK\r\n{framing}\r\n\r\n");
-                let chunk = vec![b'x'; 64 * 1024];
-                for _ in 0..16 {
-                    let ok = if chunked {
-                        write!(client, "{:x}\r\n", chunk.len()).is_ok()
-                            && client.write_all(&chunk).is_ok()
-                            && client.write_all(b"\r\n").is_ok()
-                    } else {
-                        client.write_all(&chunk).is_ok()
-                    };
-                    if !ok {
-                        return;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(50));
-                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-            });
+    common::servers::thread_server(move |mut client| {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if client.read(&mut byte).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
         }
-    });
-    addr
+        let framing = if chunked {
+            "Transfer-Encoding: chunked"
+        } else {
+            "Connection: close"
+        };
+        let _ = write!(client, "HTTP/1.1 200 OK\r\n{framing}\r\n\r\n");
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..16 {
+            let ok = if chunked {
+                write!(client, "{:x}\r\n", chunk.len()).is_ok()
+                    && client.write_all(&chunk).is_ok()
+                    && client.write_all(b"\r\n").is_ok()
+            } else {
+                client.write_all(&chunk).is_ok()
+            };
+            if !ok {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+    })
 }
 
 #[test]

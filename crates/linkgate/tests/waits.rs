@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -16,21 +16,13 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// A server that greets with `greeting` (if any), then reads and never answers.
 fn mute_server(greeting: Option<&'static str>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { return };
-            std::thread::spawn(move || {
-                if let Some(greeting) = greeting {
-                    let _ = client.write_all(greeting.as_bytes());
-                }
-                let mut sink = [0u8; 1024];
-                while client.read(&mut sink).unwrap_or(0) > 0 {}
-            });
+    common::servers::thread_server(move |mut client| {
+        if let Some(greeting) = greeting {
+            let _ = client.write_all(greeting.as_bytes());
         }
-    });
-    addr
+        let mut sink = [0u8; 1024];
+        while client.read(&mut sink).unwrap_or(0) > 0 {}
+    })
 }
 
 #[test]

@@ -210,3 +210,21 @@ impl Drop for FtpServer {
         let _ = self.child.wait();
     }
 }
+
+/// A blocking TCP server on 127.0.0.1:0 that runs `handler` on a thread of
+/// its own for each client (for servers that misbehave on purpose).
+pub fn thread_server<F>(handler: F) -> SocketAddr
+where
+    F: Fn(std::net::TcpStream) + Clone + Send + 'static,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let handler = handler.clone();
+            std::thread::spawn(move || handler(client));
+        }
+    });
+    addr
+}
