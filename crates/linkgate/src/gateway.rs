@@ -267,7 +267,7 @@ impl Gateway {
     /// Stops accepting, lets live connections finish for up to `grace`,
     /// then closes the rest, waits for their audit records, and closes the
     /// links with authenticated close records.
-    pub async fn shutdown(self, grace: Duration) {
+    pub async fn shutdown(self, grace: Duration, hurry: impl std::future::Future<Output = ()>) {
         self.shutdown.stop_accepting.cancel();
         for listeners in self.listeners.values() {
             listeners.loops.wait().await;
@@ -277,10 +277,14 @@ impl Gateway {
         if live > 0 {
             tracing::info!(connections = live, grace = ?grace, "stopping: waiting for live connections");
         }
-        if tokio::time::timeout(grace, self.shutdown.tracker.wait())
-            .await
-            .is_err()
-        {
+        let drained = tokio::select! {
+            drained = tokio::time::timeout(grace, self.shutdown.tracker.wait()) => drained.is_ok(),
+            () = hurry => {
+                tracing::warn!("second stop signal: closing every connection now");
+                false
+            }
+        };
+        if !drained {
             tracing::warn!(
                 connections = self.shutdown.tracker.len(),
                 "grace period over: closing the remaining connections"

@@ -381,7 +381,16 @@ async fn serve(loaded: LoadedConfig, path: Option<PathBuf>) -> anyhow::Result<()
         }
     }
     stop_admin.cancel();
-    gateway.shutdown(config.gateway.shutdown_grace.0).await;
+    // A second SIGINT/SIGTERM during the drain closes everything at once.
+    let hurry = async {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    };
+    gateway
+        .shutdown(config.gateway.shutdown_grace.0, hurry)
+        .await;
     tracing::info!("stopped");
     Ok(())
 }

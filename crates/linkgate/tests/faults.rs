@@ -290,3 +290,30 @@ fn a_target_that_resets_reaches_a_telnet_client_as_a_reset() {
     let audit = &gateway.wait_for_audits(1, WAIT)[0];
     assert_eq!(audit["result"], "error");
 }
+
+#[test]
+fn a_second_stop_signal_during_the_drain_closes_everything_at_once() {
+    const TOTAL: usize = 64 * 1024 * 1024;
+    let target = slow_sender(TOTAL, None);
+    // A long grace: without the second signal the gateway would wait 60 s.
+    let config = mapping_config("127.0.0.1:0", target, "")
+        .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"60s\"");
+    let mut gateway = RunningGateway::start(&config);
+    let client = TcpStream::connect(gateway.addr("web")).unwrap();
+    let stopped = std::sync::Mutex::new(None);
+    let outcome = download(client, 1024 * 1024, || {
+        gateway.signal("TERM");
+        gateway.wait_for_line(|l| l.contains("waiting for live connections"), WAIT);
+        gateway.signal("TERM");
+        *stopped.lock().unwrap() = Some(Instant::now());
+    });
+    assert_reset(outcome, TOTAL, "second signal");
+    let status = gateway.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    let took = stopped.lock().unwrap().unwrap().elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "exited {took:?} after the second signal"
+    );
+    assert!(gateway.count_lines(|l| l.contains("second stop signal")) == 1);
+}
