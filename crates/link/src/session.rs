@@ -227,6 +227,14 @@ impl Shared {
         self.reader_wake.notify_one();
     }
 
+    /// Queues a CLOSE telling the peer why we end the link; nothing is
+    /// sent after it.
+    fn close(&self, reason: &str) {
+        let mut state = self.lock();
+        state.mux.close(reason);
+        self.settle(&mut state);
+    }
+
     fn end_reason(&self) -> String {
         match &*self.end.borrow() {
             Some(end) => end.to_string(),
@@ -335,9 +343,7 @@ impl Session {
     /// Sends an authenticated CLOSE record and stops sending; the session
     /// ends when the peer closes its side.
     pub fn close(&self, reason: &str) {
-        let mut state = self.shared.lock();
-        state.mux.close(reason);
-        self.shared.settle(&mut state);
+        self.shared.close(reason);
     }
 
     /// Waits until the session has ended and says how.
@@ -556,7 +562,7 @@ async fn run_reader(
             match opener.open(&mut buf[at + 2..at + len]) {
                 Ok(plaintext) => plaintexts.push((at + 2, plaintext.len())),
                 Err(e) => {
-                    close_for(shared, &e.to_string());
+                    shared.close(&e.to_string());
                     return LinkEnd::Failed(e.to_string());
                 }
             }
@@ -600,13 +606,6 @@ async fn run_reader(
         }
         buf.drain(..at);
     }
-}
-
-/// Queues a CLOSE telling the peer why we end the link.
-fn close_for(shared: &Shared, reason: &str) {
-    let mut state = shared.lock();
-    state.mux.close(reason);
-    shared.settle(&mut state);
 }
 
 // === LinkStream ===

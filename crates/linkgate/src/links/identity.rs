@@ -91,7 +91,8 @@ fn create(path: &Path) -> Result<Identity, String> {
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .custom_flags(libc_nofollow())
+            // Never write through a symlink planted at the temporary name.
+            .custom_flags(OFlags::NOFOLLOW.bits() as i32)
             .open(&temp)?;
         file.write_all(text.as_bytes())?;
         file.sync_all()
@@ -112,10 +113,6 @@ fn create(path: &Path) -> Result<Identity, String> {
     }
     tracing::info!(path = %shown, "created a new gateway identity");
     Ok(identity)
-}
-
-fn libc_nofollow() -> i32 {
-    OFlags::NOFOLLOW.bits() as i32
 }
 
 fn parse(text: &str) -> Result<Identity, String> {
