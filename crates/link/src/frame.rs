@@ -14,6 +14,8 @@ pub const DATA_HEADER: usize = 5;
 pub const DATA_TYPE: u8 = kind::DATA;
 /// Longest service name or reason text carried in a frame.
 pub const MAX_TEXT: usize = 1024;
+/// Longest message in a KEY_EXCHANGE frame.
+pub const MAX_KEX_MESSAGE: usize = 256;
 
 mod kind {
     pub const DATA: u8 = 0;
@@ -26,6 +28,29 @@ mod kind {
     pub const PING: u8 = 7;
     pub const PONG: u8 = 8;
     pub const CLOSE: u8 = 9;
+    pub const KEY_EXCHANGE: u8 = 10;
+}
+
+/// The type byte of a KEY_EXCHANGE frame (the session's writer looks for it:
+/// records after some of these are sealed with new keys).
+pub const KEY_EXCHANGE_TYPE: u8 = kind::KEY_EXCHANGE;
+
+/// The steps of an in-session key exchange (see `kex`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KexStep {
+    /// Dialer to hub: Noise message 1.
+    Init = 1,
+    /// Hub to dialer: Noise message 2; the hub's later records use its new key.
+    Reply = 2,
+    /// Dialer to hub, empty: the dialer's later records use its new key.
+    Done = 3,
+}
+
+impl KexStep {
+    /// Whether the sender's records after this one use the new key.
+    pub fn switches_keys(self) -> bool {
+        self != KexStep::Init
+    }
 }
 
 /// One multiplexer message.
@@ -57,6 +82,9 @@ pub enum Frame<'a> {
     /// The link is closing on purpose; anything after it is an error, and a
     /// link that ends without it was truncated.
     Close { reason: &'a str },
+    /// A step of a fresh key exchange (only when both sides announced the
+    /// key-exchange feature).
+    KeyExchange { step: KexStep, message: &'a [u8] },
 }
 
 /// A record's plaintext is not a valid frame.
@@ -138,6 +166,11 @@ impl<'a> Frame<'a> {
                 out.push(kind::CLOSE);
                 out.extend_from_slice(reason.as_bytes());
             }
+            Frame::KeyExchange { step, message } => {
+                out.push(kind::KEY_EXCHANGE);
+                out.push(*step as u8);
+                out.extend_from_slice(message);
+            }
         }
     }
 
@@ -213,6 +246,21 @@ impl<'a> Frame<'a> {
             kind::CLOSE => Frame::Close {
                 reason: text(rest)?,
             },
+            kind::KEY_EXCHANGE => {
+                let (&step, message) = rest
+                    .split_first()
+                    .ok_or(FrameError::Malformed("key exchange without a step"))?;
+                let step = match step {
+                    1 => KexStep::Init,
+                    2 => KexStep::Reply,
+                    3 => KexStep::Done,
+                    _ => return Err(FrameError::Malformed("unknown key exchange step")),
+                };
+                if message.len() > MAX_KEX_MESSAGE {
+                    return Err(FrameError::Malformed("key exchange message too long"));
+                }
+                Frame::KeyExchange { step, message }
+            }
             _ => return Err(FrameError::Malformed("unknown frame type")),
         })
     }
@@ -225,7 +273,7 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = (u8, u32, u32, u64, Vec<u8>, String)> {
         (
-            0u8..10,
+            0u8..11,
             any::<u32>(),
             any::<u32>(),
             any::<u64>(),
@@ -247,7 +295,11 @@ mod tests {
                 6 => Frame::Reset { id, reason: &s },
                 7 => Frame::Ping(v),
                 8 => Frame::Pong(v),
-                _ => Frame::Close { reason: &s },
+                9 => Frame::Close { reason: &s },
+                _ => Frame::KeyExchange {
+                    step: [KexStep::Init, KexStep::Reply, KexStep::Done][n as usize % 3],
+                    message: &data[..data.len().min(MAX_KEX_MESSAGE)],
+                },
             };
             let mut out = Vec::new();
             frame.encode(&mut out);

@@ -3,8 +3,8 @@
 //! ```text
 //! M1 dialer -> hub : "LGK1" | version | user_len | user | KE1        (OPAQUE)
 //! M2 hub -> dialer : KE2                                              (OPAQUE)
-//! M3 dialer -> hub : KE3 | Noise NNpsk0 message 1 (psk, e)
-//! M4 hub -> dialer : 0x00 | Noise message 2 (e, ee)   or   0x01 | reason
+//! M3 dialer -> hub : KE3 | Noise NNpsk0 message 1 (psk, e; payload: parameters)
+//! M4 hub -> dialer : 0x00 | Noise message 2 (e, ee; payload: parameters)   or   0x01 | reason
 //! ```
 //!
 //! OPAQUE (opaque-ke, Ristretto255, 3DH, Argon2id) proves the password both
@@ -16,9 +16,12 @@
 //! Key mode (pinned static keys, WireGuard style) is the other way in:
 //!
 //! ```text
-//! M1 dialer -> hub : "LGK1" | 2 | Noise IKpsk2 message 1 (e, es, s, ss; payload: timestamp)
-//! M2 hub -> dialer : 0x00 | Noise message 2 (e, ee, se, psk)   or   0x01 | reason
+//! M1 dialer -> hub : "LGK1" | 2 | Noise IKpsk2 message 1 (e, es, s, ss; payload: timestamp | parameters)
+//! M2 hub -> dialer : 0x00 | Noise message 2 (e, ee, se, psk; payload: parameters)   or   0x01 | reason
 //! ```
+//!
+//! The parameters (`params`) announce optional features; the session keys
+//! carry the ones both sides have.
 //!
 //! Byte 4 of M1 names the mode; the hub's configuration decides which mode
 //! each peer may use, so neither can be downgraded to the other.
@@ -33,6 +36,8 @@ use opaque_ke::{
 use rand::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+use crate::params::{self, Features};
 
 /// The OPAQUE cipher suite of link protocol version 1.
 pub struct LinkSuite;
@@ -116,17 +121,22 @@ pub struct SessionKeys {
     pub recv: [u8; 32],
     /// Noise handshake hash: unique per session (for logs and tests).
     pub session_id: [u8; 32],
+    /// The optional features both sides announced (see `params`).
+    #[zeroize(skip)]
+    pub features: Features,
 }
 
 // === Hub identity and peer records ===
 
 /// The hub's long-term OPAQUE secrets (OPRF seed and key-exchange key pair).
-pub struct Identity(ServerSetup<LinkSuite>);
+/// Clones share one copy (handshakes take it to a blocking thread).
+#[derive(Clone)]
+pub struct Identity(std::sync::Arc<ServerSetup<LinkSuite>>);
 
 impl Identity {
     /// Generates a fresh identity.
     pub fn generate<R: RngCore + CryptoRng>(rng: &mut R) -> Self {
-        Identity(ServerSetup::new(rng))
+        Identity(std::sync::Arc::new(ServerSetup::new(rng)))
     }
     /// Serialized form for the identity file.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -135,7 +145,7 @@ impl Identity {
     /// Parses the identity file's contents.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, HandshakeError> {
         ServerSetup::deserialize(bytes)
-            .map(Identity)
+            .map(|setup| Identity(std::sync::Arc::new(setup)))
             .map_err(|_| HandshakeError::Malformed("invalid identity"))
     }
 }
@@ -259,9 +269,9 @@ impl ClientAwaitingKe2 {
             .build_initiator()
             .map_err(|_| HandshakeError::Malformed("noise setup"))?;
         let mut m3 = ke3.to_vec();
-        let mut buf = [0u8; 128];
+        let mut buf = [0u8; 512];
         let n = noise
-            .write_message(&[], &mut buf)
+            .write_message(&our_parameters(), &mut buf)
             .map_err(|_| HandshakeError::Malformed("noise message 1"))?;
         m3.extend_from_slice(&buf[..n]);
         Ok((ClientAwaitingFinal { noise }, m3))
@@ -436,16 +446,17 @@ impl ServerAwaitingFinish {
                     .map_err(|_| HandshakeError::Malformed("noise setup"))
             })
             .map_err(refuse)?;
-        let mut buf = [0u8; 128];
-        noise
+        let mut buf = [0u8; 512];
+        let n = noise
             .read_message(noise_message, &mut buf)
             .map_err(|_| refuse(HandshakeError::Authentication))?;
+        let theirs = params::decode(&buf[..n]).map_err(refuse)?;
         let n = noise
-            .write_message(&[], &mut buf)
+            .write_message(&our_parameters(), &mut buf)
             .map_err(|_| refuse(HandshakeError::Malformed("noise message 2")))?;
         let mut m4 = vec![0u8];
         m4.extend_from_slice(&buf[..n]);
-        let keys = split_keys(&mut noise, false).map_err(refuse)?;
+        let keys = split_keys(&mut noise, false, theirs).map_err(refuse)?;
         Ok((m4, keys))
     }
 }
@@ -568,9 +579,11 @@ pub fn key_client_start(
     let mut noise = key_noise(keys, Some(hub), ephemeral.map(|e| &e.0), true)?;
     let mut m1 = MAGIC.to_vec();
     m1.push(KEY_MODE);
-    let mut buf = [0u8; 256];
+    let mut payload = timestamp.to_be_bytes().to_vec();
+    payload.extend_from_slice(&our_parameters());
+    let mut buf = [0u8; 512];
     let n = noise
-        .write_message(&timestamp.to_be_bytes(), &mut buf)
+        .write_message(&payload, &mut buf)
         .map_err(|_| HandshakeError::Malformed("noise message 1"))?;
     m1.extend_from_slice(&buf[..n]);
     Ok((KeyClient { noise }, m1))
@@ -591,6 +604,7 @@ pub struct KeyHello {
     pub public: [u8; 32],
     /// The dialer's timestamp (nanoseconds since the Unix epoch).
     pub timestamp: u64,
+    features: Features,
 }
 
 /// Reads a key-mode M1 with the hub's `keys`. Fails when it was not made
@@ -604,13 +618,14 @@ pub fn key_server_read(
         return Err(HandshakeError::Version);
     }
     let mut noise = key_noise(keys, None, ephemeral.map(|e| &e.0), false)?;
-    let mut payload = [0u8; 256];
+    let mut payload = [0u8; 512];
     let n = noise
         .read_message(&m1[5..], &mut payload)
         .map_err(|_| HandshakeError::Authentication)?;
-    let timestamp: [u8; 8] = payload[..n]
-        .try_into()
-        .map_err(|_| HandshakeError::Malformed("key hello without a timestamp"))?;
+    let (timestamp, parameters) = payload[..n]
+        .split_first_chunk::<8>()
+        .ok_or(HandshakeError::Malformed("key hello without a timestamp"))?;
+    let features = params::decode(parameters)?;
     let public: [u8; 32] = noise
         .get_remote_static()
         .and_then(|key| key.try_into().ok())
@@ -621,7 +636,8 @@ pub fn key_server_read(
     Ok(KeyHello {
         noise,
         public,
-        timestamp: u64::from_be_bytes(timestamp),
+        timestamp: u64::from_be_bytes(*timestamp),
+        features,
     })
 }
 
@@ -629,14 +645,14 @@ impl KeyHello {
     /// Accepts the dialer (its key is known and its timestamp new): M2 and
     /// the session keys.
     pub fn accept(mut self) -> Result<(Vec<u8>, SessionKeys), HandshakeError> {
-        let mut buf = [0u8; 256];
+        let mut buf = [0u8; 512];
         let n = self
             .noise
-            .write_message(&[], &mut buf)
+            .write_message(&our_parameters(), &mut buf)
             .map_err(|_| HandshakeError::Malformed("noise message 2"))?;
         let mut m2 = vec![0u8];
         m2.extend_from_slice(&buf[..n]);
-        Ok((m2, split_keys(&mut self.noise, false)?))
+        Ok((m2, split_keys(&mut self.noise, false, self.features)?))
     }
 }
 
@@ -656,11 +672,12 @@ fn initiator_final(
 ) -> Result<SessionKeys, HandshakeError> {
     match message.split_first() {
         Some((0, noise_message)) => {
-            let mut buf = [0u8; 256];
-            noise
+            let mut buf = [0u8; 512];
+            let n = noise
                 .read_message(noise_message, &mut buf)
                 .map_err(|_| HandshakeError::Authentication)?;
-            split_keys(&mut noise, true)
+            let theirs = params::decode(&buf[..n])?;
+            split_keys(&mut noise, true, theirs)
         }
         Some((1, reason)) => Err(refused(reason)),
         _ => Err(HandshakeError::Malformed("bad final message")),
@@ -672,9 +689,17 @@ fn refused(reason: &[u8]) -> HandshakeError {
     HandshakeError::Refused(untrusted_text(reason, 256))
 }
 
+/// The parameter block this gateway puts in its Noise payloads.
+fn our_parameters() -> Vec<u8> {
+    let mut block = Vec::new();
+    params::encode(Features::SUPPORTED, &mut block);
+    block
+}
+
 fn split_keys(
     noise: &mut snow::HandshakeState,
     initiator: bool,
+    theirs: Features,
 ) -> Result<SessionKeys, HandshakeError> {
     if !noise.is_handshake_finished() {
         return Err(HandshakeError::Malformed("noise handshake incomplete"));
@@ -689,6 +714,7 @@ fn split_keys(
         send,
         recv,
         session_id: session_id(noise),
+        features: theirs.both(Features::SUPPORTED),
     })
 }
 

@@ -2,9 +2,12 @@
 //! dialer's and the hub's sides. Time limits are the caller's (wrap in
 //! `tokio::time::timeout`).
 
+use std::sync::LazyLock;
+
 use rand::rngs::OsRng;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Semaphore;
 
 use crate::handshake::{
     self, HandshakeError, Identity, Mode, PeerRecord, SessionKeys, StaticKeys,
@@ -20,6 +23,26 @@ pub enum LinkHandshakeError {
     /// The connection failed or closed mid-handshake.
     #[error("connection lost during the handshake: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Handshake arithmetic (OPAQUE, Diffie-Hellman, Argon2id on the dialer)
+/// runs on blocking threads, at most one per core at once: a flood of
+/// handshakes then waits for these permits instead of taking the async
+/// workers from established links and other services.
+static HANDSHAKE_CPU: LazyLock<Semaphore> =
+    LazyLock::new(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())));
+
+/// Runs `work` on a blocking thread once a handshake permit is free.
+async fn off_workers<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, HandshakeError> {
+    let _permit = HANDSHAKE_CPU
+        .acquire()
+        .await
+        .map_err(|_| HandshakeError::Malformed("handshake pool closed"))?;
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| HandshakeError::Malformed("handshake task failed"))
 }
 
 async fn write_message<S: AsyncWrite + Unpin>(
@@ -58,10 +81,7 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(busy) = handshake::parse_busy(&m2) {
         return Err(busy.into());
     }
-    let (client, m3) =
-        tokio::task::spawn_blocking(move || client.receive_ke2(&mut OsRng, &m2, None))
-            .await
-            .map_err(|_| HandshakeError::Malformed("handshake task failed"))??;
+    let (client, m3) = off_workers(move || client.receive_ke2(&mut OsRng, &m2, None)).await??;
     write_message(stream, &m3).await?;
     let m4 = read_message(stream).await?;
     Ok(client.receive_final(&m4)?)
@@ -79,13 +99,15 @@ pub async fn dial_key<S: AsyncRead + AsyncWrite + Unpin>(
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    let (client, m1) = handshake::key_client_start(keys, hub, timestamp, None)?;
+    let (keys, hub) = (keys.clone(), *hub);
+    let (client, m1) =
+        off_workers(move || handshake::key_client_start(&keys, &hub, timestamp, None)).await??;
     write_message(stream, &m1).await?;
     let m2 = read_message(stream).await?;
     if let Some(busy) = handshake::parse_busy(&m2) {
         return Err(busy.into());
     }
-    Ok(client.receive_final(&m2)?)
+    Ok(off_workers(move || client.receive_final(&m2)).await??)
 }
 
 /// What the hub learned from a failed handshake, for its log.
@@ -121,7 +143,8 @@ pub trait HubPeers {
 /// The hub's side: answers a dialer in either mode. In password mode its
 /// record is looked up by user name (`None`: unknown user, answered from a
 /// fake record); in key mode by its static key. Returns the peer's name and
-/// the session keys.
+/// the session keys. The arithmetic runs off the async workers, bounded
+/// (one handshake computation per core at once).
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     identity: &Identity,
@@ -150,8 +173,13 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let record = lookup(&user);
     let known = record.is_some();
-    let (server, m2) = handshake::server_respond(&mut OsRng, identity, record.as_ref(), hello)
-        .map_err(|e| fail(Some(&user), e.into()))?;
+    let identity = identity.clone();
+    let (server, m2) = off_workers(move || {
+        handshake::server_respond(&mut OsRng, &identity, record.as_ref(), hello)
+    })
+    .await
+    .and_then(|answer| answer)
+    .map_err(|e| fail(Some(&user), e.into()))?;
     write_message(stream, &m2)
         .await
         .map_err(|e| fail(Some(&user), e.into()))?;
@@ -161,7 +189,10 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         LinkHandshakeError::Io(_) => fail(Some(&user), HandshakeError::Authentication.into()),
         other => fail(Some(&user), other),
     })?;
-    match server.receive_finish(&m3, None) {
+    let finished = off_workers(move || server.receive_finish(&m3, None))
+        .await
+        .map_err(|e| fail(Some(&user), e.into()))?;
+    match finished {
         Ok((m4, keys)) if known => {
             write_message(stream, &m4)
                 .await
@@ -192,7 +223,11 @@ async fn accept_key<S: AsyncRead + AsyncWrite + Unpin>(
             error: error.into(),
         }
     };
-    let hello = match handshake::key_server_read(keys, m1, None) {
+    let (keys, message) = (keys.clone(), m1.to_vec());
+    let read = off_workers(move || handshake::key_server_read(&keys, &message, None))
+        .await
+        .and_then(|read| read);
+    let hello = match read {
         Ok(hello) => hello,
         Err(e) => {
             let reason =
@@ -209,7 +244,10 @@ async fn accept_key<S: AsyncRead + AsyncWrite + Unpin>(
         let reason = "authentication failed: replayed or out-of-date hello (check the clock)";
         return Err(refuse(Some(peer), Some(key), HandshakeError::StaleHello, reason).await);
     }
-    match hello.accept() {
+    match off_workers(move || hello.accept())
+        .await
+        .and_then(|accepted| accepted)
+    {
         Ok((m2, session_keys)) => match write_message(stream, &m2).await {
             Ok(()) => Ok((peer, session_keys)),
             Err(e) => Err(AcceptFailure {

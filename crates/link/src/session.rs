@@ -25,10 +25,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
-use crate::frame::Frame;
+use crate::frame::{Frame, KexStep, KEY_EXCHANGE_TYPE};
 use crate::handshake::SessionKeys;
+use crate::kex::{Chain, Initiated};
 pub use crate::mux::Role;
 use crate::mux::{Event, Mux, MuxConfig, MuxStats, ReadState, WriteState};
+use crate::params::Features;
 use crate::record::{complete_record_len, Opener, Sealer, MAX_RECORD, TAG_LEN};
 use crate::transport::{ReadHalf, Transport, WriteHalf};
 
@@ -51,6 +53,11 @@ pub struct SessionConfig {
     pub write_timeout: Duration,
     /// Most incoming stream requests waiting for the gateway.
     pub incoming_backlog: usize,
+    /// The dialer runs a fresh key exchange this long after the last one
+    /// (when both sides support it).
+    pub key_exchange_interval: Duration,
+    /// ... or once this many bytes crossed the link since the last one.
+    pub key_exchange_bytes: u64,
 }
 
 impl Default for SessionConfig {
@@ -64,6 +71,8 @@ impl Default for SessionConfig {
             dead_after: mux.dead_after,
             write_timeout: Duration::from_secs(30),
             incoming_backlog: 256,
+            key_exchange_interval: Duration::from_secs(3600),
+            key_exchange_bytes: 64 << 30,
         }
     }
 }
@@ -119,6 +128,8 @@ pub struct SessionStats {
     pub wire_sent: u64,
     /// Bytes read from the transport.
     pub wire_received: u64,
+    /// Fresh key exchanges completed since the link came up.
+    pub key_exchanges: u64,
 }
 
 /// Bytes read from the transport at a time.
@@ -138,6 +149,29 @@ struct State {
     open_replies: HashMap<u32, oneshot::Sender<Result<(), String>>>,
     /// Set once the session ended: no new streams.
     ended: bool,
+    /// Fresh key exchanges, when both sides support them.
+    kex: Option<KexState>,
+}
+
+/// A record key, wiped when dropped.
+type RecordKey = zeroize::Zeroizing<[u8; 32]>;
+
+/// Where the session is in its fresh key exchanges (see `kex`).
+struct KexState {
+    chain: Chain,
+    /// The dialer sent INIT and waits for REPLY.
+    initiated: Option<Initiated>,
+    /// The hub sent REPLY: the key for the dialer's records after its DONE.
+    awaiting_done: Option<RecordKey>,
+    /// The key the writer seals with after the REPLY or DONE it sends next.
+    next_send: Option<RecordKey>,
+    /// When the last round started, and the link's byte count then.
+    started: Instant,
+    bytes_at_start: u64,
+    interval: Duration,
+    bytes: u64,
+    /// How long the dialer waits for REPLY.
+    answer_within: Duration,
 }
 
 struct Shared {
@@ -146,6 +180,8 @@ struct Shared {
     authenticated: watch::Sender<bool>,
     writer_wake: Notify,
     reader_wake: Notify,
+    /// The timer's deadline moved earlier (a key exchange round ended).
+    timer_wake: Notify,
     end: watch::Sender<Option<LinkEnd>>,
     wire_sent: AtomicU64,
     wire_received: AtomicU64,
@@ -235,6 +271,89 @@ impl Shared {
         self.settle(&mut state);
     }
 
+    /// The dialer starts a fresh key exchange when one is due (time or
+    /// bytes); fails when the hub left the last one unanswered.
+    fn start_key_exchange(&self, state: &mut State) -> Result<(), String> {
+        if state.mux.role() != Role::Dialer {
+            return Ok(());
+        }
+        let bytes =
+            self.wire_sent.load(Ordering::Relaxed) + self.wire_received.load(Ordering::Relaxed);
+        let Some(kex) = state.kex.as_mut() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if kex.initiated.is_some() {
+            return match now.duration_since(kex.started) > kex.answer_within {
+                true => Err("the other gateway did not answer a key exchange".into()),
+                false => Ok(()),
+            };
+        }
+        let due = now.duration_since(kex.started) >= kex.interval
+            || bytes.saturating_sub(kex.bytes_at_start) >= kex.bytes;
+        // The last round's DONE must be out before the next INIT.
+        if !due || kex.next_send.is_some() {
+            return Ok(());
+        }
+        let (initiated, init) = kex.chain.initiate().map_err(|e| e.to_string())?;
+        if state.mux.send_key_exchange(KexStep::Init, init) {
+            kex.initiated = Some(initiated);
+            kex.started = now;
+            kex.bytes_at_start = bytes;
+        }
+        Ok(())
+    }
+
+    /// Handles a KEY_EXCHANGE record from the peer (already opened). The
+    /// dialer's REPLY switches `opener` to the hub's new key at once; the
+    /// hub's DONE switches it to the dialer's.
+    fn key_exchange(&self, plaintext: &[u8], opener: &mut Opener) -> Result<(), String> {
+        let Ok(Frame::KeyExchange { step, message }) = Frame::decode(plaintext) else {
+            return Err("malformed key exchange frame".into());
+        };
+        let mut state = self.lock();
+        let state = &mut *state;
+        let Some(kex) = state.kex.as_mut() else {
+            return Err("key exchange frame on a link that did not negotiate it".into());
+        };
+        let failed = |e: crate::handshake::HandshakeError| format!("key exchange failed: {e}");
+        match (state.mux.role(), step) {
+            (Role::Acceptor, KexStep::Init) if kex.awaiting_done.is_none() => {
+                let (reply, keys) = kex.chain.respond(message).map_err(failed)?;
+                kex.awaiting_done = Some(keys.recv);
+                kex.next_send = Some(keys.send);
+                if !state.mux.send_key_exchange(KexStep::Reply, reply) {
+                    return Err("key exchange out of step".into());
+                }
+            }
+            (Role::Acceptor, KexStep::Done) if message.is_empty() => {
+                let key = kex
+                    .awaiting_done
+                    .take()
+                    .ok_or("unexpected key exchange DONE")?;
+                *opener = Opener::new(*key);
+            }
+            (Role::Dialer, KexStep::Reply) => {
+                let initiated = kex
+                    .initiated
+                    .take()
+                    .ok_or("unexpected key exchange REPLY")?;
+                let keys = kex.chain.finish(initiated, message).map_err(failed)?;
+                *opener = Opener::new(*keys.recv);
+                kex.next_send = Some(keys.send);
+                // The next round is due an interval after this one ended.
+                kex.started = Instant::now();
+                if !state.mux.send_key_exchange(KexStep::Done, Vec::new()) {
+                    return Err("key exchange out of step".into());
+                }
+                self.timer_wake.notify_one();
+            }
+            _ => return Err(format!("unexpected key exchange step {step:?}")),
+        }
+        self.settle(state);
+        Ok(())
+    }
+
     fn end_reason(&self) -> String {
         match &*self.end.borrow() {
             Some(end) => end.to_string(),
@@ -277,9 +396,24 @@ impl Session {
                 wakers: HashMap::new(),
                 open_replies: HashMap::new(),
                 ended: false,
+                kex: keys
+                    .features
+                    .contains(Features::KEY_EXCHANGE)
+                    .then(|| KexState {
+                        chain: Chain::new(&keys, role == Role::Dialer),
+                        initiated: None,
+                        awaiting_done: None,
+                        next_send: None,
+                        started: Instant::now(),
+                        bytes_at_start: 0,
+                        interval: config.key_exchange_interval,
+                        bytes: config.key_exchange_bytes,
+                        answer_within: config.dead_after,
+                    }),
             }),
             writer_wake: Notify::new(),
             reader_wake: Notify::new(),
+            timer_wake: Notify::new(),
             authenticated: watch::channel(false).0,
             end,
             wire_sent: AtomicU64::new(0),
@@ -382,8 +516,10 @@ impl Session {
 
     /// Counters now: bytes each way, streams, round-trip time.
     pub fn stats(&self) -> SessionStats {
+        let state = self.shared.lock();
         SessionStats {
-            mux: self.shared.lock().mux.stats(),
+            mux: state.mux.stats(),
+            key_exchanges: state.kex.as_ref().map_or(0, |kex| kex.chain.completed()),
             wire_sent: self.shared.wire_sent.load(Ordering::Relaxed),
             wire_received: self.shared.wire_received.load(Ordering::Relaxed),
         }
@@ -440,7 +576,9 @@ async fn run_writer(
     write_timeout: Duration,
 ) -> Result<(), LinkEnd> {
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_RECORD + 2);
-    let mut records: Vec<(usize, usize)> = Vec::new();
+    // Each record's place in `out`, and for a REPLY or DONE the key that
+    // seals the records after it.
+    let mut records: Vec<(usize, usize, Option<RecordKey>)> = Vec::new();
     loop {
         let (close_sent, ended) = {
             let mut state = shared.lock();
@@ -453,8 +591,17 @@ async fn run_writer(
                     out.truncate(start);
                     break;
                 }
+                let switch =
+                    out[start + 2] == KEY_EXCHANGE_TYPE && out[start + 3] != KexStep::Init as u8;
+                let next_key = match switch {
+                    true => match state.kex.as_mut().and_then(|kex| kex.next_send.take()) {
+                        Some(key) => Some(key),
+                        None => return Err(LinkEnd::Failed("key exchange out of step".into())),
+                    },
+                    false => None,
+                };
                 out.extend_from_slice(&[0; TAG_LEN]);
-                records.push((start, out.len()));
+                records.push((start, out.len(), next_key));
             }
             shared.settle(&mut state);
             if throttled && state.mux.wants_read() {
@@ -470,10 +617,12 @@ async fn run_writer(
             shared.writer_wake.notified().await;
             continue;
         }
-        for &(start, end) in &records {
+        for (start, end, next_key) in records.drain(..) {
             sealer.seal_in_place(&mut out[start..end]);
+            if let Some(key) = next_key {
+                sealer = Sealer::new(*key);
+            }
         }
-        records.clear();
         match tokio::time::timeout(write_timeout, transport.write_all(&out)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(LinkEnd::Failed(format!("writing to the link: {e}"))),
@@ -497,14 +646,31 @@ async fn run_writer(
 async fn run_timer(shared: Arc<Shared>) {
     let mut end = shared.end.subscribe();
     loop {
-        let due = shared.lock().mux.next_timeout();
+        let due = {
+            let state = shared.lock();
+            let due = state.mux.next_timeout();
+            match &state.kex {
+                Some(kex) if state.mux.role() == Role::Dialer => {
+                    let wait = match kex.initiated {
+                        Some(_) => kex.answer_within + Duration::from_millis(1),
+                        None => kex.interval,
+                    };
+                    due.min((kex.started + wait).into_std())
+                }
+                _ => due,
+            }
+        };
         tokio::select! {
             () = tokio::time::sleep_until(Instant::from_std(due)) => {}
+            () = shared.timer_wake.notified() => {}
             _ = end.changed() => return,
         }
         let result = {
             let mut state = shared.lock();
-            let result = state.mux.handle_timeout(Instant::now().into_std());
+            let result = state
+                .mux
+                .handle_timeout(Instant::now().into_std())
+                .and_then(|()| shared.start_key_exchange(&mut state));
             shared.settle(&mut state);
             result
         };
@@ -560,6 +726,14 @@ async fn run_reader(
         let mut plaintexts: Vec<(usize, usize)> = Vec::new();
         while let Some(len) = complete_record_len(&buf[at..]) {
             match opener.open(&mut buf[at + 2..at + len]) {
+                // Handled at once: the next record may be sealed with the
+                // keys this one brings.
+                Ok(plaintext) if plaintext.first() == Some(&KEY_EXCHANGE_TYPE) => {
+                    if let Err(reason) = shared.key_exchange(plaintext, &mut opener) {
+                        shared.close(&reason);
+                        return LinkEnd::Failed(reason);
+                    }
+                }
                 Ok(plaintext) => plaintexts.push((at + 2, plaintext.len())),
                 Err(e) => {
                     shared.close(&e.to_string());

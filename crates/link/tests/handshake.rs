@@ -83,6 +83,9 @@ fn right_password_gives_matching_keys() {
     assert_eq!(client.recv, server.send);
     assert_ne!(client.send, client.recv);
     assert_eq!(client.session_id, server.session_id);
+    // Both announced what they support in their Noise payloads.
+    assert_eq!(client.features, linkgate_link::params::Features::SUPPORTED);
+    assert_eq!(server.features, linkgate_link::params::Features::SUPPORTED);
 }
 
 #[test]

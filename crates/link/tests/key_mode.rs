@@ -36,6 +36,14 @@ fn pinned_keys_give_matching_session_keys_and_the_hub_learns_who_and_when() {
     assert_eq!(dialer_keys.send, hub_keys.recv);
     assert_eq!(dialer_keys.recv, hub_keys.send);
     assert_eq!(dialer_keys.session_id, hub_keys.session_id);
+    assert_eq!(
+        dialer_keys.features,
+        linkgate_link::params::Features::SUPPORTED
+    );
+    assert_eq!(
+        hub_keys.features,
+        linkgate_link::params::Features::SUPPORTED
+    );
     assert_ne!(dialer_keys.send, dialer_keys.recv);
 }
 

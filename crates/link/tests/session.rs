@@ -120,6 +120,61 @@ async fn many_streams_echo_intact_with_small_windows() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_key_exchanges_mid_transfer_keep_every_byte() {
+    // Rounds every 30 ms and every 4 MiB: many switches while 8 streams
+    // move 48 MiB both ways, some of them in the middle of a write batch.
+    let config = SessionConfig {
+        key_exchange_interval: Duration::from_millis(30),
+        key_exchange_bytes: 4 << 20,
+        ..SessionConfig::default()
+    };
+    let ((dialer, _), (acceptor, incoming)) = pair(config).await;
+    serve_echo(incoming);
+    let mut tasks = Vec::new();
+    for i in 0..8u8 {
+        let dialer = dialer.clone();
+        tasks.push(tokio::spawn(async move {
+            let payload = data(3 << 20, i);
+            let stream = dialer.open("echo").await.unwrap();
+            let (mut r, mut w) = tokio::io::split(stream);
+            let sent = payload.clone();
+            let writer = tokio::spawn(async move {
+                for chunk in sent.chunks(100_000) {
+                    w.write_all(chunk).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                w.shutdown().await.unwrap();
+                w
+            });
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.unwrap();
+            let _w = writer.await.unwrap();
+            assert!(back == payload, "stream {i} corrupted");
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("no deadlock")
+            .unwrap();
+    }
+    let (dialer_rounds, hub_rounds) =
+        (dialer.stats().key_exchanges, acceptor.stats().key_exchanges);
+    assert!(dialer_rounds >= 5, "only {dialer_rounds} key exchanges");
+    assert!(
+        hub_rounds.abs_diff(dialer_rounds) <= 1,
+        "hub {hub_rounds}, dialer {dialer_rounds}"
+    );
+    assert!(!dialer.is_ended() && !acceptor.is_ended());
+    // The link still works after the last switch.
+    let mut stream = dialer.open("echo").await.unwrap();
+    stream.write_all(b"after").await.unwrap();
+    let mut back = [0u8; 5];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"after");
+}
+
 #[tokio::test]
 async fn either_side_opens_and_refusals_carry_the_reason() {
     let ((dialer, dialer_incoming), (acceptor, acceptor_incoming)) =
@@ -226,6 +281,7 @@ async fn a_session_is_authenticated_by_the_first_record_from_the_other_side() {
         send: [1; 32],
         recv: [2; 32],
         session_id: [0; 32],
+        features: linkgate_link::params::Features::NONE,
     };
     let (lonely, _) = Session::start(silent, keys, Role::Acceptor, SessionConfig::default());
     assert!(

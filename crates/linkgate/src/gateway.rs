@@ -614,6 +614,7 @@ mod tests {
             send: [send; 32],
             recv: [recv; 32],
             session_id: [0; 32],
+            features: link::params::Features::NONE,
         };
         let (dialer, _) =
             Session::start(dialed, keys(1, 2), Role::Dialer, SessionConfig::default());

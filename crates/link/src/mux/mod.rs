@@ -25,7 +25,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::frame::{Frame, MAX_DATA, MAX_TEXT};
+use crate::frame::{Frame, KexStep, MAX_DATA, MAX_TEXT};
 
 /// Largest window (and send credit) a stream may have: 2³¹ − 1, as in
 /// HTTP/2. A WINDOW frame that would go past it is a protocol error.
@@ -301,6 +301,8 @@ pub struct Mux {
     peer_control: usize,
     pong_due: Option<u64>,
     ping_due: Option<u64>,
+    /// The session's key-exchange message waiting to go out (one at a time).
+    key_exchange: Option<(KexStep, Vec<u8>)>,
     window_updates: VecDeque<u32>,
     new_flows: VecDeque<u32>,
     old_flows: VecDeque<u32>,
@@ -341,6 +343,7 @@ impl Mux {
             peer_control: 0,
             pong_due: None,
             ping_due: None,
+            key_exchange: None,
             window_updates: VecDeque::new(),
             new_flows: VecDeque::new(),
             old_flows: VecDeque::new(),
@@ -759,8 +762,28 @@ impl Mux {
                 // Answer with our own close so the peer sees a clean end too.
                 self.close("closed in reply to the other gateway");
             }
+            // The session handles key exchanges itself (they change its
+            // keys); one reaching the multiplexer was not negotiated.
+            Frame::KeyExchange { .. } => return err("unexpected key exchange frame".into()),
         }
         Ok(())
+    }
+
+    /// Which end of the link we are.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Queues a key-exchange frame from the session; it goes out before
+    /// anything else. Returns false (and queues nothing) while another one
+    /// is still waiting, or once the link is closing.
+    pub fn send_key_exchange(&mut self, step: KexStep, message: Vec<u8>) -> bool {
+        if self.key_exchange.is_some() || self.close.is_some() {
+            return false;
+        }
+        self.key_exchange = Some((step, message));
+        self.dirty = true;
+        true
     }
 
     /// Encodes the next frame to send into `out` (the plaintext of one
@@ -768,6 +791,14 @@ impl Mux {
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
         if self.close_sent {
             return false;
+        }
+        if let Some((step, message)) = self.key_exchange.take() {
+            Frame::KeyExchange {
+                step,
+                message: &message,
+            }
+            .encode(out);
+            return true;
         }
         if let Some(control) = self.control.pop_front() {
             match control {
