@@ -623,7 +623,12 @@ async fn run_writer(
                 sealer = Sealer::new(*key);
             }
         }
-        match tokio::time::timeout(write_timeout, transport.write_all(&out)).await {
+        let written = async {
+            transport.write_all(&out).await?;
+            // TLS and WebSocket transports buffer; TCP's flush is free.
+            transport.flush().await
+        };
+        match tokio::time::timeout(write_timeout, written).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(LinkEnd::Failed(format!("writing to the link: {e}"))),
             Err(_) => {

@@ -94,6 +94,19 @@ pub struct LinkStatus {
     /// `password` (OPAQUE) or `key` (pinned public keys).
     #[serde(default)]
     pub auth: String,
+    /// While up: `tcp`, `ws` or `wss`.
+    #[serde(default)]
+    pub transport: String,
+    /// While up: the hub's address as dialed, or the dialer's source address.
+    #[serde(default)]
+    pub address: String,
+    /// While up, on the dialing side: the proxy chain it went through
+    /// (passwords masked); empty when direct.
+    #[serde(default)]
+    pub via: String,
+    /// While up: fresh key exchanges done on the link so far.
+    #[serde(default)]
+    pub key_exchanges: u64,
 }
 
 impl AdminState {
@@ -112,20 +125,25 @@ impl AdminState {
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
-        let up = self.links.up();
         let links = self
             .peers
             .iter()
-            .map(|peer| LinkStatus {
-                peer: peer.name.clone(),
-                role: if peer.dials { "dials" } else { "accepts" }.into(),
-                state: if up.contains(&peer.name) {
-                    "up"
-                } else {
-                    "down"
+            .map(|peer| {
+                let info = self.links.info(&peer.name);
+                let session = self.links.session(&peer.name);
+                LinkStatus {
+                    peer: peer.name.clone(),
+                    role: if peer.dials { "dials" } else { "accepts" }.into(),
+                    state: if info.is_some() { "up" } else { "down" }.into(),
+                    auth: peer.auth.into(),
+                    key_exchanges: session.map_or(0, |s| s.stats().key_exchanges),
+                    transport: info
+                        .as_ref()
+                        .map(|i| i.transport.to_string())
+                        .unwrap_or_default(),
+                    address: info.as_ref().map(|i| i.address.clone()).unwrap_or_default(),
+                    via: info.map(|i| i.via).unwrap_or_default(),
                 }
-                .into(),
-                auth: peer.auth.into(),
             })
             .collect();
         Status {
@@ -312,16 +330,20 @@ fn html(status: &Status) -> String {
         );
     }
     out.push_str(
-        "</table><h2>Links</h2><table><tr><th>peer</th><th>role</th><th>auth</th><th>state</th></tr>",
+        "</table><h2>Links</h2><table><tr><th>peer</th><th>role</th><th>auth</th><th>state</th>\
+         <th>transport</th><th>address</th><th>via</th></tr>",
     );
     for l in &status.links {
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&l.peer),
             l.role,
             escape(&l.auth),
-            l.state
+            l.state,
+            escape(&l.transport),
+            escape(&l.address),
+            escape(&l.via)
         );
     }
     out.push_str("</table></body></html>\n");

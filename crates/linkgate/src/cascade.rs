@@ -240,8 +240,13 @@ async fn http_connect(
         .nth(1)
         .is_some_and(|code| code.starts_with('2'));
     if !ok {
+        // "HTTP/1.1 407 Proxy Authentication Required" -> "407 Proxy ...".
+        let status = status_line
+            .split_once(' ')
+            .map_or(status_line.as_str(), |(_, status)| status);
+        let status = link::handshake::untrusted_text(status.as_bytes(), 200);
         return Err(HopFailure::Refused(format!(
-            "CONNECT {next} answered {status_line:?}"
+            "refused: {status} (CONNECT {next})"
         )));
     }
     // Bytes after the head already belong to the tunnel.

@@ -68,6 +68,16 @@ impl Connector {
         }
     }
 
+    /// A connector through `via` (may be empty), with `connect_timeout` for
+    /// the whole chain; a link dialer reaches its hub with one.
+    pub fn new(via: Vec<Hop>, connect_timeout: Duration, links: Arc<Links>) -> Self {
+        Connector {
+            via,
+            connect_timeout,
+            links,
+        }
+    }
+
     /// The `via` chain as shown in audit records (passwords masked); empty
     /// for direct connections.
     pub fn via_text(&self) -> String {

@@ -39,7 +39,7 @@ pub enum RuntimeError {
         /// The OS error (e.g. address in use, permission denied).
         source: io::Error,
     },
-    /// The identity file or a peer record could not be prepared.
+    /// The identity file, a peer record or a TLS file could not be prepared.
     #[error("{0}")]
     Identity(String),
 }
@@ -115,11 +115,14 @@ impl Gateway {
         let mut link_listeners = Vec::new();
         if let Some(link) = &config.link {
             for addr in &link.listen {
-                link_listeners.extend(bind(addr).await.map_err(|source| RuntimeError::Listen {
-                    what: "[link]".into(),
-                    addr: addr.to_string(),
-                    source,
-                })?);
+                let bound = bind(addr.addr())
+                    .await
+                    .map_err(|source| RuntimeError::Listen {
+                        what: "[link]".into(),
+                        addr: addr.to_string(),
+                        source,
+                    })?;
+                link_listeners.extend(bound.into_iter().map(|socket| (socket, addr.clone())));
             }
         }
 

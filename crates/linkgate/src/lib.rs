@@ -18,4 +18,5 @@ pub mod passwd;
 pub mod relay;
 pub mod service;
 pub mod stream;
+pub mod tls;
 pub mod users;

@@ -129,10 +129,17 @@ fn status(admin: &str) -> ExitCode {
                 );
             }
             for l in &status.links {
-                println!(
-                    "link {:<20} {:<8} {:<9} {}",
+                let mut line = format!(
+                    "link {:<20} {:<8} {:<9} {:<5}",
                     l.peer, l.role, l.auth, l.state
                 );
+                if !l.transport.is_empty() {
+                    line.push_str(&format!(" {} {}", l.transport, l.address));
+                }
+                if !l.via.is_empty() {
+                    line.push_str(&format!(" via {}", l.via));
+                }
+                println!("{}", line.trim_end());
             }
             ExitCode::SUCCESS
         }

@@ -17,7 +17,7 @@ pub use model::{
 };
 pub use values::{
     AccessRule, ConfigDuration, DestinationRule, Hop, HopCredentials, Host, HostPattern, HostPort,
-    Listen, PortRange, PortSet, Secret,
+    LinkAddress, Listen, PortRange, PortSet, Secret,
 };
 
 /// The built-in default configuration (DESIGN §2.6), printed by

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::values::{
-    one_or_many, AccessRule, ConfigDuration, DestinationRule, Hop, HostPort, Listen, PortRange,
-    Secret,
+    one_or_many, AccessRule, ConfigDuration, DestinationRule, Hop, HostPort, LinkAddress, Listen,
+    PortRange, Secret,
 };
 
 /// The whole file.
@@ -88,9 +88,14 @@ fn default_shutdown_grace() -> ConfigDuration {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkConfig {
-    /// Addresses where peers' links are accepted.
+    /// Where peers' links are accepted: raw TCP, `ws://` (behind a
+    /// TLS-terminating reverse proxy) and `wss://` entries, at once.
     #[serde(deserialize_with = "one_or_many")]
-    pub listen: Vec<HostPort>,
+    pub listen: Vec<LinkAddress>,
+    /// PEM certificate chain for `wss://` listeners.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `wss://` listeners.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[[peer]]`: another gateway, which we dial (`connect` set) or which dials us.
@@ -99,9 +104,19 @@ pub struct LinkConfig {
 pub struct PeerConfig {
     /// Our local name for that gateway; `peer:NAME` and `link://NAME/...` refer to it.
     pub name: String,
-    /// Addresses to dial, tried in order (failover); empty on the accepting side.
+    /// Addresses to dial, tried in order (failover); empty on the accepting
+    /// side. Raw TCP, `ws://` and `wss://` may be mixed.
     #[serde(default, deserialize_with = "one_or_many")]
-    pub connect: Vec<HostPort>,
+    pub connect: Vec<LinkAddress>,
+    /// Proxies to dial through, first hop first (socks4/4a/5, http CONNECT).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub via: Vec<Hop>,
+    /// For `wss://` addresses: a PEM file of CAs to trust besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// For `wss://` addresses: check the hub's certificate (default). The
+    /// link's own handshake authenticates the hub either way.
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
     /// The name the other side knows us by; default: `gateway.name`.
     pub user: Option<String>,
     /// The link password, written in the file.
@@ -124,6 +139,10 @@ pub struct PeerConfig {
     /// (Extension of the contract.)
     #[serde(default = "default_max_streams")]
     pub max_streams: u32,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_max_streams() -> u32 {

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use link::handshake::PeerRecord;
 
-use super::values::{AccessRule, Hop, Listen, Secret};
+use super::values::{AccessRule, Hop, LinkAddress, Listen, Secret};
 
 /// A problem found by validation: where, and what.
 pub type Finding = (KeyPath, String);
@@ -84,12 +84,38 @@ fn check_gateway(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
             "must be at least 1 (or omitted: one per CPU core)".into(),
         ));
     }
-    if let Some(link) = &config.link {
+    if let Some(link) = &mut config.link {
+        let path = |key: &str| KeyPath::new([key_seg("link"), key_seg(key)]);
         if link.listen.is_empty() {
             out.push((
-                KeyPath::new([key_seg("link"), key_seg("listen")]),
+                path("listen"),
                 "give at least one address to accept links on".into(),
             ));
+        }
+        let serves_tls = link
+            .listen
+            .iter()
+            .any(|a| matches!(a, LinkAddress::WebSocket { tls: true, .. }));
+        for file in [&mut link.tls_cert, &mut link.tls_key].into_iter().flatten() {
+            *file = base.join(&*file);
+        }
+        match (&link.tls_cert, &link.tls_key) {
+            (Some(cert), Some(key)) => {
+                if let Err(why) = crate::tls::load_certs(cert) {
+                    out.push((path("tls_cert"), why));
+                } else if let Err(why) = crate::tls::load_key(key) {
+                    out.push((path("tls_key"), why));
+                } else if let Err(why) = crate::tls::server_config(cert, key) {
+                    out.push((path("tls_key"), why));
+                }
+            }
+            (None, None) if serves_tls => out.push((
+                path("tls_cert"),
+                "a wss:// listener needs tls_cert and tls_key (PEM files of the certificate chain and its private key)".into(),
+            )),
+            (None, None) => {}
+            (Some(_), None) => out.push((path("tls_key"), "tls_cert needs tls_key too".into())),
+            (None, Some(_)) => out.push((path("tls_cert"), "tls_key needs tls_cert too".into())),
         }
     }
 }
@@ -176,6 +202,32 @@ fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
         if let Some(record) = &peer.record {
             if let Err(why) = decode_peer_record(record.expose()) {
                 out.push((path("record"), named(&why)));
+            }
+        }
+        for (j, hop) in peer.via.iter().enumerate() {
+            if !matches!(
+                hop,
+                Hop::Socks4(_) | Hop::Socks4a(_) | Hop::Socks5(..) | Hop::Http(..)
+            ) {
+                out.push((
+                    path("via"),
+                    named(&format!(
+                        "via hop {} ({hop}) cannot carry a link; use socks4://, socks4a://, socks5:// or http:// proxies",
+                        j + 1
+                    )),
+                ));
+            }
+        }
+        if !dialing && !peer.via.is_empty() {
+            out.push((
+                path("via"),
+                named("via is for the dialing side (with connect)"),
+            ));
+        }
+        if let Some(file) = &mut peer.ca_file {
+            *file = base.join(&*file);
+            if let Err(why) = crate::tls::load_certs(file) {
+                out.push((path("ca_file"), named(&why)));
             }
         }
         if !dialing && peer.user.is_some() {

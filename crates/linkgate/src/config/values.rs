@@ -218,6 +218,94 @@ impl fmt::Display for Listen {
     }
 }
 
+// === Link addresses ===
+
+/// One place a link is dialed (`[[peer]] connect`) or accepted
+/// (`[link] listen`): raw TCP, or WebSocket, plain or over TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkAddress {
+    /// `host:port`: the link's records straight on TCP.
+    Tcp(HostPort),
+    /// `ws://host:port/path` or `wss://host:port/path`: the records inside
+    /// WebSocket binary messages, over TLS for `wss`.
+    WebSocket {
+        /// Where to connect or listen.
+        addr: HostPort,
+        /// The HTTP path of the WebSocket upgrade (starts with `/`).
+        path: String,
+        /// `wss://`: TLS under the WebSocket.
+        tls: bool,
+    },
+}
+
+impl LinkAddress {
+    /// The TCP address under the transport.
+    pub fn addr(&self) -> &HostPort {
+        match self {
+            LinkAddress::Tcp(addr) | LinkAddress::WebSocket { addr, .. } => addr,
+        }
+    }
+
+    /// The transport's name in logs and status: `tcp`, `ws` or `wss`.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            LinkAddress::Tcp(_) => "tcp",
+            LinkAddress::WebSocket { tls: false, .. } => "ws",
+            LinkAddress::WebSocket { tls: true, .. } => "wss",
+        }
+    }
+}
+
+impl FromStr for LinkAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some((scheme, rest)) = s.split_once("://") else {
+            return s.parse().map(LinkAddress::Tcp);
+        };
+        let bad = |why: &str| {
+            format!("invalid link address {s:?}: {why}; write host:port, ws://host:port/path or wss://host:port/path")
+        };
+        let tls = match scheme {
+            "ws" => false,
+            "wss" => true,
+            _ => return Err(bad("unknown scheme")),
+        };
+        let (addr, path) = match rest.find('/') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => (rest, "/"),
+        };
+        let addr: HostPort = addr.parse().map_err(|e: String| bad(&e))?;
+        let path_ok = path.len() <= 1024
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !matches!(b, b'?' | b'#' | b'%'));
+        if !path_ok {
+            return Err(bad("the path may use printable ASCII except ?, # and %"));
+        }
+        Ok(LinkAddress::WebSocket {
+            addr,
+            path: path.to_string(),
+            tls,
+        })
+    }
+}
+deserialize_from_str!(
+    LinkAddress,
+    "a link address such as \"host:port\" or \"wss://host:443/path\""
+);
+
+impl fmt::Display for LinkAddress {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            LinkAddress::Tcp(addr) => addr.fmt(f),
+            LinkAddress::WebSocket { addr, path, tls } => {
+                let scheme = if *tls { "wss" } else { "ws" };
+                write!(f, "{scheme}://{addr}{path}")
+            }
+        }
+    }
+}
+
 // === Hops ===
 
 /// User name and password embedded in a proxy hop URL.
@@ -577,6 +665,18 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
+        let ws: LinkAddress = "wss://Hub.example.net:443/linkgate".parse().unwrap();
+        assert_eq!(ws.to_string(), "wss://hub.example.net:443/linkgate");
+        assert_eq!(ws.transport(), "wss");
+        let bare: LinkAddress = "ws://127.0.0.1:8080".parse().unwrap();
+        assert_eq!(bare.to_string(), "ws://127.0.0.1:8080/");
+        assert_eq!(
+            "10.0.0.1:7000".parse::<LinkAddress>().unwrap().transport(),
+            "tcp"
+        );
+        assert!("http://hub:80/x".parse::<LinkAddress>().is_err());
+        assert!("wss://hub:443/a b".parse::<LinkAddress>().is_err());
+        assert!("wss://hub/x".parse::<LinkAddress>().is_err());
         let hp: HostPort = "example.net:80".parse().unwrap();
         assert_eq!(hp.host, Host::Name("example.net".into()));
         let hp: HostPort = "[::1]:7000".parse().unwrap();

@@ -15,13 +15,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::throttle::{Busy, LoginThrottle, Noted};
-use super::{serve_session, Links, StreamDispatch};
+use super::transport::Carrier;
+use super::{serve_session, LinkInfo, Links, StreamDispatch};
 
 /// The dialer sends its hello at once; a connection silent for this long
 /// is dropped (it holds a handshake slot of its source meanwhile).
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The whole handshake, hello to final message.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS and the WebSocket upgrade, on `ws://` and `wss://` listeners.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything the link listener needs.
 pub struct AcceptContext {
@@ -95,9 +98,11 @@ impl HubPeers for Attempt<'_> {
     }
 }
 
-/// Accepts links on `listener` until `stop` is cancelled.
+/// Accepts links on `listener`, carried as `carrier` says, until `stop`
+/// is cancelled.
 pub async fn run_acceptor(
     listener: TcpListener,
+    carrier: Carrier,
     context: Arc<AcceptContext>,
     stop: CancellationToken,
 ) {
@@ -120,9 +125,10 @@ pub async fn run_acceptor(
         }
         let context = context.clone();
         let stop = stop.clone();
+        let carrier = carrier.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = accept_one(tcp, from, &context, &stop) => {}
+                () = accept_one(tcp, from, &carrier, &context, &stop) => {}
                 () = stop.cancelled() => {}
             }
         });
@@ -163,8 +169,9 @@ impl Drop for Slot<'_> {
 }
 
 async fn accept_one(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     from: SocketAddr,
+    carrier: &Carrier,
     context: &Arc<AcceptContext>,
     stop: &CancellationToken,
 ) {
@@ -173,14 +180,27 @@ async fn accept_one(
         context: context.as_ref(),
         ip,
     };
-    let mut first = [0u8; 1];
-    if tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, tcp.peek(&mut first))
-        .await
-        .is_err()
-    {
-        tracing::debug!(%from, "no link hello within {FIRST_MESSAGE_TIMEOUT:?}; closed");
-        return;
+    if let Carrier::Tcp = carrier {
+        let mut first = [0u8; 1];
+        if tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, tcp.peek(&mut first))
+            .await
+            .is_err()
+        {
+            tracing::debug!(%from, "no link hello within {FIRST_MESSAGE_TIMEOUT:?}; closed");
+            return;
+        }
     }
+    let mut tcp = match tokio::time::timeout(UPGRADE_TIMEOUT, carrier.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%from, transport = carrier.name(), error = %e, "link connection refused before the handshake");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%from, transport = carrier.name(), "no {} upgrade within {UPGRADE_TIMEOUT:?}; closed", carrier.name());
+            return;
+        }
+    };
     let attempt = Attempt {
         context: context.as_ref(),
         ip,
@@ -204,7 +224,12 @@ async fn accept_one(
     context
         .throttle()
         .succeeded(ip, password_user, Instant::now());
-    tracing::info!(%peer, %from, "link up");
+    tracing::info!(%peer, %from, transport = carrier.name(), "link up");
+    let info = LinkInfo {
+        transport: carrier.name(),
+        address: from.to_string(),
+        via: String::new(),
+    };
     let config = context.configs.get(&peer).cloned().unwrap_or_default();
     let (session, incoming) = Session::start(tcp, keys, Role::Acceptor, config);
     let serving = serve_session(
@@ -214,6 +239,7 @@ async fn accept_one(
         session.clone(),
         incoming,
         true,
+        info,
     );
     let end = tokio::select! {
         end = serving => end,

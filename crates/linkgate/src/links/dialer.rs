@@ -11,14 +11,16 @@ use link::session::{LinkEnd, Role, Session, SessionConfig};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
+use super::transport::Route;
+use super::LinkInfo;
 use super::{serve_session, Links, StreamDispatch};
-use crate::config::{HostPort, Secret};
-use crate::connector::connect_tcp;
+use crate::config::{LinkAddress, Secret};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reaching the hub: TCP (through the proxy chain), TLS, WebSocket.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest wait a hub's busy answer can impose on us.
 const MAX_BUSY_WAIT: Duration = Duration::from_secs(60);
 /// A link that stayed up this long resets the backoff.
@@ -29,7 +31,9 @@ pub struct DialTarget {
     /// Our local name for the peer.
     pub peer: String,
     /// Addresses, tried in order.
-    pub connect: Vec<HostPort>,
+    pub connect: Vec<LinkAddress>,
+    /// The proxy chain and TLS settings to reach them.
+    pub route: Route,
     /// How we prove who we are.
     pub credential: DialCredential,
 }
@@ -66,10 +70,20 @@ pub async fn run_dialer(
         match establish(&target, &config).await {
             Err(retry_after) => hint = retry_after,
             Ok((session, incoming, addr)) => {
-                tracing::info!(peer = %target.peer, %addr, "link up");
+                let via = target.route.via();
+                if via.is_empty() {
+                    tracing::info!(peer = %target.peer, %addr, "link up");
+                } else {
+                    tracing::info!(peer = %target.peer, %addr, via, "link up");
+                }
+                let info = LinkInfo {
+                    transport: addr.transport(),
+                    address: addr.to_string(),
+                    via: via.to_string(),
+                };
                 let started = Instant::now();
                 let end = tokio::select! {
-                    end = serve_session(&links, &dispatch, &target.peer, session.clone(), incoming, false) => end,
+                    end = serve_session(&links, &dispatch, &target.peer, session.clone(), incoming, false, info) => end,
                     () = stop.cancelled() => {
                         session.close("gateway shutting down");
                         return;
@@ -110,7 +124,7 @@ pub async fn run_dialer(
 type Established = (
     Session,
     tokio::sync::mpsc::Receiver<link::session::IncomingStream>,
-    HostPort,
+    LinkAddress,
 );
 
 /// One pass over the peer's addresses; logs each failure. `Err` carries the
@@ -121,8 +135,8 @@ async fn establish(
 ) -> Result<Established, Option<Duration>> {
     let mut hint: Option<Duration> = None;
     for addr in &target.connect {
-        let mut tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect_tcp(addr)).await {
-            Ok(Ok(tcp)) => tcp,
+        let mut tcp = match tokio::time::timeout(CONNECT_TIMEOUT, target.route.dial(addr)).await {
+            Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 tracing::warn!(peer = %target.peer, %addr, error = %e, "cannot reach the other gateway");
                 continue;

@@ -7,6 +7,8 @@ mod dialer;
 pub mod identity;
 mod start;
 pub mod throttle;
+pub mod transport;
+mod websocket;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,17 +25,42 @@ pub trait StreamDispatch: Send + Sync + 'static {
     fn dispatch(&self, peer: &str, request: IncomingStream);
 }
 
+/// How a live link is carried, for logs, the console and `linkgate status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// `tcp`, `ws` or `wss`.
+    pub transport: &'static str,
+    /// The hub's address as dialed, or the dialer's source address.
+    pub address: String,
+    /// The proxy chain the dialer went through (passwords masked); empty
+    /// when direct (and always on the accepting side, which cannot know).
+    pub via: String,
+}
+
 /// Live link sessions, by the `[[peer]] name` of the gateway at the other end.
 #[derive(Default)]
 pub struct Links {
-    sessions: Mutex<HashMap<String, Session>>,
+    sessions: Mutex<HashMap<String, (Session, LinkInfo)>>,
 }
 
 impl Links {
     /// The live session to `peer`, if its link is up.
     pub fn session(&self, peer: &str) -> Option<Session> {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.get(peer).filter(|s| !s.is_ended()).cloned()
+        sessions
+            .get(peer)
+            .map(|(s, _)| s)
+            .filter(|s| !s.is_ended())
+            .cloned()
+    }
+
+    /// How the live link to `peer` is carried, if it is up.
+    pub fn info(&self, peer: &str) -> Option<LinkInfo> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions
+            .get(peer)
+            .filter(|(s, _)| !s.is_ended())
+            .map(|(_, info)| info.clone())
     }
 
     /// Names of peers whose link is up.
@@ -41,19 +68,19 @@ impl Links {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         sessions
             .iter()
-            .filter(|(_, s)| !s.is_ended())
+            .filter(|(_, (s, _))| !s.is_ended())
             .map(|(n, _)| n.clone())
             .collect()
     }
 
     /// Registers a new session for `peer`, closing any previous one.
-    fn register(&self, peer: &str, session: Session) {
+    fn register(&self, peer: &str, session: Session, info: LinkInfo) {
         let previous = self
             .sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(peer.to_string(), session);
-        if let Some(old) = previous {
+            .insert(peer.to_string(), (session, info));
+        if let Some((old, _)) = previous {
             old.close("replaced by a new link from the same peer");
         }
     }
@@ -61,7 +88,10 @@ impl Links {
     /// Removes `session` if it is still the one registered for `peer`.
     fn unregister(&self, peer: &str, session: &Session) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if sessions.get(peer).is_some_and(|s| s.same_session(session)) {
+        if sessions
+            .get(peer)
+            .is_some_and(|(s, _)| s.same_session(session))
+        {
             sessions.remove(peer);
         }
     }
@@ -73,7 +103,7 @@ impl Links {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain()
-            .map(|(_, s)| s)
+            .map(|(_, (s, _))| s)
             .collect();
         for session in sessions {
             session.close(reason);
@@ -100,6 +130,7 @@ async fn serve_session(
     session: Session,
     mut incoming: tokio::sync::mpsc::Receiver<IncomingStream>,
     wait_for_proof: bool,
+    info: LinkInfo,
 ) -> link::session::LinkEnd {
     if wait_for_proof {
         let proven = tokio::time::timeout(FIRST_RECORD_TIMEOUT, session.authenticated()).await;
@@ -110,7 +141,7 @@ async fn serve_session(
             );
         }
     }
-    links.register(peer, session.clone());
+    links.register(peer, session.clone(), info);
     let dispatcher = {
         let dispatch = dispatch.clone();
         let peer = peer.to_string();

@@ -11,19 +11,24 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::transport::{Carrier, Route};
 use super::{
     identity, run_acceptor, run_dialer, AcceptContext, DialCredential, DialTarget, Links,
     StreamDispatch,
 };
-use crate::config::{decode_peer_record, decode_public_key, Config};
+use crate::config::{decode_peer_record, decode_public_key, Config, LinkAddress};
 
-/// Starts accepting on `listeners` and dialing every peer with `connect`,
-/// as tasks of `tasks` that end when `stop` is cancelled. Fails (before
-/// starting anything) if the identity file or a peer record cannot be
+/// Connecting to a hub through a proxy chain: the whole chain's TCP part.
+const ROUTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Starts accepting on `listeners` (each with the `[link] listen` entry it
+/// was bound for) and dialing every peer with `connect`, as tasks of
+/// `tasks` that end when `stop` is cancelled. Fails (before starting
+/// anything) if the identity file, a peer record or a TLS file cannot be
 /// prepared.
 pub async fn start(
     config: &Config,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, LinkAddress)>,
     links: &Arc<Links>,
     dispatch: &Arc<dyn StreamDispatch>,
     stop: &CancellationToken,
@@ -57,18 +62,39 @@ pub async fn start(
                 .collect(),
             throttle: Default::default(),
         });
-        for listener in listeners {
+        let mut carriers = Vec::new();
+        for (listener, address) in listeners {
+            carriers.push((listener, carrier(config, &address)?));
+        }
+        for (listener, carrier) in carriers {
             if let Ok(local) = listener.local_addr() {
-                tracing::info!(service = "[link]", listen = %local, "listening for links");
+                tracing::info!(service = "[link]", listen = %local, transport = carrier.name(), "listening for links");
             }
-            tasks.spawn(run_acceptor(listener, context.clone(), stop.clone()));
+            tasks.spawn(run_acceptor(
+                listener,
+                carrier,
+                context.clone(),
+                stop.clone(),
+            ));
         }
     }
     let gateway_name = config.gateway.name.clone().unwrap_or_default();
     for peer in config.peer.iter().filter(|p| !p.connect.is_empty()) {
+        let dials_tls = peer
+            .connect
+            .iter()
+            .any(|a| matches!(a, LinkAddress::WebSocket { tls: true, .. }));
+        let tls = match dials_tls {
+            true => Some(crate::tls::client_config(
+                peer.ca_file.as_deref(),
+                peer.tls_verify,
+            )?),
+            false => None,
+        };
         let target = DialTarget {
             peer: peer.name.clone(),
             connect: peer.connect.clone(),
+            route: Route::new(peer.via.clone(), tls, ROUTE_TIMEOUT, links.clone()),
             credential: credential(peer, static_keys.as_ref(), &gateway_name),
         };
         tasks.spawn(run_dialer(
@@ -80,6 +106,29 @@ pub async fn start(
         ));
     }
     Ok(())
+}
+
+/// What a `[link] listen` entry's connections carry.
+fn carrier(config: &Config, address: &LinkAddress) -> Result<Carrier, String> {
+    let LinkAddress::WebSocket { path, tls, .. } = address else {
+        return Ok(Carrier::Tcp);
+    };
+    let tls = match (tls, &config.link) {
+        (false, _) => None,
+        (true, Some(link)) => {
+            let (Some(cert), Some(key)) = (&link.tls_cert, &link.tls_key) else {
+                return Err(format!("{address} needs [link] tls_cert and tls_key"));
+            };
+            Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+                cert, key,
+            )?))
+        }
+        (true, None) => return Err(format!("{address} needs [link] tls_cert and tls_key")),
+    };
+    Ok(Carrier::WebSocket {
+        path: path.clone(),
+        tls,
+    })
 }
 
 /// The session tunables for the link to `peer`: its keepalive, and down

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod pair;
+pub mod proxies;
 pub mod relay;
 pub mod servers;
 
