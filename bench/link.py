@@ -68,16 +68,22 @@ class Tunnel:
             p.stop()
 
 
-def start_linkgate(tmp, bulk_target, greet_target):
+def start_linkgate(tmp, bulk_target, greet_target, name="linkgate", transport=None):
+    """A linkgate pair; `transport(link_port)` gives the hub's extra listen
+    entry (and [link] lines) and the spoke's connect value and [[peer]]
+    lines, for the link transport benchmark. Default: raw TCP."""
     link_port, bulk, greet = free_port(), free_port(), free_port()
-    hub_conf = os.path.join(tmp, "hub.toml")
+    listen, hub_link_extra, connect, peer_extra = (
+        (f"127.0.0.1:{link_port}", "", f"127.0.0.1:{link_port}", "") if transport is None else transport(link_port))
+    hub_conf = os.path.join(tmp, f"{name}-hub.toml".replace(" ", "-"))
     with open(hub_conf, "w") as f:
         f.write(f'''[gateway]
 name = "hub"
 identity = "hub.key"
 shutdown_grace = "1s"
 [link]
-listen = "127.0.0.1:{link_port}"
+listen = "{listen}"
+{hub_link_extra}
 [[peer]]
 name = "spoke"
 password = "{PASSWORD}"
@@ -94,15 +100,16 @@ listen = "link"
 target = "127.0.0.1:{greet_target}"
 allow = "peer:spoke"
 ''')
-    spoke_conf = os.path.join(tmp, "spoke.toml")
+    spoke_conf = os.path.join(tmp, f"{name}-spoke.toml".replace(" ", "-"))
     with open(spoke_conf, "w") as f:
         f.write(f'''[gateway]
 name = "spoke"
 shutdown_grace = "1s"
 [[peer]]
 name = "hub"
-connect = "127.0.0.1:{link_port}"
+connect = "{connect}"
 password = "{PASSWORD}"
+{peer_extra}
 [[service]]
 name = "bulk"
 type = "mapping"
@@ -115,8 +122,9 @@ listen = "127.0.0.1:{greet}"
 target = "link://hub/greet"
 ''')
     env = dict(os.environ, RUST_LOG="warn")
-    hub = Relay("linkgate-hub", [LINKGATE, "run", "-c", hub_conf], link_port, tmp, env)
-    spoke = Relay("linkgate-spoke", [LINKGATE, "run", "-c", spoke_conf], bulk, tmp, env)
+    tag = name.replace(" ", "-")
+    hub = Relay(f"{tag}-hub", [LINKGATE, "run", "-c", hub_conf], link_port, tmp, env)
+    spoke = Relay(f"{tag}-spoke", [LINKGATE, "run", "-c", spoke_conf], bulk, tmp, env)
     # Wait until the link is up: a greeting arrives through it.
     deadline = time.time() + 20
     while time.time() < deadline:
@@ -128,8 +136,10 @@ target = "link://hub/greet"
             pass
         time.sleep(0.1)
     else:
-        raise RuntimeError("linkgate link did not come up")
-    return Tunnel("linkgate", [spoke, hub], bulk, greet)
+        spoke.stop()
+        hub.stop()
+        raise RuntimeError(f"{name} link did not come up")
+    return Tunnel(name, [spoke, hub], bulk, greet)
 
 
 def start_stunnel(tmp, bulk_target, greet_target):
