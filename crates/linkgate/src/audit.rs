@@ -57,6 +57,9 @@ pub struct Audit {
     suppressed: bool,
     /// The service's counters, updated when the record is written.
     pub metrics: Option<Arc<crate::metrics::ServiceMetrics>>,
+    /// The connection's entry in the live list, while it is served; the
+    /// relay counts bytes into it as they move.
+    pub live: Option<Arc<crate::connections::Registered>>,
 }
 
 impl Audit {
@@ -76,6 +79,7 @@ impl Audit {
             started: Instant::now(),
             suppressed: false,
             metrics: None,
+            live: None,
         }
     }
 
@@ -102,7 +106,13 @@ impl Audit {
             return;
         }
         if let Some(metrics) = &self.metrics {
-            metrics.record(self.result, self.bytes_up, self.bytes_down);
+            // Bytes the relay already counted live are not counted twice.
+            let (live_up, live_down) = self.live.as_ref().map_or((0, 0), |l| l.bytes());
+            metrics.record(
+                self.result,
+                self.bytes_up.saturating_sub(live_up),
+                self.bytes_down.saturating_sub(live_down),
+            );
         }
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let record = AuditRecord {

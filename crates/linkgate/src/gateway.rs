@@ -63,6 +63,9 @@ pub struct Gateway {
     links: Arc<Links>,
     /// FTP data connections offered to peers (kept across reloads).
     ftp_data: Arc<LinkDataSlots>,
+    /// Live connections and services' counters (kept across reloads).
+    connections: Arc<crate::connections::Registry>,
+    metrics: Arc<crate::metrics::MetricsBook>,
     /// The running services, by name; shared with the link dispatcher.
     services: ServiceTable,
     /// Each running service's listeners.
@@ -100,10 +103,14 @@ impl Gateway {
             tracker: TaskTracker::new(),
         };
         let ftp_data = Arc::new(LinkDataSlots::default());
+        let connections = Arc::new(crate::connections::Registry::default());
+        let metrics = Arc::new(crate::metrics::MetricsBook::default());
         let shared = SharedContext {
             links: links.clone(),
             users: Arc::new(UserDb::new(&config.user)),
             ftp_data: ftp_data.clone(),
+            connections: connections.clone(),
+            metrics: metrics.clone(),
         };
         let mut runtimes = HashMap::new();
         let mut bound_listeners = Vec::new();
@@ -156,6 +163,8 @@ impl Gateway {
             link_tasks,
             links,
             ftp_data,
+            connections,
+            metrics,
             services,
             listeners,
             config: config.clone(),
@@ -183,6 +192,14 @@ impl Gateway {
                 })
                 .collect(),
             started,
+            connections: self.connections.clone(),
+            history: Arc::default(),
+            login: (!self.config.gateway.admin_users.is_empty()).then(|| {
+                crate::admin::AdminLogin {
+                    users: Arc::new(UserDb::new(&self.config.user)),
+                    allowed: self.config.gateway.admin_users.clone(),
+                }
+            }),
         }
     }
 
@@ -205,6 +222,8 @@ impl Gateway {
             links: self.links.clone(),
             users: Arc::new(UserDb::new(&new.user)),
             ftp_data: self.ftp_data.clone(),
+            connections: self.connections.clone(),
+            metrics: self.metrics.clone(),
         };
         let unchanged = |service: &crate::config::ServiceConfig| {
             let old = self
@@ -447,6 +466,13 @@ fn spawn_serve(
     let span = tracing::debug_span!("conn", service = &*service.name, client = %inbound.client, conn_id = audit.conn_id);
     let service = service.clone();
     let close_all = shutdown.close_all.clone();
+    audit.live = Some(service.connections.register(
+        audit.conn_id,
+        service.name.clone(),
+        audit.client.clone(),
+        service.via_text.clone(),
+        service.metrics.clone(),
+    ));
     let task = async move {
         let _slot = slot;
         let _active = service.metrics.active();

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod bufpool;
 pub mod cascade;
 pub mod config;
+pub mod connections;
 pub mod connector;
 pub mod gateway;
 pub mod inbound;

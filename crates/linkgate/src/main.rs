@@ -58,6 +58,10 @@ enum Command {
         /// Admin address of the gateway.
         #[arg(long, default_value = "127.0.0.1:9180")]
         admin: String,
+        /// Log in as this user (one of `admin_users`); the password is read
+        /// from the environment variable LINKGATE_ADMIN_PASSWORD.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
     },
 }
 
@@ -76,7 +80,7 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
-        Command::Status { admin } => status(&admin),
+        Command::Status { admin, user } => status(&admin, user.as_deref()),
     }
 }
 
@@ -93,8 +97,8 @@ fn config_failure(error: &ConfigError) -> ExitCode {
 }
 
 /// `linkgate status`: asks a running gateway's admin API and prints it.
-fn status(admin: &str) -> ExitCode {
-    match fetch_status(admin) {
+fn status(admin: &str, user: Option<&str>) -> ExitCode {
+    match fetch_status(admin, user) {
         Ok(status) => {
             println!(
                 "gateway {} (linkgate {}, up {} s)",
@@ -139,7 +143,34 @@ fn status(admin: &str) -> ExitCode {
                 if !l.via.is_empty() {
                     line.push_str(&format!(" via {}", l.via));
                 }
+                if let Some(rtt) = l.rtt_ms {
+                    line.push_str(&format!(" rtt {rtt:.2}ms"));
+                }
+                if l.state != "up" {
+                    if let Some(end) = &l.last_end {
+                        line.push_str(&format!(" ({end})"));
+                    }
+                }
                 println!("{}", line.trim_end());
+            }
+            for c in &status.connections {
+                println!(
+                    "conn {:<20} {:<24} {:<10} {:<30} up {} down {} age {:.0}s",
+                    c.service,
+                    c.client,
+                    if c.user.is_empty() { "-" } else { &c.user },
+                    if c.target.is_empty() { "-" } else { &c.target },
+                    c.bytes_up,
+                    c.bytes_down,
+                    c.age_s
+                );
+            }
+            if status.connections_total > status.connections.len() {
+                println!(
+                    "({} connections in all; the newest {} shown)",
+                    status.connections_total,
+                    status.connections.len()
+                );
             }
             ExitCode::SUCCESS
         }
@@ -150,7 +181,7 @@ fn status(admin: &str) -> ExitCode {
     }
 }
 
-fn fetch_status(admin: &str) -> anyhow::Result<linkgate::admin::Status> {
+fn fetch_status(admin: &str, user: Option<&str>) -> anyhow::Result<linkgate::admin::Status> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
     let addr = admin
@@ -162,12 +193,30 @@ fn fetch_status(admin: &str) -> anyhow::Result<linkgate::admin::Status> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
         .context("is the gateway running with [gateway] admin?")?;
     stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET /api/status HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
+    let login = match user {
+        Some(user) => {
+            use base64::Engine;
+            let password = std::env::var("LINKGATE_ADMIN_PASSWORD")
+                .context("--user needs the password in LINKGATE_ADMIN_PASSWORD")?;
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            format!("Authorization: Basic {token}\r\n")
+        }
+        None => String::new(),
+    };
+    write!(
+        stream,
+        "GET /api/status HTTP/1.0\r\nHost: {admin}\r\n{login}\r\n"
+    )?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
     let (head, body) = answer
         .split_once("\r\n\r\n")
         .context("not an HTTP answer")?;
+    anyhow::ensure!(
+        head.split_whitespace().nth(1) != Some("401"),
+        "the gateway wants a login: --user NAME (one of its admin_users), password in LINKGATE_ADMIN_PASSWORD"
+    );
     anyhow::ensure!(
         head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
         "answer: {}",

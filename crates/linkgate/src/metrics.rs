@@ -18,6 +18,26 @@ pub struct ServiceMetrics {
     bytes_down: AtomicU64,
 }
 
+/// Every service's counters, by service name, for the gateway's whole life:
+/// a reload that restarts a service keeps its counters (a transfer that
+/// spans the reload stays in them).
+#[derive(Debug, Default)]
+pub struct MetricsBook {
+    services: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<ServiceMetrics>>>,
+}
+
+impl MetricsBook {
+    /// The counters of service `name` (created at its first start).
+    pub fn for_service(&self, name: &str) -> std::sync::Arc<ServiceMetrics> {
+        self.services
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
 /// A copy of a service's counters at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MetricsSnapshot {
@@ -31,9 +51,9 @@ pub struct MetricsSnapshot {
     pub auth_failed: u64,
     /// Errors.
     pub error: u64,
-    /// Client → target bytes of finished connections.
+    /// Client → target bytes so far (live connections included).
     pub bytes_up: u64,
-    /// Target → client bytes of finished connections.
+    /// Target → client bytes so far (live connections included).
     pub bytes_down: u64,
 }
 
@@ -53,7 +73,18 @@ impl ServiceMetrics {
         ActiveGuard(self)
     }
 
-    /// Counts one finished record.
+    /// Counts bytes as the relay moves them (live connections).
+    pub fn add_bytes(&self, up: u64, down: u64) {
+        if up > 0 {
+            self.bytes_up.fetch_add(up, Ordering::Relaxed);
+        }
+        if down > 0 {
+            self.bytes_down.fetch_add(down, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one finished record; `bytes_up`/`bytes_down` are the bytes not
+    /// already counted live.
     pub fn record(&self, result: AuditResult, bytes_up: u64, bytes_down: u64) {
         let counter = match result {
             AuditResult::Ok => &self.ok,

@@ -58,17 +58,21 @@ pub struct RelayOutcome {
 /// Guarantees: bytes are written in the order read and never altered; a
 /// read EOF on one side becomes a write shutdown (FIN) on the other; the
 /// returned counts are bytes actually written to the receiving side.
+/// With `live`, bytes are also counted into the connection's live entry
+/// (and its service's counters) as they are written.
 pub async fn relay(
     client: &mut Stream,
     target: &mut Stream,
     idle: Duration,
     stop: &CancellationToken,
+    live: Option<&crate::connections::LiveConnection>,
 ) -> RelayOutcome {
     let mut both = Bidirectional {
         client,
         target,
         up: Direction::new(),
         down: Direction::new(),
+        live,
         last_activity: Instant::now(),
     };
     let sleep = tokio::time::sleep(idle);
@@ -139,6 +143,7 @@ impl Direction {
         source: &mut Stream,
         sink: &mut Stream,
         moved: &mut bool,
+        live: Option<(&crate::connections::LiveConnection, bool)>,
     ) -> Poll<Result<(), Failure>> {
         loop {
             match &mut self.state {
@@ -176,6 +181,9 @@ impl Direction {
                     }
                     *pos += n;
                     self.bytes += n as u64;
+                    if let Some((live, up)) = live {
+                        live.add(up, n as u64);
+                    }
                     self.unflushed = true;
                     *moved = true;
                     if *pos == *end {
@@ -198,6 +206,7 @@ struct Bidirectional<'a> {
     target: &'a mut Stream,
     up: Direction,
     down: Direction,
+    live: Option<&'a crate::connections::LiveConnection>,
     last_activity: Instant,
 }
 
@@ -207,10 +216,21 @@ impl Future for Bidirectional<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let mut moved = false;
-        let up = this.up.poll_copy(cx, this.client, this.target, &mut moved);
-        let down = this
-            .down
-            .poll_copy(cx, this.target, this.client, &mut moved);
+        let live = this.live;
+        let up = this.up.poll_copy(
+            cx,
+            this.client,
+            this.target,
+            &mut moved,
+            live.map(|l| (l, true)),
+        );
+        let down = this.down.poll_copy(
+            cx,
+            this.target,
+            this.client,
+            &mut moved,
+            live.map(|l| (l, false)),
+        );
         if moved {
             this.last_activity = Instant::now();
         }
@@ -247,7 +267,13 @@ pub async fn relay_and_record(
             return;
         }
     }
-    let outcome = relay(client, target, idle.0, stop).await;
+    let live = audit.live.clone();
+    if let Some(live) = &live {
+        live.set_details(audit.user.as_deref(), &audit.target);
+        // The early bytes went out before the relay counted anything.
+        live.add(true, early.len() as u64);
+    }
+    let outcome = relay(client, target, idle.0, stop, live.as_deref().map(|r| &**r)).await;
     outcome.pass_failure_on(client, target);
     audit.bytes_up = outcome.bytes_up + early.len() as u64;
     audit.bytes_down = outcome.bytes_down;

@@ -55,6 +55,10 @@ pub struct GatewayConfig {
     pub log: LogFormat,
     /// Address of the HTTP status page and API; default: none.
     pub admin: Option<HostPort>,
+    /// `[[user]]`s allowed into the admin endpoint (HTTP Basic); required
+    /// when `admin` is not a loopback address.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub admin_users: Vec<String>,
     /// How long live connections may take to finish after SIGINT/SIGTERM
     /// before they are closed; default 30s. (Extension of the contract.)
     #[serde(default = "default_shutdown_grace")]
@@ -70,6 +74,7 @@ impl Default for GatewayConfig {
             identity: default_identity(),
             log: LogFormat::Text,
             admin: None,
+            admin_users: Vec::new(),
             shutdown_grace: default_shutdown_grace(),
             threads: None,
         }

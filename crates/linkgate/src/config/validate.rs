@@ -24,6 +24,7 @@ pub fn validate(config: &mut Config, base: &Path) -> Vec<Finding> {
     check_gateway(config, base, &mut out);
     check_peers(config, base, &mut out);
     check_users(config, &mut out);
+    check_admin(config, &mut out);
     let peers: HashSet<String> = config.peer.iter().map(|p| p.name.clone()).collect();
     let users: HashSet<String> = config.user.iter().map(|u| u.name.clone()).collect();
     let mut names = HashSet::new();
@@ -96,7 +97,10 @@ fn check_gateway(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
             .listen
             .iter()
             .any(|a| matches!(a, LinkAddress::WebSocket { tls: true, .. }));
-        for file in [&mut link.tls_cert, &mut link.tls_key].into_iter().flatten() {
+        for file in [&mut link.tls_cert, &mut link.tls_key]
+            .into_iter()
+            .flatten()
+        {
             *file = base.join(&*file);
         }
         match (&link.tls_cert, &link.tls_key) {
@@ -279,6 +283,30 @@ fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
                     named(&format!("cannot read {}: {e}", file.display())),
                 )),
             }
+        }
+    }
+}
+
+fn check_admin(config: &Config, out: &mut Vec<Finding>) {
+    let path = |key: &str| KeyPath::new([key_seg("gateway"), key_seg(key)]);
+    for name in &config.gateway.admin_users {
+        if !config.user.iter().any(|u| &u.name == name) {
+            out.push((
+                path("admin_users"),
+                format!("{name:?} is not a [[user]]; admin_users names [[user]] entries"),
+            ));
+        }
+    }
+    if let Some(admin) = &config.gateway.admin {
+        let loopback = match &admin.host {
+            super::values::Host::Ip(ip) => ip.is_loopback(),
+            super::values::Host::Name(name) => name == "localhost",
+        };
+        if !loopback && config.gateway.admin_users.is_empty() {
+            out.push((
+                path("admin"),
+                format!("the admin endpoint on {admin} would be open to that network: set admin_users = [\"NAME\"] ([[user]]s who may log in), or listen on 127.0.0.1"),
+            ));
         }
     }
 }

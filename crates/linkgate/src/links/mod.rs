@@ -37,10 +37,25 @@ pub struct LinkInfo {
     pub via: String,
 }
 
+/// What the console says about a link besides its live session: since
+/// when it is up or down, why it went down, how often it came back.
+#[derive(Clone, Debug, Default)]
+pub struct LinkHistory {
+    /// When the current state began (up or down); None before the first
+    /// session.
+    pub since: Option<std::time::SystemTime>,
+    /// How the last session ended, if one did.
+    pub last_end: Option<String>,
+    /// Sessions established after the first one.
+    pub reconnects: u64,
+    sessions: u64,
+}
+
 /// Live link sessions, by the `[[peer]] name` of the gateway at the other end.
 #[derive(Default)]
 pub struct Links {
     sessions: Mutex<HashMap<String, (Session, LinkInfo)>>,
+    history: Mutex<HashMap<String, LinkHistory>>,
 }
 
 impl Links {
@@ -63,6 +78,21 @@ impl Links {
             .map(|(_, info)| info.clone())
     }
 
+    /// The link's history (since when, why down, reconnects).
+    pub fn history(&self, peer: &str) -> LinkHistory {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn note(&self, peer: &str, change: impl FnOnce(&mut LinkHistory)) {
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        change(history.entry(peer.to_string()).or_default());
+    }
+
     /// Names of peers whose link is up.
     pub fn up(&self) -> Vec<String> {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -83,6 +113,11 @@ impl Links {
         if let Some((old, _)) = previous {
             old.close("replaced by a new link from the same peer");
         }
+        self.note(peer, |h| {
+            h.since = Some(std::time::SystemTime::now());
+            h.reconnects = h.sessions;
+            h.sessions += 1;
+        });
     }
 
     /// Removes `session` if it is still the one registered for `peer`.
@@ -154,5 +189,11 @@ async fn serve_session(
     let end = session.ended().await;
     dispatcher.abort();
     links.unregister(peer, &session);
+    if links.session(peer).is_none() {
+        links.note(peer, |h| {
+            h.since = Some(std::time::SystemTime::now());
+            h.last_end = Some(end.to_string());
+        });
+    }
     end
 }

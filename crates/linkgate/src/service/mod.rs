@@ -43,8 +43,10 @@ pub struct ServiceRuntime {
     pub via_text: Arc<str>,
     /// Accounts for `auth = "password"`.
     pub users: Arc<UserDb>,
-    /// Counters for the admin page.
+    /// Counters for the admin page (kept across reloads).
     pub metrics: Arc<crate::metrics::ServiceMetrics>,
+    /// The gateway's live connections (the console's list).
+    pub connections: Arc<crate::connections::Registry>,
     /// FTP data connections offered to peers, gateway-wide.
     pub ftp_data: Arc<ftp::LinkDataSlots>,
     slots: Arc<Semaphore>,
@@ -60,6 +62,10 @@ pub struct SharedContext {
     /// FTP data connections offered to peers; one registry for the
     /// gateway's whole life, so a reload keeps those being set up.
     pub ftp_data: Arc<ftp::LinkDataSlots>,
+    /// The live connections, for the gateway's whole life.
+    pub connections: Arc<crate::connections::Registry>,
+    /// Services' counters by name, for the gateway's whole life.
+    pub metrics: Arc<crate::metrics::MetricsBook>,
 }
 
 impl ServiceRuntime {
@@ -73,7 +79,8 @@ impl ServiceRuntime {
             via_text: connector.via_text().into(),
             connector,
             users: shared.users.clone(),
-            metrics: Arc::default(),
+            metrics: shared.metrics.for_service(&config.name),
+            connections: shared.connections.clone(),
             ftp_data: shared.ftp_data.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections as usize)),
             config,

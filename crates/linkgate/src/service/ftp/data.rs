@@ -55,7 +55,14 @@ impl DataConnection {
         else {
             return;
         };
-        let outcome = relay(&mut client_side, &mut server_side, self.idle, &self.stop).await;
+        let outcome = relay(
+            &mut client_side,
+            &mut server_side,
+            self.idle,
+            &self.stop,
+            None,
+        )
+        .await;
         outcome.pass_failure_on(&mut client_side, &mut server_side);
         self.counters
             .up
