@@ -114,6 +114,35 @@ impl Audit {
                 self.bytes_down.saturating_sub(live_down),
             );
         }
+        match self.result {
+            AuditResult::Denied => crate::events::note(
+                crate::events::EventKind::Denied,
+                format!(
+                    "{}: {} to {}: {}",
+                    self.service,
+                    self.client,
+                    or_dash(&self.target),
+                    self.reason
+                ),
+            ),
+            AuditResult::AuthFailed => crate::events::note(
+                crate::events::EventKind::LoginFailed,
+                format!(
+                    "{}: {} as {}: {}",
+                    self.service,
+                    self.client,
+                    self.user.as_deref().unwrap_or("?"),
+                    self.reason
+                ),
+            ),
+            AuditResult::Ok | AuditResult::Error => {}
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.record_duration(self.started.elapsed());
+        }
+        if let Some(user) = &self.user {
+            crate::metrics::add_user_bytes(user, self.bytes_up, self.bytes_down);
+        }
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let record = AuditRecord {
             service: &self.service,
@@ -129,6 +158,14 @@ impl Audit {
             reason: &self.reason,
         };
         crate::logging::write_audit(&record);
+    }
+}
+
+fn or_dash(text: &str) -> &str {
+    if text.is_empty() {
+        "-"
+    } else {
+        text
     }
 }
 

@@ -68,6 +68,8 @@ pub struct Gateway {
     metrics: Arc<crate::metrics::MetricsBook>,
     /// The running services, by name; shared with the link dispatcher.
     services: ServiceTable,
+    /// Services the last reload could not start.
+    failed: crate::admin::FailedServices,
     /// Each running service's listeners.
     listeners: HashMap<String, ServiceListeners>,
     /// The configuration running now.
@@ -166,6 +168,7 @@ impl Gateway {
             connections,
             metrics,
             services,
+            failed: Default::default(),
             listeners,
             config: config.clone(),
         })
@@ -176,6 +179,7 @@ impl Gateway {
         crate::admin::AdminState {
             gateway: self.config.gateway.name.clone().unwrap_or_default(),
             services: self.services.clone(),
+            failed: self.failed.clone(),
             links: self.links.clone(),
             peers: self
                 .config
@@ -258,6 +262,7 @@ impl Gateway {
                 .remove(name);
         }
         let (mut started, mut failed) = (0, 0);
+        let mut failures = HashMap::new();
         for service in new.service.iter().filter(|s| !keep.contains(&s.name)) {
             let runtime = ServiceRuntime::new(service.clone(), &shared);
             match bind_service(service).await {
@@ -272,10 +277,12 @@ impl Gateway {
                 }
                 Err(e) => {
                     tracing::error!("reload: {e}; the service stays stopped");
+                    failures.insert(service.name.clone(), (service.clone(), e.to_string()));
                     failed += 1;
                 }
             }
         }
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = failures;
         tracing::info!(
             kept = keep.len(),
             stopped = stopping.len(),

@@ -10,6 +10,7 @@ pub mod cascade;
 pub mod config;
 pub mod connections;
 pub mod connector;
+pub mod events;
 pub mod gateway;
 pub mod inbound;
 pub mod links;

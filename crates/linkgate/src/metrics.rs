@@ -2,7 +2,36 @@
 //! Updated with relaxed atomics: cheap on the hot path, and a snapshot is
 //! allowed to be a moment out of date.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+
+/// Upper bounds (seconds) of the connection-duration histogram's buckets;
+/// a last bucket takes the rest.
+pub const DURATION_BUCKETS: [f64; 6] = [0.1, 1.0, 10.0, 60.0, 600.0, 3600.0];
+
+/// Bytes of finished connections by authenticated user, [up, down],
+/// process-wide (a user's traffic crosses services).
+static USER_BYTES: LazyLock<Mutex<BTreeMap<String, [u64; 2]>>> = LazyLock::new(Mutex::default);
+
+/// Most distinct users counted (a bound against a flood of names).
+const MAX_USERS: usize = 10_000;
+
+/// Counts a finished connection's bytes for `user`.
+pub fn add_user_bytes(user: &str, up: u64, down: u64) {
+    let mut users = USER_BYTES.lock().unwrap_or_else(|p| p.into_inner());
+    if users.len() >= MAX_USERS && !users.contains_key(user) {
+        return;
+    }
+    let entry = users.entry(user.to_string()).or_default();
+    entry[0] += up;
+    entry[1] += down;
+}
+
+/// Bytes by user so far.
+pub fn user_bytes() -> BTreeMap<String, [u64; 2]> {
+    USER_BYTES.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
 
 use crate::audit::AuditResult;
 
@@ -16,6 +45,10 @@ pub struct ServiceMetrics {
     error: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
+    /// Finished connections by duration bucket, and the sum of durations
+    /// in milliseconds.
+    durations: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    duration_ms_sum: AtomicU64,
 }
 
 /// Every service's counters, by service name, for the gateway's whole life:
@@ -39,7 +72,7 @@ impl MetricsBook {
 }
 
 /// A copy of a service's counters at one moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MetricsSnapshot {
     /// Connections being served now.
     pub active: i64,
@@ -55,6 +88,13 @@ pub struct MetricsSnapshot {
     pub bytes_up: u64,
     /// Target → client bytes so far (live connections included).
     pub bytes_down: u64,
+    /// Finished connections per duration bucket (see [`DURATION_BUCKETS`];
+    /// not cumulative, the last one is everything longer).
+    #[serde(default)]
+    pub duration_buckets: Vec<u64>,
+    /// Sum of finished connections' durations, seconds.
+    #[serde(default)]
+    pub duration_sum_s: f64,
 }
 
 /// Counts a connection as active until dropped.
@@ -97,6 +137,18 @@ impl ServiceMetrics {
         self.bytes_down.fetch_add(bytes_down, Ordering::Relaxed);
     }
 
+    /// Counts a finished connection's duration.
+    pub fn record_duration(&self, duration: std::time::Duration) {
+        let seconds = duration.as_secs_f64();
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.durations[bucket].fetch_add(1, Ordering::Relaxed);
+        self.duration_ms_sum
+            .fetch_add(duration.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
@@ -107,6 +159,12 @@ impl ServiceMetrics {
             error: self.error.load(Ordering::Relaxed),
             bytes_up: self.bytes_up.load(Ordering::Relaxed),
             bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            duration_buckets: self
+                .durations
+                .iter()
+                .map(|d| d.load(Ordering::Relaxed))
+                .collect(),
+            duration_sum_s: self.duration_ms_sum.load(Ordering::Relaxed) as f64 / 1000.0,
         }
     }
 }

@@ -14,12 +14,16 @@ const WAIT: Duration = Duration::from_secs(20);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_metrics_page_and_the_status_command() {
     let echo = echo_server().await;
+    // The peer "hub" never answers: a listener that is never accepted from
+    // (a port merely closed could be handed to one of this gateway's own
+    // listeners, and the dialer would then knock on it).
+    let silent_hub = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let config = format!(
         "[gateway]\nname = \"office\"\nlog = \"json\"\nadmin = \"127.0.0.1:0\"\n\n\
          [[peer]]\nname = \"hub\"\nconnect = \"{}\"\npassword = \"pw\"\n\n\
          [[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{echo}\"\n\n\
          [[service]]\nname = \"closed\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{echo}\"\nallow = \"10.0.0.0/8\"\n",
-        closed_port()
+        silent_hub.local_addr().unwrap()
     );
     let gateway = RunningGateway::start(&config);
     let admin = gateway
@@ -81,6 +85,20 @@ async fn status_json_metrics_page_and_the_status_command() {
         .unwrap()
         .clone();
     assert_eq!(closed["denied"], 1);
+    // The refusal is among the recent events the console shows.
+    assert!(
+        status["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "denied"
+                && e["text"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("closed: 127.0.0.1:")),
+        "{}",
+        status["events"]
+    );
     assert_eq!(status["links"][0]["peer"], "hub");
     assert_eq!(status["links"][0]["role"], "dials");
     assert_eq!(status["links"][0]["auth"], "password");
@@ -101,6 +119,12 @@ async fn status_json_metrics_page_and_the_status_command() {
     assert!(metrics.contains("linkgate_connections_active{service=\"web\"} 1"));
     assert!(metrics.contains("linkgate_bytes_total{service=\"web\",direction=\"up\"} 6"));
     assert!(metrics.contains("linkgate_link_up{peer=\"hub\"} 0"));
+    assert!(
+        metrics.contains("linkgate_connection_duration_seconds_count{service=\"web\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("linkgate_link_reconnects_total{peer=\"hub\"} 0"));
+    assert!(metrics.lines().any(|l| l.starts_with("linkgate_open_fds ")));
     let page = http
         .get(format!("http://{admin}/"))
         .send()

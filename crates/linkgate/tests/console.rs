@@ -205,6 +205,39 @@ fn service_counters_survive_a_reload_that_restarts_the_service() {
         after > before,
         "counters went from {before} to {after} over the reload"
     );
+    // A service a reload cannot start is shown as failed, with the reason.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let extra = format!(
+        "idle_timeout = \"1h\"\n\n[[service]]\nname = \"blocked\"\ntype = \"mapping\"\n\
+         listen = \"{}\"\ntarget = \"{server}\"\n",
+        taken.local_addr().unwrap()
+    );
+    std::fs::write(
+        gateway.dir.path().join("linkgate.toml"),
+        gateway_config(server, &extra),
+    )
+    .unwrap();
+    gateway.signal("HUP");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st = status(&admin);
+        let blocked = st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "blocked")
+            .cloned();
+        if let Some(blocked) = blocked {
+            assert_eq!(blocked["state"], "failed");
+            assert!(
+                blocked["failure"].as_str().unwrap().contains("in use"),
+                "{blocked}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     stop.store(true, Ordering::Relaxed);
 }
 
@@ -269,4 +302,72 @@ fn with_admin_users_every_admin_path_wants_a_login() {
     );
     let (code, body) = get(&admin, "/api/status", Some("alice:console-secret"));
     assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn links_show_their_state_history_and_failed_logins() {
+    use common::pair::*;
+    let hub = RunningGateway::start(&hub_config("").replace(
+        "shutdown_grace = \"2s\"\n",
+        "shutdown_grace = \"2s\"\nadmin = \"127.0.0.1:0\"\n",
+    ));
+    let admin = admin_addr(&hub);
+    let intruder = RunningGateway::start(&spoke_config(
+        link_addr(&hub),
+        "not the password",
+        "spoke",
+        "",
+    ));
+    intruder.wait_for_line(|l| l.contains("authentication failed"), WAIT);
+    drop(intruder);
+    let spoke = RunningGateway::start(&spoke_config(link_addr(&hub), PASSWORD, "spoke", ""));
+    wait_link_up(&spoke, 1);
+    let deadline = Instant::now() + WAIT;
+    let link = loop {
+        let link = status(&admin)["links"][0].clone();
+        if link["state"] == "up" && link["rtt_ms"].is_f64() {
+            break link;
+        }
+        assert!(Instant::now() < deadline, "{link}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(link["transport"], "tcp");
+    assert!(link["since"].as_f64().unwrap() > 1.7e9);
+    assert!(link["bytes_received"].as_u64().unwrap() > 0);
+    let (_, metrics) = get(&admin, "/metrics", None);
+    assert!(
+        metrics.contains(
+            "linkgate_link_handshake_failures_total{reason=\"wrong_password_or_unknown_user\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("linkgate_link_rtt_seconds{peer=\"spoke\"}"),
+        "{metrics}"
+    );
+    // The spoke stops: the hub shows the link down, since when and why.
+    drop(spoke);
+    let deadline = Instant::now() + WAIT;
+    let st = loop {
+        let st = status(&admin);
+        if st["links"][0]["state"] == "down" {
+            break st;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let reason = st["links"][0]["last_end"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!reason.is_empty(), "{st}");
+    let kinds: Vec<&str> = st["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    for kind in ["login_failed", "link_up", "link_down"] {
+        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    }
 }

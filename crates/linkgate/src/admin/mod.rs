@@ -25,6 +25,11 @@ use crate::service::ServiceRuntime;
 pub type ServiceTable =
     Arc<std::sync::RwLock<std::collections::HashMap<String, Arc<ServiceRuntime>>>>;
 
+/// Services a reload could not start, by name: their configuration and why.
+pub type FailedServices = Arc<
+    std::sync::Mutex<std::collections::HashMap<String, (crate::config::ServiceConfig, String)>>,
+>;
+
 /// What the admin endpoint reports on.
 #[derive(Clone)]
 pub struct AdminState {
@@ -32,6 +37,8 @@ pub struct AdminState {
     pub gateway: String,
     /// The running services.
     pub services: ServiceTable,
+    /// Services that failed to start on the last reload.
+    pub failed: FailedServices,
     /// Live links.
     pub links: Arc<Links>,
     /// Configured peers.
@@ -81,6 +88,9 @@ pub struct Status {
     /// Byte counters every few seconds over the last minutes, oldest first.
     #[serde(default)]
     pub history: Vec<Sample>,
+    /// The latest refusals, failed logins and link changes, newest first.
+    #[serde(default)]
+    pub events: Vec<crate::events::Event>,
 }
 
 /// One service in `/api/status`.
@@ -93,6 +103,12 @@ pub struct ServiceStatus {
     pub kind: String,
     /// Listen entries as configured.
     pub listen: Vec<String>,
+    /// `running`, or `failed` (a reload could not start it; see `failure`).
+    #[serde(default)]
+    pub state: String,
+    /// Why it is not running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// Counters.
     #[serde(flatten)]
     pub counters: MetricsSnapshot,
@@ -170,9 +186,22 @@ impl AdminState {
                 name: s.config.name.clone(),
                 kind: s.config.kind.as_str().to_string(),
                 listen: s.config.listen.iter().map(ToString::to_string).collect(),
+                state: "running".into(),
+                failure: None,
                 counters: s.metrics.snapshot(),
             })
             .collect();
+        for (name, (config, error)) in self.failed.lock().unwrap_or_else(|p| p.into_inner()).iter()
+        {
+            services.push(ServiceStatus {
+                name: name.clone(),
+                kind: config.kind.as_str().to_string(),
+                listen: config.listen.iter().map(ToString::to_string).collect(),
+                state: "failed".into(),
+                failure: Some(error.clone()),
+                counters: MetricsSnapshot::default(),
+            });
+        }
         services.sort_by(|a, b| a.name.cmp(&b.name));
         let links = self
             .peers
@@ -217,6 +246,7 @@ impl AdminState {
             connections,
             connections_total,
             history: self.history.samples(),
+            events: crate::events::recent(),
         }
     }
 

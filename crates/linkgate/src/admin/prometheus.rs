@@ -31,7 +31,7 @@ pub fn render(status: &Status) -> String {
             );
         }
     }
-    out.push_str("# HELP linkgate_bytes_total Bytes relayed by finished connections.\n# TYPE linkgate_bytes_total counter\n");
+    out.push_str("# HELP linkgate_bytes_total Bytes relayed so far (counted as they move).\n# TYPE linkgate_bytes_total counter\n");
     for s in &status.services {
         let _ = writeln!(
             out,
@@ -44,6 +44,38 @@ pub fn render(status: &Status) -> String {
             s.name, s.counters.bytes_down
         );
     }
+    out.push_str("# HELP linkgate_connection_duration_seconds Duration of finished connections.\n# TYPE linkgate_connection_duration_seconds histogram\n");
+    for s in &status.services {
+        let c = &s.counters;
+        let mut cumulative = 0;
+        for (i, bound) in crate::metrics::DURATION_BUCKETS.iter().enumerate() {
+            cumulative += c.duration_buckets.get(i).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "linkgate_connection_duration_seconds_bucket{{service=\"{}\",le=\"{bound}\"}} {cumulative}",
+                s.name
+            );
+        }
+        let count: u64 = c.duration_buckets.iter().sum();
+        let _ = writeln!(
+            out,
+            "linkgate_connection_duration_seconds_bucket{{service=\"{}\",le=\"+Inf\"}} {count}",
+            s.name
+        );
+        let _ = writeln!(
+            out,
+            "linkgate_connection_duration_seconds_sum{{service=\"{}\"}} {}\nlinkgate_connection_duration_seconds_count{{service=\"{}\"}} {count}",
+            s.name, c.duration_sum_s, s.name
+        );
+    }
+    out.push_str("# HELP linkgate_user_bytes_total Bytes of finished connections by authenticated user.\n# TYPE linkgate_user_bytes_total counter\n");
+    for (user, [up, down]) in crate::metrics::user_bytes() {
+        let user = label(&user);
+        let _ = writeln!(
+            out,
+            "linkgate_user_bytes_total{{user=\"{user}\",direction=\"up\"}} {up}\nlinkgate_user_bytes_total{{user=\"{user}\",direction=\"down\"}} {down}"
+        );
+    }
     out.push_str("# HELP linkgate_link_up Whether the link to a peer is up.\n# TYPE linkgate_link_up gauge\n");
     for l in &status.links {
         let _ = writeln!(
@@ -53,5 +85,64 @@ pub fn render(status: &Status) -> String {
             u8::from(l.state == "up")
         );
     }
+    out.push_str("# HELP linkgate_link_bytes_total Bytes on the wire of the current session of a link.\n# TYPE linkgate_link_bytes_total counter\n");
+    for l in status.links.iter().filter(|l| l.state == "up") {
+        let _ = writeln!(
+            out,
+            "linkgate_link_bytes_total{{peer=\"{p}\",direction=\"sent\"}} {}\nlinkgate_link_bytes_total{{peer=\"{p}\",direction=\"received\"}} {}",
+            l.bytes_sent,
+            l.bytes_received,
+            p = l.peer
+        );
+    }
+    out.push_str("# HELP linkgate_link_rtt_seconds Smoothed round-trip time of a link.\n# TYPE linkgate_link_rtt_seconds gauge\n");
+    for l in &status.links {
+        if let Some(rtt) = l.rtt_ms {
+            let _ = writeln!(
+                out,
+                "linkgate_link_rtt_seconds{{peer=\"{}\"}} {}",
+                l.peer,
+                rtt / 1000.0
+            );
+        }
+    }
+    out.push_str("# HELP linkgate_link_streams Streams open on a link.\n# TYPE linkgate_link_streams gauge\n");
+    for l in status.links.iter().filter(|l| l.state == "up") {
+        let _ = writeln!(
+            out,
+            "linkgate_link_streams{{peer=\"{}\"}} {}",
+            l.peer, l.streams
+        );
+    }
+    out.push_str("# HELP linkgate_link_reconnects_total Sessions of a link after its first.\n# TYPE linkgate_link_reconnects_total counter\n");
+    for l in &status.links {
+        let _ = writeln!(
+            out,
+            "linkgate_link_reconnects_total{{peer=\"{}\"}} {}",
+            l.peer, l.reconnects
+        );
+    }
+    out.push_str("# HELP linkgate_link_handshake_failures_total Failed link handshakes on this gateway's listeners, by reason.\n# TYPE linkgate_link_handshake_failures_total counter\n");
+    for (reason, n) in crate::links::handshake_failures() {
+        let _ = writeln!(
+            out,
+            "linkgate_link_handshake_failures_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        out.push_str(
+            "# HELP linkgate_open_fds Open file descriptors.\n# TYPE linkgate_open_fds gauge\n",
+        );
+        let _ = writeln!(out, "linkgate_open_fds {}", fds.count());
+    }
     out
+}
+
+/// A label value with Prometheus' escapes (user names are the operator's,
+/// but a backslash or quote must not break the line).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

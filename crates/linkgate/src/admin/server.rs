@@ -145,7 +145,12 @@ async fn check_login(
                 sessions.remember(header);
                 return None;
             }
-            tracing::warn!(%from, user = %link::handshake::untrusted_text(user.as_bytes(), 64), "admin login failed");
+            let shown = link::handshake::untrusted_text(user.as_bytes(), 64);
+            tracing::warn!(%from, user = %shown, "admin login failed");
+            crate::events::note(
+                crate::events::EventKind::LoginFailed,
+                format!("admin login from {from} as {shown} failed"),
+            );
         }
     }
     let mut response = Response::new(Full::new(Bytes::from_static(

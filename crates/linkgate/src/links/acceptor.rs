@@ -215,6 +215,7 @@ async fn accept_one(
             return;
         }
         Err(_) => {
+            count_failure("timeout");
             // Not counted against anyone: a slow network, or a slow hub.
             tracing::warn!(%from, "link handshake timed out after {HANDSHAKE_TIMEOUT:?}");
             return;
@@ -256,10 +257,43 @@ async fn accept_one(
     }
 }
 
+/// Failed link handshakes by reason since start, for `/metrics`.
+static FAILURES: std::sync::LazyLock<Mutex<std::collections::BTreeMap<&'static str, u64>>> =
+    std::sync::LazyLock::new(Mutex::default);
+
+/// Failed link handshakes on this gateway's listeners by reason:
+/// `wrong_password_or_unknown_user`, `unknown_key`, `wrong_key`,
+/// `stale_hello`, `malformed`, `version`, `busy`, `abandoned`, `timeout`.
+pub fn handshake_failures() -> std::collections::BTreeMap<&'static str, u64> {
+    FAILURES.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn count_failure(reason: &'static str) {
+    *FAILURES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(reason)
+        .or_default() += 1;
+}
+
 /// Logs why a handshake failed, and charges key-mode failures to the
 /// source (password answers were charged when they were given).
 fn log_failure(context: &AcceptContext, from: SocketAddr, failure: link::io::AcceptFailure) {
     let peer = failure.user.as_deref().unwrap_or("?");
+    count_failure(match &failure.error {
+        LinkHandshakeError::Io(_) => "abandoned",
+        LinkHandshakeError::Handshake(e) => match e {
+            HandshakeError::Busy { .. } => "busy",
+            HandshakeError::Authentication if failure.key.is_none() && failure.user.is_some() => {
+                "wrong_password_or_unknown_user"
+            }
+            HandshakeError::Authentication => "wrong_key",
+            HandshakeError::UnknownKey => "unknown_key",
+            HandshakeError::StaleHello => "stale_hello",
+            HandshakeError::Version => "version",
+            _ => "malformed",
+        },
+    });
     match &failure.error {
         LinkHandshakeError::Handshake(HandshakeError::Busy {
             retry_after,
@@ -281,6 +315,10 @@ fn log_failure(context: &AcceptContext, from: SocketAddr, failure: link::io::Acc
     if failure.key.is_some() || failure.user.is_none() {
         context.throttle().key_failure(from.ip(), Instant::now());
     }
+    crate::events::note(
+        crate::events::EventKind::LoginFailed,
+        format!("link login from {from} as '{peer}': {}", failure.error),
+    );
     match (failure.key, &failure.user) {
         (Some(key), None) => {
             use base64::Engine;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use link::session::{IncomingStream, Session};
 
-pub use acceptor::{run_acceptor, AcceptContext};
+pub use acceptor::{handshake_failures, run_acceptor, AcceptContext};
 pub use dialer::{run_dialer, DialCredential, DialTarget};
 pub use start::start;
 
@@ -176,6 +176,10 @@ async fn serve_session(
             );
         }
     }
+    crate::events::note(
+        crate::events::EventKind::LinkUp,
+        format!("link to {peer} up ({} {})", info.transport, info.address),
+    );
     links.register(peer, session.clone(), info);
     let dispatcher = {
         let dispatch = dispatch.clone();
@@ -190,6 +194,10 @@ async fn serve_session(
     dispatcher.abort();
     links.unregister(peer, &session);
     if links.session(peer).is_none() {
+        crate::events::note(
+            crate::events::EventKind::LinkDown,
+            format!("link to {peer} {end}"),
+        );
         links.note(peer, |h| {
             h.since = Some(std::time::SystemTime::now());
             h.last_end = Some(end.to_string());
