@@ -74,7 +74,7 @@ pub enum HandshakeError {
     Version,
     /// OPAQUE or Noise verification failed: wrong password or unknown user
     /// (the two are deliberately indistinguishable), or tampering.
-    #[error("authentication failed: wrong password or unknown user")]
+    #[error("wrong password or unknown user")]
     Authentication,
     /// The hub refused and said why.
     #[error("the other gateway refused the link: {0}")]

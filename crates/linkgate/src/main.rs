@@ -268,14 +268,39 @@ fn read_password(command: &str) -> Option<String> {
     Some(password.to_string())
 }
 
+/// `linkgate peer-record`: a registration record for `[[peer]] NAME`, made
+/// with this gateway's identity. Like `public-key`, only `[gateway]
+/// identity` and the `[[peer]]` names are read from the file, so another
+/// peer's unset `password_env` does not stop it.
 fn peer_record(path: &PathBuf, name: &str) -> ExitCode {
     use base64::Engine;
-    let loaded = match load(Some(path)) {
-        Ok(loaded) => loaded,
-        Err(e) => return config_failure(&e),
+    let (table, identity_file) = match identity_file(path) {
+        Ok(found) => found,
+        Err(code) => return code,
     };
-    let identity = match linkgate::links::identity::load_or_create(&loaded.config.gateway.identity)
-    {
+    let peers: Vec<&str> = table
+        .get("peer")
+        .and_then(|p| p.as_array())
+        .map(|peers| {
+            peers
+                .iter()
+                .filter_map(|p| p.get("name")?.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !peers.contains(&name) {
+        let known = if peers.is_empty() {
+            "it has no [[peer]]".to_string()
+        } else {
+            format!("its peers: {}", peers.join(", "))
+        };
+        eprintln!(
+            "{}: no [[peer]] named {name:?} ({known}); add the peer first, then make its record",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let identity = match linkgate::links::identity::load_or_create(&identity_file) {
         Ok(identity) => identity,
         Err(e) => {
             eprintln!("linkgate peer-record: {e}");
@@ -288,8 +313,9 @@ fn peer_record(path: &PathBuf, name: &str) -> ExitCode {
     let mut rng = rand::rngs::OsRng;
     match link::handshake::PeerRecord::register(&mut rng, &identity, name, password.as_bytes()) {
         Ok(record) => {
+            // A line to paste into the [[peer]] table as it is.
             println!(
-                "{}",
+                "record = \"{}\"",
                 base64::engine::general_purpose::STANDARD.encode(record.to_bytes())
             );
             ExitCode::SUCCESS
@@ -301,28 +327,36 @@ fn peer_record(path: &PathBuf, name: &str) -> ExitCode {
     }
 }
 
+/// Reads `path` as plain TOML (no validation) and finds its identity file,
+/// relative to the file's directory as `linkgate run` would.
+fn identity_file(path: &PathBuf) -> Result<(toml::Table, PathBuf), ExitCode> {
+    let table = std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| text.parse::<toml::Table>().map_err(|e| e.to_string()))
+        .map_err(|e| {
+            eprintln!("{}: {e}", path.display());
+            ExitCode::from(EXIT_CONFIG)
+        })?;
+    let identity = table
+        .get("gateway")
+        .and_then(|g| g.get("identity"))
+        .and_then(|i| i.as_str())
+        .unwrap_or("linkgate.key")
+        .to_string();
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    Ok((table, base.join(identity)))
+}
+
 /// `linkgate public-key`: the static public key of key mode, in base64.
 /// Only `[gateway] identity` is read from the file: the two gateways' keys
 /// are exchanged before either configuration is complete.
 fn public_key(path: &PathBuf) -> ExitCode {
     use base64::Engine;
-    let table = match std::fs::read_to_string(path)
-        .map_err(|e| e.to_string())
-        .and_then(|text| text.parse::<toml::Table>().map_err(|e| e.to_string()))
-    {
-        Ok(table) => table,
-        Err(e) => {
-            eprintln!("{}: {e}", path.display());
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let identity_file = match identity_file(path) {
+        Ok((_, file)) => file,
+        Err(code) => return code,
     };
-    let identity = table
-        .get("gateway")
-        .and_then(|g| g.get("identity"))
-        .and_then(|i| i.as_str())
-        .unwrap_or("linkgate.key");
-    let base = path.parent().unwrap_or(std::path::Path::new("."));
-    match linkgate::links::identity::load_or_create(&base.join(identity)) {
+    match linkgate::links::identity::load_or_create(&identity_file) {
         Ok(identity) => {
             let key = identity.static_keys().public;
             println!("{}", base64::engine::general_purpose::STANDARD.encode(key));

@@ -180,6 +180,33 @@ fn version_and_help() {
     }
 }
 
+/// `peer-record` reads only what it needs (another peer's unset
+/// `password_env` does not stop it), refuses a peer the config does not
+/// have, naming those it has, and prints a line to paste.
+#[test]
+fn peer_record_reads_only_what_it_needs_and_refuses_unknown_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hub.toml");
+    std::fs::write(
+        &config,
+        "[gateway]\nidentity = \"hub.key\"\n\n[link]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[peer]]\nname = \"branch\"\npassword = \"x\"\n\n\
+         [[peer]]\nname = \"other\"\npassword_env = \"LINKGATE_TEST_SURELY_UNSET\"\n",
+    )
+    .unwrap();
+    let path = config.to_str().unwrap();
+    let (code, out, err) = run_cli(&["peer-record", "-c", path, "branch"], "secret\n");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.trim().starts_with("record = \""), "{out}");
+    let (code, out, err) = run_cli(&["peer-record", "-c", path, "nobody"], "secret\n");
+    assert_eq!(code, 2);
+    assert!(out.is_empty());
+    assert!(
+        err.contains("no [[peer]] named \"nobody\" (its peers: branch, other)"),
+        "{err}"
+    );
+}
+
 /// `public-key` reads only the identity setting: it works on a config that
 /// is not complete yet, creates the identity file (mode 0600) next to it,
 /// prints the same key every time, and exits 2 on a file it cannot parse.

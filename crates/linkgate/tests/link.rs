@@ -158,11 +158,15 @@ fn wrong_password_fails_clearly_on_both_sides_and_no_data_flows() {
         SPOKE_SERVICE,
     ));
     spoke.wait_for_line(
-        |l| l.contains("authentication failed for peer 'hub': authentication failed: wrong password or unknown user"),
+        |l| {
+            l.contains(
+                "authentication failed for peer 'hub': wrong password or unknown user; check",
+            )
+        },
         WAIT,
     );
     hub.wait_for_line(
-        |l| l.contains("authentication failed for peer 'spoke'"),
+        |l| l.contains("authentication failed for peer 'spoke': wrong password"),
         WAIT,
     );
     assert_eq!(spoke.count_lines(|l| l.contains("\"link up\"")), 0);
@@ -187,8 +191,12 @@ fn unknown_user_fails_like_a_wrong_password() {
         SPOKE_SERVICE,
     ));
     spoke.wait_for_line(|l| l.contains("wrong password or unknown user"), WAIT);
+    // The hub knows, and says, what the dialer is not told.
     hub.wait_for_line(
-        |l| l.contains("authentication failed for peer 'intruder'"),
+        |l| {
+            l.contains("authentication failed for 'intruder': this gateway has no [[peer]] named 'intruder'")
+                && l.contains("(those it has: spoke)")
+        },
         WAIT,
     );
 }
@@ -353,10 +361,13 @@ async fn dialer_fails_over_to_the_next_address_and_hub_can_hold_a_record_instead
         &format!("{PASSWORD}\n"),
     );
     assert_eq!(code, 0, "{stderr}");
-    let config = base.replace(
-        &format!("password = \"{PASSWORD}\""),
-        &format!("record = \"{}\"", record.trim()),
+    // It prints the line to paste into the [[peer]] table.
+    let line = record.trim();
+    assert!(
+        line.starts_with("record = \"") && line.ends_with('"'),
+        "{line}"
     );
+    let config = base.replace(&format!("password = \"{PASSWORD}\""), line);
     assert!(!config.contains(PASSWORD));
     let hub = RunningGateway::start_in(dir, &config);
     // First address refuses connections; the second is the hub.
@@ -487,6 +498,14 @@ async fn key_mode_links_with_pinned_public_keys() {
     confused.wait_for_line(
         |l| l.contains("authentication failed for peer 'hub'") && l.contains("not its key"),
         WAIT,
+    );
+    hub.wait_for_line(
+        |l| l.contains("its hello was made for another public key than this gateway's"),
+        WAIT,
+    );
+    assert!(
+        !hub.lines().iter().any(|l| l.contains("peer '?'")),
+        "no placeholder names in the hub's log"
     );
     assert_eq!(hub.count_lines(|l| l.contains("\"link up\"")), 1);
 }

@@ -319,21 +319,50 @@ fn log_failure(context: &AcceptContext, from: SocketAddr, failure: link::io::Acc
         crate::events::EventKind::LoginFailed,
         format!("link login from {from} as '{peer}': {}", failure.error),
     );
-    match (failure.key, &failure.user) {
-        (Some(key), None) => {
+    // Say what happened as far as the hub knows it (the dialer is told
+    // less: it must not learn which user names exist).
+    let password_mode = failure.key.is_none() && failure.user.is_some();
+    match (&failure.error, failure.key, &failure.user) {
+        (_, Some(key), None) => {
             use base64::Engine;
             let key = base64::engine::general_purpose::STANDARD.encode(key);
             tracing::warn!(
                 %from,
-                peer,
                 "authentication failed for a gateway with public key {key}: {}; if it is one of yours, give its [[peer]] public_key = \"{key}\"",
                 failure.error
+            );
+        }
+        (LinkHandshakeError::Handshake(HandshakeError::Authentication), _, Some(_))
+            if password_mode && !context.records.contains_key(peer) =>
+        {
+            let mut known: Vec<&str> = context.records.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            tracing::warn!(
+                %from,
+                peer,
+                "authentication failed for '{peer}': this gateway has no [[peer]] named '{peer}' that logs in with a password (those it has: {})",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            );
+        }
+        (LinkHandshakeError::Handshake(HandshakeError::Authentication), _, Some(_))
+            if password_mode =>
+        {
+            tracing::warn!(
+                %from,
+                peer,
+                "authentication failed for peer '{peer}': wrong password (or a replayed handshake); the [[peer]] '{peer}' here and that gateway must have the same password"
+            );
+        }
+        (LinkHandshakeError::Handshake(HandshakeError::Authentication), None, None) => {
+            tracing::warn!(
+                %from,
+                "authentication failed for a gateway at {from}: its hello was made for another public key than this gateway's; it must pin the key `linkgate public-key` prints here"
             );
         }
         _ => tracing::warn!(
             %from,
             peer,
-            "authentication failed for peer '{peer}': {}; check that both gateways have the same password (or keys) and that this gateway has a [[peer]] named '{peer}'",
+            "link handshake from {from} (as '{peer}') failed: {}",
             failure.error
         ),
     }
