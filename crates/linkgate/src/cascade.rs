@@ -65,7 +65,12 @@ pub async fn through(
             match Socks4Reply::parse(&reply) {
                 Ok(Some((true, _))) => Ok(stream),
                 Ok(_) => Err(refused(format!(
-                    "SOCKS4 request for {next} rejected (code {})",
+                    "refused CONNECT to {next}: {} (SOCKS4 reply {})",
+                    match reply[1] {
+                        92 => "it could not reach the client's identd",
+                        93 => "the client's identd did not confirm the user",
+                        _ => "rejected or failed",
+                    },
                     reply[1]
                 ))),
                 Err(e) => Err(refused(e.to_string())),
@@ -192,7 +197,8 @@ async fn socks5(
     let reply = read_message(stream, Reply::parse).await?;
     if reply.code != c::REPLY_SUCCEEDED {
         return Err(HopFailure::Refused(format!(
-            "SOCKS5 request for {next} failed with reply {}",
+            "refused CONNECT to {next}: {} (SOCKS5 reply {})",
+            proto::socks::v5_reply_text(reply.code),
             reply.code
         )));
     }

@@ -426,7 +426,8 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     match runtime.block_on(serve(loaded, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
+            // With its causes: "admin: cannot listen on ...: Address in use".
+            tracing::error!("{e:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }

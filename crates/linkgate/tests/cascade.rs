@@ -32,8 +32,9 @@ async fn mappings_reach_their_targets_through_socks_and_http_proxies() {
     let first = proxies();
     let (s5, s, h) = (first.addr("s5"), first.addr("s"), first.addr("h"));
     let by_name = format!("localhost:{}", echo.port());
+    let nowhere = closed_port();
     let config = format!(
-        "[gateway]\nlog = \"json\"\n\n{}{}{}{}{}{}",
+        "[gateway]\nlog = \"json\"\n\n{}{}{}{}{}{}{}",
         via_mapping(
             "via-s5",
             &echo.to_string(),
@@ -52,6 +53,11 @@ async fn mappings_reach_their_targets_through_socks_and_http_proxies() {
             &echo.to_string(),
             &format!("\"socks5://alice:wrong@{s5}\"")
         ),
+        via_mapping(
+            "to-nowhere",
+            &nowhere.to_string(),
+            &format!("\"socks5://{s}\"")
+        ),
     );
     let second = RunningGateway::start(&config);
     let data = pseudo_random(1_000_000, 8);
@@ -65,7 +71,9 @@ async fn mappings_reach_their_targets_through_socks_and_http_proxies() {
     let mut refused = TcpStream::connect(second.addr("bad-login")).await.unwrap();
     let mut buf = [0u8; 4];
     assert_eq!(refused.read(&mut buf).await.unwrap_or(0), 0);
-    let audits = second.wait_for_audits(6, WAIT);
+    let mut refused = TcpStream::connect(second.addr("to-nowhere")).await.unwrap();
+    assert_eq!(refused.read(&mut buf).await.unwrap_or(0), 0);
+    let audits = second.wait_for_audits(7, WAIT);
     let of = |name: &str| {
         audits
             .iter()
@@ -89,6 +97,13 @@ async fn mappings_reach_their_targets_through_socks_and_http_proxies() {
     assert_eq!(
         of("bad-login")["reason"],
         format!("via socks5://alice:****@{s5}: login as \"alice\" rejected")
+    );
+    // The proxy's reply code, in words.
+    assert_eq!(
+        of("to-nowhere")["reason"],
+        format!(
+            "via socks5://{s}: refused CONNECT to {nowhere}: connection refused (SOCKS5 reply 5)"
+        )
     );
     assert!(
         !second.lines().join("\n").contains("wonderland"),

@@ -263,3 +263,26 @@ fn run_with_bad_config_exits_2_and_port_in_use_exits_1() {
         "{stderr}"
     );
 }
+
+/// A listener that cannot be opened is reported with the OS's reason, the
+/// admin endpoint's like the services'.
+#[test]
+fn an_admin_address_in_use_is_reported_with_the_reason() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nadmin = \"{}\"\n\n[[service]]\nname = \"m\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:9\"\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["run", "-c", config.to_str().unwrap()], "");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("admin: cannot listen on") && stderr.contains("in use"),
+        "{stderr}"
+    );
+}

@@ -313,7 +313,8 @@ async fn slow_link_with_bulk_both_ways_on_many_streams_does_not_deadlock() {
 #[test]
 fn streams_to_unexported_or_disallowed_services_are_refused_and_audited() {
     let hub_services = "[[service]]\nname = \"private\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:9\"\n\n\
-        [[service]]\nname = \"closed\"\ntype = \"mapping\"\nlisten = \"link\"\ntarget = \"127.0.0.1:9\"\n";
+        [[service]]\nname = \"closed\"\ntype = \"mapping\"\nlisten = \"link\"\ntarget = \"127.0.0.1:9\"\n\
+        allow = \"peer:spoke\"\ndeny = \"peer:spoke\"\n";
     let spoke_services = "[[service]]\nname = \"a\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/private\"\n\n\
         [[service]]\nname = \"b\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/closed\"\n\n\
         [[service]]\nname = \"c\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/missing\"\n";
@@ -334,7 +335,8 @@ fn streams_to_unexported_or_disallowed_services_are_refused_and_audited() {
         .iter()
         .all(|a| a["result"] == "denied" && a["client"] == "peer:spoke"));
     assert!(reason("private").contains("not exported over links"));
-    assert!(reason("closed").contains("not in the service's allow list"));
+    // (`check` refuses a "link" listener whose allow names no peer at all.)
+    assert!(reason("closed").contains("matches deny rule peer:spoke"));
     assert!(reason("missing").contains("no service named \"missing\""));
     let spoke_audits = spoke.wait_for_audits(3, WAIT);
     assert!(spoke_audits.iter().all(|a| a["result"] == "error"

@@ -25,6 +25,7 @@ pub fn validate(config: &mut Config, base: &Path) -> Vec<Finding> {
     check_peers(config, base, &mut out);
     check_users(config, &mut out);
     check_admin(config, &mut out);
+    check_identity_dir(config, &mut out);
     let peers: HashSet<String> = config.peer.iter().map(|p| p.name.clone()).collect();
     let users: HashSet<String> = config.user.iter().map(|u| u.name.clone()).collect();
     let mut names = HashSet::new();
@@ -287,6 +288,31 @@ fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
     }
 }
 
+/// The identity file is created on first start when links need it: its
+/// directory must exist then (as `run` would find out too late).
+fn check_identity_dir(config: &Config, out: &mut Vec<Finding>) {
+    let needed = config.link.is_some()
+        || config
+            .peer
+            .iter()
+            .any(|p| !p.connect.is_empty() && p.public_key.is_some());
+    let identity = &config.gateway.identity;
+    if !needed || identity.exists() {
+        return;
+    }
+    if let Some(dir) = identity.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            out.push((
+                KeyPath::new([key_seg("gateway"), key_seg("identity")]),
+                format!(
+                    "the directory {} does not exist; the identity file is created there on first start: create the directory or point identity elsewhere",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+}
+
 fn check_admin(config: &Config, out: &mut Vec<Finding>) {
     let path = |key: &str| KeyPath::new([key_seg("gateway"), key_seg(key)]);
     for name in &config.gateway.admin_users {
@@ -446,11 +472,39 @@ fn check_service(
             }
         }
     }
-    let open = allow.iter().find(|rule| match rule {
-        AccessRule::Any => true,
-        AccessRule::Net(net) => net.prefix_len() == 0,
-        _ => false,
+    // Open is judged on the union: 0.0.0.0/1 and 128.0.0.0/1 together are
+    // 0.0.0.0/0; and a network wider than a /8 is open in all but name.
+    let nets: Vec<ipnet::IpNet> = allow
+        .iter()
+        .filter_map(|rule| match rule {
+            AccessRule::Net(net) => Some(*net),
+            _ => None,
+        })
+        .collect();
+    let union = ipnet::IpNet::aggregate(&nets);
+    let open_union = union.iter().find(|net| net.prefix_len() < 8).map(|net| {
+        let parts: Vec<String> = nets
+            .iter()
+            .filter(|n| net.contains(*n))
+            .map(ToString::to_string)
+            .collect();
+        parts.join("\", \"")
     });
+    let open = allow
+        .iter()
+        .find(|rule| matches!(rule, AccessRule::Any))
+        .map(ToString::to_string)
+        .or(open_union);
+    if service.listen.contains(&Listen::Link)
+        && !allow
+            .iter()
+            .any(|r| matches!(r, AccessRule::Peer(_) | AccessRule::Any))
+    {
+        push(
+            "allow",
+            "listen has \"link\", but allow names no peer: streams from peers would all be refused; add \"peer:NAME\"".into(),
+        );
+    }
     if let Some(rule) = open {
         if kind == ServiceKind::Telnet {
             push(

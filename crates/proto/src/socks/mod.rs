@@ -9,8 +9,8 @@ mod v5;
 pub use addr::{Address, AddressError};
 pub use v4::{Socks4Reply, Socks4Request, V4_MAX_REQUEST};
 pub use v5::{
-    consts as v5consts, encode_udp_header, parse_udp_header, Command, Greeting, PasswordAuth,
-    Reply, Request, UdpHeader, V5_MAX_REQUEST,
+    consts as v5consts, encode_udp_header, parse_udp_header, reply_text as v5_reply_text, Command,
+    Greeting, PasswordAuth, Reply, Request, UdpHeader, V5_MAX_REQUEST,
 };
 
 use thiserror::Error;

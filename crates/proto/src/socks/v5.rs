@@ -31,6 +31,22 @@ pub mod consts {
     pub const REPLY_ADDRESS_TYPE_NOT_SUPPORTED: u8 = 0x08;
 }
 
+/// A SOCKS5 reply code in words (RFC 1928 §6), for logs and audit records.
+pub fn reply_text(code: u8) -> String {
+    match code {
+        consts::REPLY_SUCCEEDED => "succeeded".into(),
+        consts::REPLY_GENERAL_FAILURE => "general failure".into(),
+        consts::REPLY_NOT_ALLOWED => "not allowed by the proxy's rules".into(),
+        consts::REPLY_NETWORK_UNREACHABLE => "network unreachable".into(),
+        consts::REPLY_HOST_UNREACHABLE => "host unreachable".into(),
+        consts::REPLY_CONNECTION_REFUSED => "connection refused".into(),
+        consts::REPLY_TTL_EXPIRED => "timed out (TTL expired)".into(),
+        consts::REPLY_COMMAND_NOT_SUPPORTED => "command not supported".into(),
+        consts::REPLY_ADDRESS_TYPE_NOT_SUPPORTED => "address type not supported".into(),
+        other => format!("unknown reply code {other}"),
+    }
+}
+
 /// Longest SOCKS5 request: header and a 255-byte domain.
 pub const V5_MAX_REQUEST: usize = 4 + 1 + 255 + 2;
 
