@@ -40,6 +40,18 @@ pub enum ConnectError {
     NotAvailable(&'static str),
 }
 
+impl ConnectError {
+    /// The audit result of a connection that failed this way: `denied`
+    /// when the other gateway refused the stream (its rules or limits, and
+    /// its own record says `denied` too), `error` otherwise.
+    pub fn audit_result(&self) -> crate::audit::AuditResult {
+        match self {
+            ConnectError::LinkRefused(..) => crate::audit::AuditResult::Denied,
+            _ => crate::audit::AuditResult::Error,
+        }
+    }
+}
+
 /// Opens outbound connections for one service through its `via` chain.
 ///
 /// `connect` is cancel safe: dropping its future closes any half-open socket

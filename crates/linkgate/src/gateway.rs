@@ -322,7 +322,9 @@ impl Gateway {
             self.shutdown.tracker.wait().await;
         }
         self.stop_links.cancel();
-        self.links.close_all("gateway shutting down");
+        self.links
+            .close_all("gateway shutting down", Duration::from_secs(2))
+            .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.link_tasks.wait()).await;
     }
 }

@@ -250,6 +250,34 @@ fn check(path: &PathBuf) -> ExitCode {
             },
         );
     }
+    // Then the links: where they are accepted, and each peer.
+    if let Some(link) = &loaded.config.link {
+        let listen: Vec<String> = link.listen.iter().map(ToString::to_string).collect();
+        println!("[link]\taccepts\tlisten={}", listen.join(","));
+    }
+    for peer in &loaded.config.peer {
+        let auth = if peer.public_key.is_some() {
+            "key"
+        } else {
+            "password"
+        };
+        if peer.connect.is_empty() {
+            println!("peer {}\taccepts\tauth={auth}", peer.name);
+        } else {
+            let connect: Vec<String> = peer.connect.iter().map(ToString::to_string).collect();
+            let via: Vec<String> = peer.via.iter().map(ToString::to_string).collect();
+            println!(
+                "peer {}\tdials\tauth={auth}\tconnect={}\tvia={}",
+                peer.name,
+                connect.join(","),
+                if via.is_empty() {
+                    "-".into()
+                } else {
+                    via.join(",")
+                }
+            );
+        }
+    }
     ExitCode::SUCCESS
 }
 
@@ -414,7 +442,8 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().event_interval(EVENT_INTERVAL);
     if let Some(threads) = loaded.config.gateway.threads {
-        builder.worker_threads(usize::from(threads));
+        // Validation keeps it within 1-1024.
+        builder.worker_threads(usize::try_from(threads).unwrap_or(1));
     }
     let runtime = match builder.build() {
         Ok(runtime) => runtime,

@@ -286,3 +286,26 @@ fn an_admin_address_in_use_is_reported_with_the_reason() {
         "{stderr}"
     );
 }
+
+/// `check` says what it found about links too: the `[link]` listeners and
+/// each peer (dialed or accepted, how it authenticates, through what).
+#[test]
+fn check_lists_the_link_listeners_and_the_peers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let (code, stdout, stderr) = check_in_dir(&dir.join("hub-main-office.toml"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("[link]\taccepts\tlisten=0.0.0.0:7000,[::]:7000"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("peer branch\taccepts\tauth=password"),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = check_in_dir(&dir.join("spoke-behind-proxy.toml"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("peer main\tdials\tauth=password\tconnect=wss://main.example.net:443/linkgate,main.example.net:7000\tvia=http://branch-gw:****@proxy.corp.example:3128"),
+        "{stdout}"
+    );
+}

@@ -213,6 +213,31 @@ fn curl_downloads_in_extended_passive_and_active_mode() {
     }
 }
 
+/// The proxy login `USER user@host:port` with curl: the `@` and `:` of the
+/// user name are percent-encoded in the URL (the command line the README
+/// shows).
+#[test]
+fn curl_logs_in_through_the_proxy_with_user_at_host_in_the_url() {
+    let server = FtpServer::start();
+    let data = pseudo_random(300_000, 16);
+    std::fs::write(server.path("file.bin"), &data).unwrap();
+    let gateway = RunningGateway::start(&ftp_config(""));
+    let out = gateway.dir.path().join("got.bin");
+    let url = format!(
+        "ftp://alice%40127.0.0.1%3A{}:secret@{}/file.bin",
+        server.port,
+        gateway.addr("ftp")
+    );
+    let status = Command::new("curl")
+        .args(["-sS", "--fail", "-o"])
+        .arg(&out)
+        .arg(&url)
+        .status()
+        .expect("curl is needed for this test");
+    assert!(status.success(), "curl {url}: {status}");
+    assert_eq!(sha256_file(&out), sha256_hex(&data));
+}
+
 #[test]
 fn lftp_mirrors_both_ways_in_passive_and_active_mode() {
     let server = FtpServer::start();

@@ -339,7 +339,8 @@ fn streams_to_unexported_or_disallowed_services_are_refused_and_audited() {
     assert!(reason("closed").contains("matches deny rule peer:spoke"));
     assert!(reason("missing").contains("no service named \"missing\""));
     let spoke_audits = spoke.wait_for_audits(3, WAIT);
-    assert!(spoke_audits.iter().all(|a| a["result"] == "error"
+    // Denied on both sides: the hub's rules refused it.
+    assert!(spoke_audits.iter().all(|a| a["result"] == "denied"
         && a["reason"]
             .as_str()
             .unwrap()
@@ -830,4 +831,30 @@ async fn pooled_upstream_connections_over_a_link_hop_are_closed_cleanly() {
     // The client left: the pooled upstream stream is closed, not dropped.
     let records = hub.wait_for_audits(1, WAIT);
     assert_eq!(records[0]["result"], "ok", "{records:?}");
+}
+
+/// A hub that stops on SIGTERM closes its links with close records and
+/// waits for the answers: the spoke logs a deliberate close, never a
+/// truncated link (it used to, now and then, when the hub exited before
+/// its close record left).
+#[test]
+fn a_hub_that_stops_closes_its_links_cleanly() {
+    for _ in 0..5 {
+        let hub = RunningGateway::start(&hub_config(""));
+        let spoke = RunningGateway::start(&spoke_config(link_addr(&hub), PASSWORD, "spoke", ""));
+        wait_link_up(&spoke, 1);
+        wait_link_up(&hub, 1);
+        let mut hub = hub;
+        hub.signal("TERM");
+        assert!(hub.wait_exit(WAIT).success());
+        let line = spoke.wait_for_line(
+            |l| l.contains("link closed by the other gateway") || l.contains("link down"),
+            WAIT,
+        );
+        assert!(
+            line.contains("link closed by the other gateway")
+                && line.contains("gateway shutting down"),
+            "{line}"
+        );
+    }
 }

@@ -64,7 +64,9 @@ pub struct GatewayConfig {
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: ConfigDuration,
     /// Worker threads; default: one per CPU core. (Extension of the contract.)
-    pub threads: Option<u16>,
+    /// (Read as any integer so that a wrong value gets a plain message
+    /// from validation, not serde's "expected u16".)
+    pub threads: Option<i64>,
 }
 
 impl Default for GatewayConfig {

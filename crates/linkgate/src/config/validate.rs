@@ -32,7 +32,7 @@ pub fn validate(config: &mut Config, base: &Path) -> Vec<Finding> {
     let mut addresses = HashSet::new();
     for (i, service) in config.service.iter().enumerate() {
         let path = |key: &str| KeyPath::new([key_seg("service"), KeySeg::Index(i), key_seg(key)]);
-        let named = |msg: String| format!("service {:?}: {msg}", service.name);
+        let named = |msg: String| format!("service {}: {msg}", shown(&service.name));
         if !valid_name(&service.name) {
             out.push((path("name"), named(NAME_RULE.into())));
         } else if !names.insert(service.name.clone()) {
@@ -60,6 +60,15 @@ fn key_seg(key: &str) -> KeySeg {
     KeySeg::Key(key.to_string())
 }
 
+/// A name as quoted in messages: at most 64 characters (a 2000-character
+/// name is not echoed whole), with Rust's escapes.
+fn shown(name: &str) -> String {
+    match name.char_indices().nth(64) {
+        Some((cut, _)) => format!("{:?}…", &name[..cut]),
+        None => format!("{name:?}"),
+    }
+}
+
 const NAME_RULE: &str = "names use letters, digits, '.', '_' and '-' (1 to 64 of them)";
 
 fn valid_name(name: &str) -> bool {
@@ -80,10 +89,10 @@ fn check_gateway(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
         None => gateway.name = Some(host_name()),
     }
     gateway.identity = base.join(&gateway.identity);
-    if gateway.threads == Some(0) {
+    if gateway.threads.is_some_and(|n| !(1..=1024).contains(&n)) {
         out.push((
             KeyPath::new([key_seg("gateway"), key_seg("threads")]),
-            "must be at least 1 (or omitted: one per CPU core)".into(),
+            "threads must be 1-1024 (or omitted: one per CPU core)".into(),
         ));
     }
     if let Some(link) = &mut config.link {
@@ -147,7 +156,7 @@ fn check_peers(config: &mut Config, base: &Path, out: &mut Vec<Finding>) {
     let mut keys = HashSet::new();
     for (i, peer) in config.peer.iter_mut().enumerate() {
         let path = |key: &str| KeyPath::new([key_seg("peer"), KeySeg::Index(i), key_seg(key)]);
-        let named = |msg: &str| format!("peer {:?}: {msg}", peer.name);
+        let named = |msg: &str| format!("peer {}: {msg}", shown(&peer.name));
         if !valid_name(&peer.name) {
             out.push((path("name"), named(NAME_RULE)));
         } else if !names.insert(peer.name.clone()) {
@@ -341,7 +350,7 @@ fn check_users(config: &mut Config, out: &mut Vec<Finding>) {
     let mut names = HashSet::new();
     for (i, user) in config.user.iter_mut().enumerate() {
         let path = |key: &str| KeyPath::new([key_seg("user"), KeySeg::Index(i), key_seg(key)]);
-        let named = |msg: &str| format!("user {:?}: {msg}", user.name);
+        let named = |msg: &str| format!("user {}: {msg}", shown(&user.name));
         if user.name.is_empty() || user.name.len() > 255 || user.name.contains(':') {
             out.push((
                 path("name"),

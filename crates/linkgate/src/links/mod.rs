@@ -131,8 +131,10 @@ impl Links {
         }
     }
 
-    /// Closes every link with an authenticated close record.
-    pub fn close_all(&self, reason: &str) {
+    /// Closes every link with an authenticated close record and waits (at
+    /// most `wait`) until the other sides answered with theirs, so that a
+    /// gateway that stops is not taken for a cut link.
+    pub async fn close_all(&self, reason: &str, wait: std::time::Duration) {
         let sessions: Vec<Session> = self
             .sessions
             .lock()
@@ -140,9 +142,11 @@ impl Links {
             .drain()
             .map(|(_, (s, _))| s)
             .collect();
-        for session in sessions {
+        for session in &sessions {
             session.close(reason);
         }
+        let all_ended = futures_util::future::join_all(sessions.iter().map(Session::ended));
+        let _ = tokio::time::timeout(wait, all_ended).await;
     }
 }
 

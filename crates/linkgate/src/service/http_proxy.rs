@@ -535,7 +535,7 @@ async fn connect(
         Ok(upstream) => upstream,
         Err(e) => {
             let response = error(connect_failure_status(&e), &e.to_string());
-            return answer(audit, AuditResult::Error, e.to_string(), response);
+            return answer(audit, e.audit_result(), e.to_string(), response);
         }
     };
     let upgrade = hyper::upgrade::on(request);

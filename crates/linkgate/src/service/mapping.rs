@@ -25,7 +25,7 @@ pub async fn serve(
         Ok(stream) => stream,
         Err(e) => {
             tracing::debug!(error = %e, "connect failed");
-            audit.finish(AuditResult::Error, e.to_string());
+            audit.finish(e.audit_result(), e.to_string());
             return;
         }
     };

@@ -376,7 +376,7 @@ async fn connect(
                 None,
             )
             .await;
-            audit.finish(AuditResult::Error, e.to_string());
+            audit.finish(e.audit_result(), e.to_string());
             return;
         }
     };

@@ -86,7 +86,7 @@ async fn reach(
         .connector
         .connect(&Hop::Direct(target))
         .await
-        .map_err(|e| (AuditResult::Error, e.to_string()))
+        .map_err(|e| (e.audit_result(), e.to_string()))
 }
 
 /// The prompt's state: what the client sent that is not used yet.

@@ -222,7 +222,7 @@ async fn open_server(
         Ok(stream) => stream,
         Err(e) => {
             let _ = client.send(format!("421 {e}\r\n").as_bytes()).await;
-            audit.finish(AuditResult::Error, e.to_string());
+            audit.finish(e.audit_result(), e.to_string());
             return Err(Ended);
         }
     };
