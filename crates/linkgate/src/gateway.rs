@@ -12,7 +12,6 @@ use std::time::Duration;
 use link::session::IncomingStream;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -443,16 +442,13 @@ fn admission(
     service: &ServiceRuntime,
     client: &ClientId,
     audit: &mut Audit,
-) -> Option<OwnedSemaphorePermit> {
-    let Some(slot) = service.try_slot() else {
-        audit.finish(
-            AuditResult::Denied,
-            format!(
-                "max_connections ({}) reached",
-                service.config.max_connections
-            ),
-        );
-        return None;
+) -> Option<crate::service::Admitted> {
+    let slot = match service.admit(client) {
+        Ok(admitted) => admitted,
+        Err(why) => {
+            audit.finish(AuditResult::Denied, why);
+            return None;
+        }
     };
     if let Verdict::Deny(why) = service.access.check(client, None) {
         audit.finish(AuditResult::Denied, why);
@@ -465,7 +461,7 @@ fn admission(
 fn spawn_serve(
     service: &Arc<ServiceRuntime>,
     inbound: Inbound,
-    slot: OwnedSemaphorePermit,
+    slot: crate::service::Admitted,
     mut audit: Audit,
     shutdown: &Shutdown,
 ) {
@@ -501,7 +497,8 @@ fn admit_tcp(service: &Arc<ServiceRuntime>, tcp: TcpStream, peer: SocketAddr, sh
     let client = ClientId::Addr(peer);
     let mut audit = new_audit(service, &client);
     let Some(slot) = admission(service, &client, &mut audit) else {
-        if service.slots_full() {
+        // Over a limit (not a rule): told why, in the client's protocol.
+        if service.slots_full() || audit.reason.starts_with("max_connections_per_client") {
             crate::service::busy::refuse(service.config.kind, tcp, audit.reason.clone());
         }
         audit.emit();

@@ -13,6 +13,7 @@ pub mod connector;
 pub mod events;
 pub mod gateway;
 pub mod inbound;
+pub mod limits;
 pub mod links;
 pub mod logging;
 pub mod metrics;

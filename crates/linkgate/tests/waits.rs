@@ -181,3 +181,59 @@ fn clients_beyond_max_connections_are_told_why_in_their_protocol() {
         .iter()
         .all(|a| a["result"] == "denied" && a["reason"] == "max_connections (1) reached"));
 }
+
+/// `max_connections_per_client`: the third connection from one source
+/// address is refused (told why, audited denied), while another source
+/// address is still served.
+#[test]
+fn one_client_cannot_take_more_than_its_share_of_a_service() {
+    use std::io::{Read, Write};
+    let echo = common::servers::thread_server(|mut client| {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = client.read(&mut buf) {
+            if n == 0 || client.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    });
+    let gateway = RunningGateway::start(&format!(
+        "[gateway]\nlog = \"json\"\n\n[[service]]\nname = \"m\"\ntype = \"mapping\"\n\
+         listen = \"127.0.0.1:0\"\ntarget = \"{echo}\"\nmax_connections_per_client = 2\n\
+         allow = [\"127.0.0.0/8\"]\n"
+    ));
+    let addr = gateway.addr("m");
+    let from = |source: [u8; 4]| {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&std::net::SocketAddr::from((source, 0)).into())
+            .unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.write_all(b"ping").unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        stream
+    };
+    let echoed = |stream: &mut std::net::TcpStream| {
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back).is_ok() && &back == b"ping"
+    };
+    let mut first = from([127, 0, 0, 1]);
+    let mut second = from([127, 0, 0, 1]);
+    assert!(echoed(&mut first) && echoed(&mut second));
+    let mut third = from([127, 0, 0, 1]);
+    let mut answer = Vec::new();
+    let _ = third.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"ping"), "the third was served");
+    let mut other = from([127, 0, 0, 2]);
+    assert!(echoed(&mut other), "another source address is served");
+    let audits = gateway.wait_for_audits(1, std::time::Duration::from_secs(20));
+    assert_eq!(audits[0]["result"], "denied");
+    assert_eq!(
+        audits[0]["reason"],
+        "max_connections_per_client (2) reached for 127.0.0.1"
+    );
+    drop((first, second));
+}

@@ -252,6 +252,9 @@ pub struct ServiceConfig {
     /// Most simultaneous client connections; default 1024.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Most simultaneous connections from one client: one source address
+    /// (TCP) or one peer (link streams); none by default.
+    pub max_connections_per_client: Option<u32>,
     /// Time allowed to establish the outbound connection; default 10s.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: ConfigDuration,

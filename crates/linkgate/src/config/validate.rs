@@ -577,6 +577,12 @@ fn check_service(
             );
         }
     }
+    if service.max_connections_per_client == Some(0) {
+        push(
+            "max_connections_per_client",
+            "must be at least 1 (or omitted: no per-client limit)".into(),
+        );
+    }
     if service.max_connections == 0 {
         push("max_connections", "must be at least 1".into());
     }

@@ -13,7 +13,8 @@ mod telnet;
 
 pub use ftp::{data_stream_name, parse_data_stream_name, LinkDataSlots, Offer};
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +51,41 @@ pub struct ServiceRuntime {
     /// FTP data connections offered to peers, gateway-wide.
     pub ftp_data: Arc<ftp::LinkDataSlots>,
     slots: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
+}
+
+/// Connections being served per client (source address, or `peer:NAME`),
+/// for `max_connections_per_client`.
+#[derive(Debug, Default)]
+struct PerClient {
+    counts: Mutex<HashMap<String, u32>>,
+}
+
+/// One connection counted against its client's limit until dropped.
+#[derive(Debug)]
+pub struct ClientSlot {
+    table: Arc<PerClient>,
+    key: String,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.table.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// What an admitted connection holds: its place in `max_connections` and,
+/// with `max_connections_per_client`, in its client's share.
+#[derive(Debug)]
+pub struct Admitted {
+    _slot: OwnedSemaphorePermit,
+    _client: Option<ClientSlot>,
 }
 
 /// What every service shares with the rest of the gateway.
@@ -83,6 +119,7 @@ impl ServiceRuntime {
             connections: shared.connections.clone(),
             ftp_data: shared.ftp_data.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections as usize)),
+            per_client: Arc::default(),
             config,
         })
     }
@@ -95,6 +132,44 @@ impl ServiceRuntime {
     /// Takes one of the service's `max_connections` slots, if any is free.
     pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
         self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Admits one more connection from `client` within `max_connections`
+    /// and `max_connections_per_client`; `Err` says which limit refused it.
+    pub fn admit(&self, client: &crate::inbound::ClientId) -> Result<Admitted, String> {
+        let slot = self
+            .try_slot()
+            .ok_or_else(|| format!("max_connections ({}) reached", self.config.max_connections))?;
+        let client_slot = match self.config.max_connections_per_client {
+            None => None,
+            Some(limit) => {
+                // A source address, not address and port: one machine.
+                let key = match client {
+                    crate::inbound::ClientId::Addr(addr) => addr.ip().to_string(),
+                    peer => peer.to_string(),
+                };
+                let mut counts = self
+                    .per_client
+                    .counts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let count = counts.entry(key.clone()).or_default();
+                if *count >= limit {
+                    return Err(format!(
+                        "max_connections_per_client ({limit}) reached for {key}"
+                    ));
+                }
+                *count += 1;
+                Some(ClientSlot {
+                    table: self.per_client.clone(),
+                    key,
+                })
+            }
+        };
+        Ok(Admitted {
+            _slot: slot,
+            _client: client_slot,
+        })
     }
 
     /// Serves one admitted client until it is done, filling in `audit`.
