@@ -42,7 +42,7 @@ impl FromStr for Bandwidth {
             _ => return Err(bad("the unit is bit/s or B/s, with k, M or G before it")),
         };
         let bytes = value * prefix * per_byte;
-        if !bytes.is_finite() || bytes < 1.0 || bytes > 1e12 {
+        if !bytes.is_finite() || !(1.0..=1e12).contains(&bytes) {
             return Err(bad("it must be between 8bit/s and 8Tbit/s"));
         }
         Ok(Bandwidth {
