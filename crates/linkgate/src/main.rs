@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use linkgate::config::{self, ConfigError, LoadedConfig};
 use linkgate::gateway::Gateway;
 
@@ -53,6 +53,13 @@ enum Command {
     },
     /// Print the built-in default configuration.
     DefaultConfig,
+    /// Print shell completions (bash, zsh or fish) to standard output.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output.
+    Man,
     /// Show services, connections and links of a running gateway.
     Status {
         /// Admin address of the gateway.
@@ -81,6 +88,25 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Status { admin, user } => status(&admin, user.as_deref()),
+        Command::Completions { shell } => {
+            // From the same definitions as --help.
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "linkgate",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("linkgate man: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
     }
 }
 

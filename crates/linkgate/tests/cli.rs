@@ -309,3 +309,44 @@ fn check_lists_the_link_listeners_and_the_peers() {
         "{stdout}"
     );
 }
+
+/// `completions` and `man` come from the same definitions as `--help`:
+/// bash loads the completion script and completes the subcommands; the
+/// manual page is roff naming every subcommand.
+#[test]
+fn completions_and_the_manual_page_come_from_the_command_definitions() {
+    let (code, script, err) = run_cli(&["completions", "bash"], "");
+    assert_eq!(code, 0, "{err}");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{script}\nCOMP_WORDS=(linkgate pe); COMP_CWORD=1; _linkgate linkgate pe linkgate; echo \"${{COMPREPLY[@]}}\""
+        ))
+        .output()
+        .unwrap();
+    let completed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        completed.contains("peer-record"),
+        "{completed} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for shell in ["zsh", "fish"] {
+        let (code, script, _) = run_cli(&["completions", shell], "");
+        assert_eq!(code, 0);
+        assert!(script.contains("peer-record"), "{shell}");
+    }
+    let (code, page, _) = run_cli(&["man"], "");
+    assert_eq!(code, 0);
+    assert!(page.contains(".TH linkgate 1"), "{page}");
+    for word in [
+        "run",
+        "check",
+        "passwd",
+        "peer\\-record",
+        "public\\-key",
+        "status",
+        "completions",
+    ] {
+        assert!(page.contains(word), "man page lacks {word}");
+    }
+}
