@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod passwd;
 pub mod relay;
 pub mod service;
+pub mod service_manager;
 pub mod stream;
 pub mod tls;
 pub mod users;

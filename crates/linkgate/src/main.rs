@@ -110,6 +110,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `systemctl status` shows: services and links.
+fn status_line(state: &linkgate::admin::AdminState) -> String {
+    let status = state.status();
+    let up = status.links.iter().filter(|l| l.state == "up").count();
+    let failed = status
+        .services
+        .iter()
+        .filter(|s| s.state == "failed")
+        .count();
+    let mut line = format!(
+        "{} services, {} connections, links up {up}/{}",
+        status.services.len() - failed,
+        status.connections_total,
+        status.links.len()
+    );
+    if failed > 0 {
+        line.push_str(&format!(", {failed} failed to start on reload"));
+    }
+    line
+}
+
 fn load(path: Option<&PathBuf>) -> Result<LoadedConfig, ConfigError> {
     match path {
         Some(path) => config::load_file(path),
@@ -513,19 +534,39 @@ async fn serve(loaded: LoadedConfig, path: Option<PathBuf>) -> anyhow::Result<()
         services = config.service.len(),
         "linkgate started"
     );
+    // Every listener is bound by now.
+    use linkgate::service_manager as manager;
+    let admin_view = gateway.admin_state(started);
+    manager::ready(&status_line(&admin_view));
+    manager::spawn_watchdog();
+    let status_updates = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            manager::status(&status_line(&admin_view));
+        }
+    });
     loop {
         tokio::select! {
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break }
             _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); break }
-            _ = hangup.recv() => match load(path.as_ref()) {
-                Ok(new) => {
-                    tracing::info!("SIGHUP: reloading the configuration");
-                    gateway.reload(new.config).await;
+            _ = hangup.recv() => {
+                manager::reloading();
+                match load(path.as_ref()) {
+                    Ok(new) => {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        gateway.reload(new.config).await;
+                    }
+                    Err(e) => tracing::error!("SIGHUP: the new configuration is rejected, the running one stays: {e}"),
                 }
-                Err(e) => tracing::error!("SIGHUP: the new configuration is rejected, the running one stays: {e}"),
-            },
+                // Applied, or refused with the old one still running.
+                manager::ready(&status_line(&gateway.admin_state(started)));
+            }
         }
     }
+    manager::stopping();
+    status_updates.abort();
     stop_admin.cancel();
     // A second SIGINT/SIGTERM during the drain closes everything at once.
     let hurry = async {

@@ -40,9 +40,19 @@ impl RunningGateway {
     /// Like [`RunningGateway::start`], in a given directory (so a restarted
     /// gateway finds its identity file again).
     pub fn start_in(dir: tempfile::TempDir, config: &str) -> RunningGateway {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    /// Like [`RunningGateway::start_in`], with extra environment variables.
+    pub fn start_with_env(
+        dir: tempfile::TempDir,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> RunningGateway {
         let path = dir.path().join("linkgate.toml");
         std::fs::write(&path, config).unwrap();
         let mut child = Command::new(linkgate_bin())
+            .envs(env.iter().copied())
             .args(["run", "-c"])
             .arg(&path)
             .stdin(Stdio::null())
