@@ -85,6 +85,27 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Sends `payload` on a new stream to the echo service, `chunk` bytes at a
+/// time with `pause` between chunks, half-closes, and returns what came back.
+async fn echo(dialer: &Session, payload: Vec<u8>, chunk: usize, pause: Duration) -> Vec<u8> {
+    let stream = dialer.open("echo").await.unwrap();
+    let (mut r, mut w) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        for piece in payload.chunks(chunk.max(1)) {
+            w.write_all(piece).await.unwrap();
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        w.shutdown().await.unwrap();
+        w
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    let _w = writer.await.unwrap();
+    back
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_streams_echo_intact_with_small_windows() {
     let config = SessionConfig {
@@ -98,17 +119,7 @@ async fn many_streams_echo_intact_with_small_windows() {
         let dialer = dialer.clone();
         tasks.push(tokio::spawn(async move {
             let payload = data(200_000 + i as usize * 1000, i);
-            let stream = dialer.open("echo").await.unwrap();
-            let (mut r, mut w) = tokio::io::split(stream);
-            let sent = payload.clone();
-            let writer = tokio::spawn(async move {
-                w.write_all(&sent).await.unwrap();
-                w.shutdown().await.unwrap();
-                w
-            });
-            let mut back = Vec::new();
-            r.read_to_end(&mut back).await.unwrap();
-            let _w = writer.await.unwrap();
+            let back = echo(&dialer, payload.clone(), payload.len(), Duration::ZERO).await;
             assert!(back == payload, "stream {i} corrupted");
         }));
     }
@@ -136,20 +147,7 @@ async fn fresh_key_exchanges_mid_transfer_keep_every_byte() {
         let dialer = dialer.clone();
         tasks.push(tokio::spawn(async move {
             let payload = data(3 << 20, i);
-            let stream = dialer.open("echo").await.unwrap();
-            let (mut r, mut w) = tokio::io::split(stream);
-            let sent = payload.clone();
-            let writer = tokio::spawn(async move {
-                for chunk in sent.chunks(100_000) {
-                    w.write_all(chunk).await.unwrap();
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                w.shutdown().await.unwrap();
-                w
-            });
-            let mut back = Vec::new();
-            r.read_to_end(&mut back).await.unwrap();
-            let _w = writer.await.unwrap();
+            let back = echo(&dialer, payload.clone(), 100_000, Duration::from_millis(2)).await;
             assert!(back == payload, "stream {i} corrupted");
         }));
     }

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::servers::PythonHttpServer;
@@ -38,22 +37,13 @@ fn headless_chromium_loads_a_page_and_its_script_through_the_proxy() {
     );
     let profile = tempfile::tempdir().unwrap();
     let url = format!("http://localhost:{}/page.html", origin.addr.port());
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            // Chromium sends loopback addresses around a proxy unless told.
-            "--proxy-bypass-list=<-loopback>",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("--proxy-server=http://{}", gateway.addr("web")))
-        .args(["--dump-dom", &url])
-        .output()
-        .expect("chromium is needed for this test (Debian package chromium)");
+    let proxy = format!("--proxy-server=http://{}", gateway.addr("web"));
+    let out = headless_chromium(
+        profile.path(),
+        // Chromium sends loopback addresses around a proxy unless told.
+        &["--proxy-bypass-list=<-loopback>", &proxy, "--dump-dom"],
+        &url,
+    );
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(
         dom.contains(&format!("<p id=\"x\">{token}</p>")),

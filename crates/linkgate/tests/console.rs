@@ -123,22 +123,9 @@ fn a_live_transfer_shows_in_the_console_with_its_bytes_while_it_runs() {
     let profile = tempfile::tempdir().unwrap();
     let url = format!("http://{admin}/");
     let browse = |extra: &[&str]| {
-        Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--virtual-time-budget=5000",
-                "--window-size=1280,1400",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .args(extra)
-            .arg(&url)
-            .output()
-            .expect("chromium is needed for this test (Debian package chromium)")
+        let mut args = vec!["--virtual-time-budget=5000", "--window-size=1280,1400"];
+        args.extend_from_slice(extra);
+        headless_chromium(profile.path(), &args, &url)
     };
     let out = browse(&["--dump-dom"]);
     let dom = String::from_utf8_lossy(&out.stdout);

@@ -18,6 +18,27 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Runs headless Chromium (Debian package `chromium`) on `url` with a
+/// fresh profile in `profile` and the browser's own background traffic
+/// turned off, plus `extra` arguments (`--dump-dom`, `--screenshot=...`,
+/// a proxy).
+pub fn headless_chromium(profile: &Path, extra: &[&str], url: &str) -> std::process::Output {
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("chromium is needed for this test (Debian package chromium)")
+}
+
 /// Path of the binary under test.
 pub fn linkgate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_linkgate"))
