@@ -536,16 +536,18 @@ async fn serve(loaded: LoadedConfig, path: Option<PathBuf>) -> anyhow::Result<()
     );
     // Every listener is bound by now.
     use linkgate::service_manager as manager;
-    let admin_view = gateway.admin_state(started);
-    manager::ready(&status_line(&admin_view));
-    manager::spawn_watchdog();
-    let status_updates = tokio::spawn(async move {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
-        every.tick().await;
-        loop {
+    let status_updates = manager::enabled().then(|| {
+        let admin_view = gateway.admin_state(started);
+        manager::ready(&status_line(&admin_view));
+        manager::spawn_watchdog();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
             every.tick().await;
-            manager::status(&status_line(&admin_view));
-        }
+            loop {
+                every.tick().await;
+                manager::status(&status_line(&admin_view));
+            }
+        })
     });
     loop {
         tokio::select! {
@@ -561,12 +563,16 @@ async fn serve(loaded: LoadedConfig, path: Option<PathBuf>) -> anyhow::Result<()
                     Err(e) => tracing::error!("SIGHUP: the new configuration is rejected, the running one stays: {e}"),
                 }
                 // Applied, or refused with the old one still running.
-                manager::ready(&status_line(&gateway.admin_state(started)));
+                if manager::enabled() {
+                    manager::ready(&status_line(&gateway.admin_state(started)));
+                }
             }
         }
     }
     manager::stopping();
-    status_updates.abort();
+    if let Some(updates) = status_updates {
+        updates.abort();
+    }
     stop_admin.cancel();
     // A second SIGINT/SIGTERM during the drain closes everything at once.
     let hurry = async {

@@ -9,8 +9,14 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
+/// Whether a service manager listens (`NOTIFY_SOCKET` is set); callers
+/// skip building status lines nobody reads.
+pub fn enabled() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 fn send(states: &[NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    if !enabled() {
         return;
     }
     if let Err(e) = sd_notify::notify(states) {

@@ -221,7 +221,7 @@ impl AdminState {
                     streams: stats.as_ref().map_or(0, |s| s.mux.streams),
                     since: history.since.map(unix_seconds),
                     last_end: history.last_end,
-                    reconnects: history.reconnects,
+                    reconnects: history.sessions.saturating_sub(1),
                     peer: peer.name.clone(),
                     role: if peer.dials { "dials" } else { "accepts" }.into(),
                     state: if info.is_some() { "up" } else { "down" }.into(),

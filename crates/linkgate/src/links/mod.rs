@@ -46,9 +46,8 @@ pub struct LinkHistory {
     pub since: Option<std::time::SystemTime>,
     /// How the last session ended, if one did.
     pub last_end: Option<String>,
-    /// Sessions established after the first one.
-    pub reconnects: u64,
-    sessions: u64,
+    /// Sessions established so far.
+    pub sessions: u64,
 }
 
 /// Live link sessions, by the `[[peer]] name` of the gateway at the other end.
@@ -78,7 +77,7 @@ impl Links {
             .map(|(_, info)| info.clone())
     }
 
-    /// The link's history (since when, why down, reconnects).
+    /// The link's history (since when, why down, sessions so far).
     pub fn history(&self, peer: &str) -> LinkHistory {
         self.history
             .lock()
@@ -115,7 +114,6 @@ impl Links {
         }
         self.note(peer, |h| {
             h.since = Some(std::time::SystemTime::now());
-            h.reconnects = h.sessions;
             h.sessions += 1;
         });
     }
