@@ -8,7 +8,7 @@ import subprocess
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LINKGATE = os.path.join(ROOT, "target", "release", "linkgate")
+LINKGATE = os.environ.get("LINKGATE_BIN") or os.path.join(ROOT, "target", "release", "linkgate")
 LOADGEN = os.path.join(ROOT, "target", "release", "linkgate-loadgen")
 
 

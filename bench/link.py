@@ -68,10 +68,11 @@ class Tunnel:
             p.stop()
 
 
-def start_linkgate(tmp, bulk_target, greet_target, name="linkgate", transport=None):
+def start_linkgate(tmp, bulk_target, greet_target, name="linkgate", transport=None, gateway_extra=""):
     """A linkgate pair; `transport(link_port)` gives the hub's extra listen
     entry (and [link] lines) and the spoke's connect value and [[peer]]
-    lines, for the link transport benchmark. Default: raw TCP."""
+    lines, for the link transport benchmark. Default: raw TCP.
+    `gateway_extra` is added to both gateways' [gateway] table."""
     link_port, bulk, greet = free_port(), free_port(), free_port()
     listen, hub_link_extra, connect, peer_extra = (
         (f"127.0.0.1:{link_port}", "", f"127.0.0.1:{link_port}", "") if transport is None else transport(link_port))
@@ -81,6 +82,7 @@ def start_linkgate(tmp, bulk_target, greet_target, name="linkgate", transport=No
 name = "hub"
 identity = "hub.key"
 shutdown_grace = "1s"
+{gateway_extra}
 [link]
 listen = "{listen}"
 {hub_link_extra}
@@ -105,6 +107,7 @@ allow = "peer:spoke"
         f.write(f'''[gateway]
 name = "spoke"
 shutdown_grace = "1s"
+{gateway_extra}
 [[peer]]
 name = "hub"
 connect = "{connect}"

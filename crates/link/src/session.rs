@@ -32,6 +32,7 @@ pub use crate::mux::Role;
 use crate::mux::{Event, Mux, MuxConfig, MuxStats, ReadState, WriteState};
 use crate::params::Features;
 use crate::record::{complete_record_len, Opener, Sealer, MAX_RECORD, TAG_LEN};
+use crate::send_budget::{SendBudget, MAX_BATCH};
 use crate::transport::{ReadHalf, Transport, WriteHalf};
 
 /// Tunables of a session.
@@ -58,6 +59,9 @@ pub struct SessionConfig {
     pub key_exchange_interval: Duration,
     /// ... or once this many bytes crossed the link since the last one.
     pub key_exchange_bytes: u64,
+    /// Pace what this side sends to this many bytes per second
+    /// (`[[peer]] bandwidth`); `None`: as fast as the transport takes it.
+    pub pace: Option<u64>,
 }
 
 impl Default for SessionConfig {
@@ -73,6 +77,7 @@ impl Default for SessionConfig {
             incoming_backlog: 256,
             key_exchange_interval: Duration::from_secs(3600),
             key_exchange_bytes: 64 << 30,
+            pace: None,
         }
     }
 }
@@ -134,8 +139,14 @@ pub struct SessionStats {
 
 /// Bytes read from the transport at a time.
 const READ_CHUNK: usize = 256 * 1024;
-/// Records sealed and handed to the transport in one write at most.
-const WRITE_BATCH: usize = 256 * 1024;
+/// What the writer task needs besides the session.
+struct WriterConfig {
+    write_timeout: Duration,
+    /// `[[peer]] bandwidth`, in bytes per second.
+    pace: Option<u64>,
+    /// The TCP socket under the transport, to bound its unsent bytes.
+    unsent_limit: Option<socket2::Socket>,
+}
 
 #[derive(Default)]
 struct StreamWakers {
@@ -151,6 +162,49 @@ struct State {
     ended: bool,
     /// Fresh key exchanges, when both sides support them.
     kex: Option<KexState>,
+    /// Stream tasks to wake, and whether to wake the writer, once the lock
+    /// is released (see [`Locked`]).
+    deferred_wakes: Vec<Waker>,
+    writer_due: bool,
+}
+
+/// The session state, locked. Wake-ups decided under the lock fire when it
+/// is released: a task woken on another worker thread would otherwise run
+/// at once into the lock its waker still holds, and both threads would
+/// sleep and wake in the kernel for every hand-off.
+struct Locked<'a> {
+    guard: Option<MutexGuard<'a, State>>,
+    shared: &'a Shared,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else {
+            return;
+        };
+        let wakes = std::mem::take(&mut guard.deferred_wakes);
+        let writer_due = std::mem::replace(&mut guard.writer_due, false);
+        drop(guard);
+        if writer_due {
+            self.shared.writer_wake.notify_one();
+        }
+        for waker in wakes {
+            waker.wake();
+        }
+    }
 }
 
 /// A record key, wiped when dropped.
@@ -187,15 +241,18 @@ struct Shared {
     wire_received: AtomicU64,
 }
 
-fn wake(slot: &mut Option<Waker>) {
+fn wake(slot: &mut Option<Waker>, deferred: &mut Vec<Waker>) {
     if let Some(waker) = slot.take() {
-        waker.wake();
+        deferred.push(waker);
     }
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> Locked<'_> {
+        Locked {
+            guard: Some(self.state.lock().unwrap_or_else(|p| p.into_inner())),
+            shared: self,
+        }
     }
 
     /// Fires the wakers and replies for the multiplexer's events, wakes the
@@ -223,18 +280,18 @@ impl Shared {
                 }
                 Event::Readable(id) => {
                     if let Some(w) = state.wakers.get_mut(&id) {
-                        wake(&mut w.read);
+                        wake(&mut w.read, &mut state.deferred_wakes);
                     }
                 }
                 Event::Writable(id) => {
                     if let Some(w) = state.wakers.get_mut(&id) {
-                        wake(&mut w.write);
+                        wake(&mut w.write, &mut state.deferred_wakes);
                     }
                 }
             }
         }
         if state.mux.take_dirty() {
-            self.writer_wake.notify_one();
+            state.writer_due = true;
         }
         incoming
     }
@@ -410,6 +467,8 @@ impl Session {
                         bytes: config.key_exchange_bytes,
                         answer_within: config.dead_after,
                     }),
+                deferred_wakes: Vec::new(),
+                writer_due: false,
             }),
             writer_wake: Notify::new(),
             reader_wake: Notify::new(),
@@ -420,13 +479,17 @@ impl Session {
             wire_received: AtomicU64::new(0),
         });
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_backlog);
+        let writer_config = WriterConfig {
+            write_timeout: config.write_timeout,
+            pace: config.pace,
+            unsent_limit: transport.tcp_socket(),
+        };
         let (read_half, write_half) = transport.into_halves();
         let opener = Opener::new(keys.recv);
         let sealer = Sealer::new(keys.send);
         let writer_shared = shared.clone();
-        let write_timeout = config.write_timeout;
         tokio::spawn(async move {
-            if let Err(end) = run_writer(&writer_shared, write_half, sealer, write_timeout).await {
+            if let Err(end) = run_writer(&writer_shared, write_half, sealer, writer_config).await {
                 writer_shared.finish(end);
             }
         });
@@ -573,18 +636,33 @@ async fn run_writer(
     shared: &Arc<Shared>,
     mut transport: WriteHalf,
     mut sealer: Sealer,
-    write_timeout: Duration,
+    config: WriterConfig,
 ) -> Result<(), LinkEnd> {
-    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_RECORD + 2);
+    let WriterConfig {
+        write_timeout,
+        pace,
+        unsent_limit,
+    } = config;
+    let mut out: Vec<u8> = Vec::with_capacity(MAX_BATCH + MAX_RECORD + 2);
     // Each record's place in `out`, and for a REPLY or DONE the key that
     // seals the records after it.
     let mut records: Vec<(usize, usize, Option<RecordKey>)> = Vec::new();
+    let mut budget = SendBudget::new(pace, Instant::now().into_std());
+    let mut unsent_limit_set = 0;
     loop {
+        let allowance = match budget.allowance(Instant::now().into_std()) {
+            Ok(bytes) => bytes,
+            Err(next) => {
+                tokio::time::sleep_until(Instant::from_std(next)).await;
+                continue;
+            }
+        };
         let (close_sent, ended) = {
             let mut state = shared.lock();
             let now = Instant::now().into_std();
             let throttled = !state.mux.wants_read();
-            while out.len() < WRITE_BATCH {
+            state.mux.set_frame_limit(budget.frame_limit());
+            while out.len() < allowance {
                 let start = out.len();
                 out.extend_from_slice(&[0, 0]);
                 if !state.mux.poll_transmit(now, &mut out) {
@@ -628,7 +706,19 @@ async fn run_writer(
             // TLS and WebSocket transports buffer; TCP's flush is free.
             transport.flush().await
         };
-        match tokio::time::timeout(write_timeout, written).await {
+        let write_started = Instant::now();
+        let result = tokio::time::timeout(write_timeout, written).await;
+        let now = Instant::now();
+        budget.wrote(now.into_std(), out.len(), now - write_started);
+        if let Some(socket) = &unsent_limit {
+            let limit = budget.unsent_limit();
+            if limit != unsent_limit_set {
+                // Best effort: without it the kernel just queues more.
+                let _ = socket.set_tcp_notsent_lowat(limit);
+                unsent_limit_set = limit;
+            }
+        }
+        match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(LinkEnd::Failed(format!("writing to the link: {e}"))),
             Err(_) => {
@@ -641,8 +731,8 @@ async fn run_writer(
             .wire_sent
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         out.clear();
-        if out.capacity() > 4 * WRITE_BATCH {
-            out.shrink_to(WRITE_BATCH + MAX_RECORD + 2);
+        if out.capacity() > 4 * MAX_BATCH {
+            out.shrink_to(MAX_BATCH + MAX_RECORD + 2);
         }
     }
 }

@@ -19,6 +19,13 @@ pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 pub trait Transport: Send + 'static {
     /// Splits the stream for the session's reader and writer tasks.
     fn into_halves(self) -> (ReadHalf, WriteHalf);
+
+    /// A second handle on the TCP socket under the transport, if there is
+    /// one, for the writer to bound the bytes the kernel holds unsent
+    /// (`TCP_NOTSENT_LOWAT`). The default: none.
+    fn tcp_socket(&self) -> Option<socket2::Socket> {
+        None
+    }
 }
 
 impl Transport for TcpStream {
@@ -27,6 +34,10 @@ impl Transport for TcpStream {
         let _ = self.set_nodelay(true);
         let (read, write) = self.into_split();
         (Box::new(read), Box::new(write))
+    }
+
+    fn tcp_socket(&self) -> Option<socket2::Socket> {
+        socket2::SockRef::from(self).try_clone().ok()
     }
 }
 

@@ -60,6 +60,9 @@ pub struct Audit {
     /// The connection's entry in the live list, while it is served; the
     /// relay counts bytes into it as they move.
     pub live: Option<Arc<crate::connections::Registered>>,
+    /// The bandwidth caps of its service and client (the user's is added
+    /// when the relay starts, once the user is known).
+    pub caps: crate::limits::Caps,
 }
 
 impl Audit {
@@ -80,6 +83,7 @@ impl Audit {
             suppressed: false,
             metrics: None,
             live: None,
+            caps: crate::limits::Caps::none(),
         }
     }
 

@@ -112,6 +112,7 @@ impl Gateway {
             ftp_data: ftp_data.clone(),
             connections: connections.clone(),
             metrics: metrics.clone(),
+            user_caps: Arc::new(crate::limits::UserCaps::new(&config.user)),
         };
         let mut runtimes = HashMap::new();
         let mut bound_listeners = Vec::new();
@@ -187,6 +188,7 @@ impl Gateway {
                 .map(|p| crate::admin::PeerInfo {
                     name: p.name.clone(),
                     dials: !p.connect.is_empty(),
+                    bandwidth: p.bandwidth,
                     auth: if p.public_key.is_some() {
                         "key"
                     } else {
@@ -227,6 +229,7 @@ impl Gateway {
             ftp_data: self.ftp_data.clone(),
             connections: self.connections.clone(),
             metrics: self.metrics.clone(),
+            user_caps: Arc::new(crate::limits::UserCaps::new(&new.user)),
         };
         let unchanged = |service: &crate::config::ServiceConfig| {
             let old = self
@@ -461,7 +464,7 @@ fn admission(
 fn spawn_serve(
     service: &Arc<ServiceRuntime>,
     inbound: Inbound,
-    slot: crate::service::Admitted,
+    mut slot: crate::service::Admitted,
     mut audit: Audit,
     shutdown: &Shutdown,
 ) {
@@ -478,6 +481,7 @@ fn spawn_serve(
         service.via_text.clone(),
         service.metrics.clone(),
     ));
+    audit.caps = std::mem::take(&mut slot.caps);
     let task = async move {
         let _slot = slot;
         let _active = service.metrics.active();

@@ -12,7 +12,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::bufpool::PooledBuf;
+use crate::bufpool::{PooledBuf, BUF_SIZE};
+use crate::limits::{Caps, Way};
 use crate::stream::Stream;
 
 /// How a relay ended.
@@ -59,20 +60,24 @@ pub struct RelayOutcome {
 /// read EOF on one side becomes a write shutdown (FIN) on the other; the
 /// returned counts are bytes actually written to the receiving side.
 /// With `live`, bytes are also counted into the connection's live entry
-/// (and its service's counters) as they are written.
+/// (and its service's counters) as they are written. Each side is read no
+/// faster than every one of `caps` allows (back-pressure: the other end's
+/// TCP window closes; nothing is buffered beyond one relay buffer).
 pub async fn relay(
     client: &mut Stream,
     target: &mut Stream,
     idle: Duration,
     stop: &CancellationToken,
     live: Option<&crate::connections::LiveConnection>,
+    caps: &Caps,
 ) -> RelayOutcome {
     let mut both = Bidirectional {
         client,
         target,
-        up: Direction::new(),
-        down: Direction::new(),
+        up: Direction::new(Way::Up),
+        down: Direction::new(Way::Down),
         live,
+        caps,
         last_activity: Instant::now(),
     };
     let sleep = tokio::time::sleep(idle);
@@ -115,10 +120,13 @@ enum State {
 }
 
 struct Direction {
+    way: Way,
     state: State,
     bytes: u64,
     /// Something was written since the last flush.
     unflushed: bool,
+    /// A cap holds this direction back until this timer fires.
+    capped: Option<(Pin<Box<tokio::time::Sleep>>, Instant)>,
 }
 
 enum Failure {
@@ -127,11 +135,35 @@ enum Failure {
 }
 
 impl Direction {
-    fn new() -> Self {
+    fn new(way: Way) -> Self {
         Direction {
+            way,
             state: State::Reading,
             bytes: 0,
             unflushed: false,
+            capped: None,
+        }
+    }
+
+    /// How many bytes the caps let this direction read now; `Pending`
+    /// (with a timer armed) when none.
+    fn poll_allowance(&mut self, cx: &mut Context<'_>, caps: &Caps) -> Poll<usize> {
+        if caps.is_empty() {
+            return Poll::Ready(BUF_SIZE);
+        }
+        loop {
+            if let Some((timer, since)) = &mut self.capped {
+                std::task::ready!(timer.as_mut().poll(cx));
+                caps.waited(since.elapsed());
+                self.capped = None;
+            }
+            match caps.allowance(self.way, Instant::now().into_std(), BUF_SIZE) {
+                Ok(n) => return Poll::Ready(n),
+                Err(at) => {
+                    let timer = Box::pin(tokio::time::sleep_until(Instant::from_std(at)));
+                    self.capped = Some((timer, Instant::now()));
+                }
+            }
         }
     }
 
@@ -144,12 +176,24 @@ impl Direction {
         sink: &mut Stream,
         moved: &mut bool,
         live: Option<(&crate::connections::LiveConnection, bool)>,
+        caps: &Caps,
     ) -> Poll<Result<(), Failure>> {
         loop {
             match &mut self.state {
                 State::Reading => {
+                    let allowed = match self.poll_allowance(cx, caps) {
+                        Poll::Ready(n) => n,
+                        Poll::Pending => {
+                            if self.unflushed {
+                                std::task::ready!(Pin::new(&mut *sink).poll_flush(cx))
+                                    .map_err(Failure::Write)?;
+                                self.unflushed = false;
+                            }
+                            return Poll::Pending;
+                        }
+                    };
                     let mut buf = PooledBuf::take();
-                    let mut read_buf = ReadBuf::new(&mut buf);
+                    let mut read_buf = ReadBuf::new(&mut buf[..allowed.min(BUF_SIZE)]);
                     match Pin::new(&mut *source).poll_read(cx, &mut read_buf) {
                         Poll::Pending => {
                             // `buf` goes back to the pool here: idle costs nothing.
@@ -163,6 +207,9 @@ impl Direction {
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
                         Poll::Ready(Ok(())) => {
                             let end = read_buf.filled().len();
+                            if end > 0 && !caps.is_empty() {
+                                caps.consume(self.way, Instant::now().into_std(), end);
+                            }
                             self.state = if end == 0 {
                                 State::ShuttingDown
                             } else {
@@ -207,6 +254,7 @@ struct Bidirectional<'a> {
     up: Direction,
     down: Direction,
     live: Option<&'a crate::connections::LiveConnection>,
+    caps: &'a Caps,
     last_activity: Instant,
 }
 
@@ -223,6 +271,7 @@ impl Future for Bidirectional<'_> {
             this.target,
             &mut moved,
             live.map(|l| (l, true)),
+            this.caps,
         );
         let down = this.down.poll_copy(
             cx,
@@ -230,6 +279,7 @@ impl Future for Bidirectional<'_> {
             this.client,
             &mut moved,
             live.map(|l| (l, false)),
+            this.caps,
         );
         if moved {
             this.last_activity = Instant::now();
@@ -273,7 +323,16 @@ pub async fn relay_and_record(
         // The early bytes went out before the relay counted anything.
         live.add(true, early.len() as u64);
     }
-    let outcome = relay(client, target, idle.0, stop, live.as_deref().map(|r| &**r)).await;
+    let caps = audit.caps.for_user(audit.user.as_deref());
+    let outcome = relay(
+        client,
+        target,
+        idle.0,
+        stop,
+        live.as_deref().map(|r| &**r),
+        &caps,
+    )
+    .await;
     outcome.pass_failure_on(client, target);
     audit.bytes_up = outcome.bytes_up + early.len() as u64;
     audit.bytes_down = outcome.bytes_down;

@@ -319,6 +319,8 @@ pub struct Mux {
     ping_counter: u64,
     ping_outstanding: Option<(u64, Instant)>,
     stats: MuxStats,
+    /// Largest DATA payload the scheduler puts in one frame now.
+    frame_limit: usize,
 }
 
 impl Mux {
@@ -356,7 +358,16 @@ impl Mux {
             ping_counter: 0,
             ping_outstanding: None,
             stats: MuxStats::default(),
+            frame_limit: MAX_DATA,
         }
+    }
+
+    /// Caps the payload of the DATA frames made from now on (at least
+    /// 1 KiB, at most [`MAX_DATA`]). A slow or paced link sends smaller
+    /// records, so that a record due on another stream never waits behind
+    /// a large one already on the wire.
+    pub fn set_frame_limit(&mut self, bytes: usize) {
+        self.frame_limit = bytes.clamp(1024, MAX_DATA);
     }
 
     // === Local API ===
@@ -913,7 +924,7 @@ impl Mux {
             let n = stream
                 .send
                 .len()
-                .min(MAX_DATA)
+                .min(self.frame_limit)
                 .min(stream.credit.min(MAX_DATA as u64) as usize);
             out.push(crate::frame::DATA_TYPE);
             out.extend_from_slice(&id.to_be_bytes());

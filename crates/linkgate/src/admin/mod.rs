@@ -91,6 +91,9 @@ pub struct Status {
     /// The latest refusals, failed logins and link changes, newest first.
     #[serde(default)]
     pub events: Vec<crate::events::Event>,
+    /// Bandwidth caps in use (services', clients', users'), by name.
+    #[serde(default)]
+    pub caps: Vec<crate::limits::CapStatus>,
 }
 
 /// One service in `/api/status`.
@@ -123,6 +126,8 @@ pub struct PeerInfo {
     pub dials: bool,
     /// `password` or `key`: how the link authenticates.
     pub auth: &'static str,
+    /// `bandwidth`: what this gateway paces its sending on the link to.
+    pub bandwidth: Option<crate::limits::Bandwidth>,
 }
 
 /// One link in `/api/status`.
@@ -172,6 +177,12 @@ pub struct LinkStatus {
     /// Sessions after the first one.
     #[serde(default)]
     pub reconnects: u64,
+    /// `bandwidth`: the rate this gateway paces its sending to ("18Mbit/s").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
+    /// The same in bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bytes_per_second: Option<u64>,
 }
 
 impl AdminState {
@@ -222,6 +233,8 @@ impl AdminState {
                     since: history.since.map(unix_seconds),
                     last_end: history.last_end,
                     reconnects: history.sessions.saturating_sub(1),
+                    bandwidth: peer.bandwidth.map(|b| b.to_string()),
+                    bandwidth_bytes_per_second: peer.bandwidth.map(|b| b.bytes_per_second),
                     peer: peer.name.clone(),
                     role: if peer.dials { "dials" } else { "accepts" }.into(),
                     state: if info.is_some() { "up" } else { "down" }.into(),
@@ -238,6 +251,7 @@ impl AdminState {
             .collect();
         let (connections, connections_total) = self.connections.snapshot(MAX_LISTED_CONNECTIONS);
         Status {
+            caps: self.caps(),
             gateway: self.gateway.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_s: self.started.elapsed().as_secs(),
@@ -248,6 +262,22 @@ impl AdminState {
             history: self.history.samples(),
             events: crate::events::recent(),
         }
+    }
+
+    /// The bandwidth caps in use, sorted by name.
+    fn caps(&self) -> Vec<crate::limits::CapStatus> {
+        let now = Instant::now();
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        let mut caps: Vec<Arc<crate::limits::Cap>> =
+            services.values().flat_map(|s| s.caps()).collect();
+        // Users' caps are gateway-wide: any service sees the same table.
+        if let Some(service) = services.values().next() {
+            caps.extend(service.user_caps());
+        }
+        let mut caps: Vec<_> = caps.iter().map(|c| c.status(now)).collect();
+        caps.sort_by(|a, b| a.name.cmp(&b.name));
+        caps.dedup_by(|a, b| a.name == b.name);
+        caps
     }
 
     /// The byte counters now, for the history ring.

@@ -76,6 +76,52 @@ pub fn render(status: &Status) -> String {
             "linkgate_user_bytes_total{{user=\"{user}\",direction=\"up\"}} {up}\nlinkgate_user_bytes_total{{user=\"{user}\",direction=\"down\"}} {down}"
         );
     }
+    out.push_str("# HELP linkgate_cap_rate_bytes_per_second A bandwidth cap's configured rate, each direction.\n# TYPE linkgate_cap_rate_bytes_per_second gauge\n");
+    for c in &status.caps {
+        let _ = writeln!(
+            out,
+            "linkgate_cap_rate_bytes_per_second{{cap=\"{}\"}} {}",
+            label(&c.name),
+            c.bytes_per_second
+        );
+    }
+    out.push_str("# HELP linkgate_cap_bytes_total Bytes through a bandwidth cap.\n# TYPE linkgate_cap_bytes_total counter\n");
+    for c in &status.caps {
+        let name = label(&c.name);
+        let _ = writeln!(
+            out,
+            "linkgate_cap_bytes_total{{cap=\"{name}\",direction=\"up\"}} {}\nlinkgate_cap_bytes_total{{cap=\"{name}\",direction=\"down\"}} {}",
+            c.bytes_up, c.bytes_down
+        );
+    }
+    out.push_str("# HELP linkgate_cap_use How much of a cap's burst is used now (1: traffic is held to the cap).\n# TYPE linkgate_cap_use gauge\n");
+    for c in &status.caps {
+        let name = label(&c.name);
+        let _ = writeln!(
+            out,
+            "linkgate_cap_use{{cap=\"{name}\",direction=\"up\"}} {:.3}\nlinkgate_cap_use{{cap=\"{name}\",direction=\"down\"}} {:.3}",
+            c.use_up, c.use_down
+        );
+    }
+    out.push_str("# HELP linkgate_cap_wait_seconds_total Time connections waited on a cap, all together.\n# TYPE linkgate_cap_wait_seconds_total counter\n");
+    for c in &status.caps {
+        let _ = writeln!(
+            out,
+            "linkgate_cap_wait_seconds_total{{cap=\"{}\"}} {:.3}",
+            label(&c.name),
+            c.waited_seconds
+        );
+    }
+    out.push_str("# HELP linkgate_link_bandwidth_bytes_per_second The rate a link's sending is paced to (`[[peer]] bandwidth`).\n# TYPE linkgate_link_bandwidth_bytes_per_second gauge\n");
+    for l in &status.links {
+        if let Some(rate) = l.bandwidth_bytes_per_second {
+            let _ = writeln!(
+                out,
+                "linkgate_link_bandwidth_bytes_per_second{{peer=\"{}\"}} {rate}",
+                l.peer
+            );
+        }
+    }
     out.push_str("# HELP linkgate_link_up Whether the link to a peer is up.\n# TYPE linkgate_link_up gauge\n");
     for l in &status.links {
         let _ = writeln!(

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::limits::Bandwidth;
+
 use super::values::{
     one_or_many, AccessRule, ConfigDuration, DestinationRule, Hop, HostPort, LinkAddress, Listen,
     PortRange, Secret,
@@ -146,6 +148,10 @@ pub struct PeerConfig {
     /// (Extension of the contract.)
     #[serde(default = "default_max_streams")]
     pub max_streams: u32,
+    /// Pace what this gateway sends over the link to this rate; set just
+    /// below the WAN uplink so that the link's scheduler, not the modem's
+    /// buffer, decides what waits.
+    pub bandwidth: Option<Bandwidth>,
 }
 
 fn default_true() -> bool {
@@ -172,6 +178,8 @@ pub struct UserConfig {
     pub password: Option<Secret>,
     /// Name of an environment variable holding the password.
     pub password_env: Option<String>,
+    /// Cap on this user's traffic, each direction, all services together.
+    pub bandwidth: Option<Bandwidth>,
 }
 
 /// The five kinds of service.
@@ -255,6 +263,10 @@ pub struct ServiceConfig {
     /// Most simultaneous connections from one client: one source address
     /// (TCP) or one peer (link streams); none by default.
     pub max_connections_per_client: Option<u32>,
+    /// Cap on the service's traffic, each direction, all clients together.
+    pub bandwidth: Option<Bandwidth>,
+    /// Cap per client (source address, user or peer), each direction.
+    pub client_bandwidth: Option<Bandwidth>,
     /// Time allowed to establish the outbound connection; default 10s.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: ConfigDuration,

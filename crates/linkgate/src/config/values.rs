@@ -103,6 +103,10 @@ impl FromStr for ConfigDuration {
     }
 }
 deserialize_from_str!(ConfigDuration, "a duration such as \"10s\"");
+deserialize_from_str!(
+    crate::limits::Bandwidth,
+    "a bandwidth such as \"20Mbit/s\" or \"2MB/s\""
+);
 
 impl fmt::Display for ConfigDuration {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {

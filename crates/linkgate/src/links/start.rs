@@ -136,6 +136,7 @@ fn carrier(config: &Config, address: &LinkAddress) -> Result<Carrier, String> {
 pub fn session_config(peer: &crate::config::PeerConfig) -> SessionConfig {
     SessionConfig {
         keepalive: peer.keepalive.0,
+        pace: peer.bandwidth.map(|b| b.bytes_per_second),
         dead_after: peer.keepalive.0 * 3,
         max_streams: peer.max_streams as usize,
         ..SessionConfig::default()

@@ -174,6 +174,13 @@ impl link::transport::Transport for Stream {
             boxed => link::transport::Stream(boxed).into_halves(),
         }
     }
+
+    fn tcp_socket(&self) -> Option<socket2::Socket> {
+        match self {
+            Stream::Tcp(tcp) => tcp.tcp_socket(),
+            Stream::Boxed(_) => None,
+        }
+    }
 }
 
 impl crate::stream::ByteStream for tokio_rustls::client::TlsStream<Stream> {}

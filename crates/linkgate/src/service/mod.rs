@@ -52,6 +52,12 @@ pub struct ServiceRuntime {
     pub ftp_data: Arc<ftp::LinkDataSlots>,
     slots: Arc<Semaphore>,
     per_client: Arc<PerClient>,
+    /// `bandwidth`: one cap for all the service's clients.
+    service_cap: Option<Arc<crate::limits::Cap>>,
+    /// `client_bandwidth`: a cap per client, while it has connections.
+    client_caps: crate::limits::CapTable,
+    /// `[[user]] bandwidth`, gateway-wide.
+    user_caps: Arc<crate::limits::UserCaps>,
 }
 
 /// Connections being served per client (source address, or `peer:NAME`),
@@ -86,6 +92,8 @@ impl Drop for ClientSlot {
 pub struct Admitted {
     _slot: OwnedSemaphorePermit,
     _client: Option<ClientSlot>,
+    /// The service's and the client's bandwidth caps.
+    pub caps: crate::limits::Caps,
 }
 
 /// What every service shares with the rest of the gateway.
@@ -102,6 +110,8 @@ pub struct SharedContext {
     pub connections: Arc<crate::connections::Registry>,
     /// Services' counters by name, for the gateway's whole life.
     pub metrics: Arc<crate::metrics::MetricsBook>,
+    /// `[[user]] bandwidth` caps.
+    pub user_caps: Arc<crate::limits::UserCaps>,
 }
 
 impl ServiceRuntime {
@@ -120,6 +130,15 @@ impl ServiceRuntime {
             ftp_data: shared.ftp_data.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections as usize)),
             per_client: Arc::default(),
+            service_cap: config.bandwidth.map(|rate| {
+                crate::limits::Cap::new(
+                    format!("service {}", config.name),
+                    rate,
+                    std::time::Instant::now(),
+                )
+            }),
+            client_caps: crate::limits::CapTable::default(),
+            user_caps: shared.user_caps.clone(),
             config,
         })
     }
@@ -140,14 +159,14 @@ impl ServiceRuntime {
         let slot = self
             .try_slot()
             .ok_or_else(|| format!("max_connections ({}) reached", self.config.max_connections))?;
+        // A source address, not address and port: one machine.
+        let key = match client {
+            crate::inbound::ClientId::Addr(addr) => addr.ip().to_string(),
+            peer => peer.to_string(),
+        };
         let client_slot = match self.config.max_connections_per_client {
             None => None,
             Some(limit) => {
-                // A source address, not address and port: one machine.
-                let key = match client {
-                    crate::inbound::ClientId::Addr(addr) => addr.ip().to_string(),
-                    peer => peer.to_string(),
-                };
                 let mut counts = self
                     .per_client
                     .counts
@@ -162,14 +181,33 @@ impl ServiceRuntime {
                 *count += 1;
                 Some(ClientSlot {
                     table: self.per_client.clone(),
-                    key,
+                    key: key.clone(),
                 })
             }
         };
+        let mut caps = crate::limits::Caps::with_users(self.user_caps.clone());
+        caps.push(self.service_cap.clone());
+        caps.push(self.config.client_bandwidth.map(|rate| {
+            self.client_caps
+                .get(&key, || format!("client {key} on {}", self.name), rate)
+        }));
         Ok(Admitted {
             _slot: slot,
             _client: client_slot,
+            caps,
         })
+    }
+
+    /// The service's bandwidth caps in use: its own and its clients'.
+    pub fn caps(&self) -> Vec<Arc<crate::limits::Cap>> {
+        let mut caps: Vec<_> = self.service_cap.iter().cloned().collect();
+        caps.extend(self.client_caps.live());
+        caps
+    }
+
+    /// The users' bandwidth caps in use, gateway-wide.
+    pub fn user_caps(&self) -> Vec<Arc<crate::limits::Cap>> {
+        self.user_caps.live()
     }
 
     /// Serves one admitted client until it is done, filling in `audit`.

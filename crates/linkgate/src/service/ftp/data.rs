@@ -30,6 +30,8 @@ pub(super) struct DataConnection {
     pub(super) wait: Duration,
     pub(super) idle: Duration,
     pub(super) counters: Arc<Counters>,
+    /// The session's bandwidth caps.
+    pub(super) caps: crate::limits::Caps,
     pub(super) stop: CancellationToken,
     /// Cancelled when the client asks for another data connection before
     /// this one's client end appeared (as servers do, the new one replaces
@@ -61,6 +63,7 @@ impl DataConnection {
             self.idle,
             &self.stop,
             None,
+            &self.caps,
         )
         .await;
         outcome.pass_failure_on(&mut client_side, &mut server_side);

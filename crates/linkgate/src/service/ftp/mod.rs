@@ -86,6 +86,8 @@ pub async fn serve(
         stop: stop.clone(),
         abandon_last: CancellationToken::new(),
         login_deadline: Some(login_deadline),
+        // The user is known here: `reach_server` logged the client in.
+        caps: audit.caps.for_user(audit.user.as_deref()),
     };
     let (result, reason) = session.relay(&mut client, &mut server).await;
     // Close both control connections properly: over a link, a stream that is

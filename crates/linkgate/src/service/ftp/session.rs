@@ -96,6 +96,8 @@ pub(super) struct Session<'a> {
     /// `handshake_timeout` runs out: the whole login is bounded, not only
     /// the part before the server was reached.
     pub(super) login_deadline: Option<tokio::time::Instant>,
+    /// The bandwidth caps the data connections obey.
+    pub(super) caps: crate::limits::Caps,
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -391,6 +393,7 @@ impl Session<'_> {
         let wait = self.service.config.connect_timeout.0;
         let idle = self.service.config.idle_timeout.0;
         let abandon = self.abandon_last.clone();
+        let caps = self.caps.clone();
         tokio::spawn(async move {
             let _slot = slot;
             DataConnection {
@@ -403,6 +406,7 @@ impl Session<'_> {
                 counters,
                 stop,
                 abandon,
+                caps,
             }
             .run()
             .await;

@@ -1,0 +1,246 @@
+//! Bandwidth caps and link pacing as a user measures them: curl's own
+//! download rate through a capped service, per-client shares from two
+//! source addresses, a SOCKS user's cap, a link paced by `[[peer]]
+//! bandwidth` with an echo that keeps a short round trip beside a bulk
+//! download, and the caps as the console and `/metrics` show them.
+//!
+//! Rates are asserted generously (the machine is shared); the tight
+//! figures are in bench/wan.py.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::servers::PythonHttpServer;
+use common::*;
+
+const MB: f64 = 1e6;
+
+/// A directory served by http.server with a random file `name` of `len`
+/// bytes; returns the server and the file's SHA-256.
+fn served_file(name: &str, len: usize) -> (tempfile::TempDir, PythonHttpServer, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(len, len as u64);
+    std::fs::write(dir.path().join(name), &data).unwrap();
+    let server = PythonHttpServer::start(dir.path());
+    (dir, server, sha256_hex(&data))
+}
+
+/// Starts curl downloading `url` (through `proxy` args if any) into `out`;
+/// it prints its average download speed in bytes per second.
+fn curl(args: &[&str], url: &str, out: &std::path::Path) -> Child {
+    Command::new("curl")
+        .args([
+            "-s",
+            "-f",
+            "--max-time",
+            "60",
+            "-w",
+            "%{speed_download}",
+            "-o",
+        ])
+        .arg(out)
+        .args(args)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl is needed for this test")
+}
+
+/// Waits for curl; returns its measured rate in bytes per second.
+fn finish(child: Child, out: &std::path::Path, sha: &str) -> f64 {
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "curl failed: {output:?}");
+    assert_eq!(sha256_file(out), sha, "bytes differ");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn assert_near(rate: f64, cap: f64, what: &str) {
+    assert!(
+        rate > cap * 0.6 && rate < cap * 1.25,
+        "{what}: {:.2} MB/s, cap {:.2} MB/s",
+        rate / MB,
+        cap / MB
+    );
+}
+
+#[test]
+fn a_capped_service_holds_curl_to_its_rate_and_the_console_shows_it() {
+    let (_dir, origin, sha) = served_file("big.bin", 2_000_000);
+    let config = format!(
+        "[gateway]\nlog = \"json\"\nadmin = \"127.0.0.1:0\"\n\n\
+         [[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\n\
+         target = \"{}\"\nbandwidth = \"8Mbit/s\"\n",
+        origin.addr
+    );
+    let gateway = RunningGateway::start(&config);
+    let out = gateway.dir.path().join("got.bin");
+    let url = format!("http://{}/big.bin", gateway.addr("web"));
+    let download = curl(&[], &url, &out);
+    // While it runs, the console lists the cap as in use.
+    std::thread::sleep(Duration::from_millis(800));
+    let admin = gateway
+        .records()
+        .iter()
+        .find(|r| r["message"] == "admin listening")
+        .and_then(|r| r["listen"].as_str().map(str::to_string))
+        .unwrap();
+    let status = Command::new("curl")
+        .args(["-s", &format!("http://{admin}/api/status")])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let cap = &status["caps"][0];
+    assert_eq!(cap["name"], "service web", "{status}");
+    assert_eq!(cap["rate"], "8Mbit/s");
+    assert!(cap["use_down"].as_f64().unwrap() > 0.5, "{cap}");
+    let rate = finish(download, &out, &sha);
+    assert_near(rate, MB, "capped service");
+    let metrics = Command::new("curl")
+        .args(["-s", &format!("http://{admin}/metrics")])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("linkgate_cap_rate_bytes_per_second{cap=\"service web\"} 1000000"),
+        "{metrics}"
+    );
+    let down: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("linkgate_cap_bytes_total{cap=\"service web\",direction=\"down\"} ")
+        })
+        .expect("cap bytes")
+        .parse()
+        .unwrap();
+    assert!(down >= 2_000_000, "{down}");
+}
+
+#[test]
+fn client_bandwidth_gives_each_source_address_its_own_share() {
+    let (_dir, origin, sha) = served_file("part.bin", 1_500_000);
+    let config = format!(
+        "[gateway]\nlog = \"json\"\n\n\
+         [[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"0.0.0.0:0\"\n\
+         target = \"{}\"\nallow = \"127.0.0.0/8\"\nclient_bandwidth = \"8Mbit/s\"\n",
+        origin.addr
+    );
+    let gateway = RunningGateway::start(&config);
+    let port = gateway.addr("web").port();
+    let url = format!("http://127.0.0.1:{port}/part.bin");
+    let dir = gateway.dir.path();
+    // Two sources at once: each gets the whole per-client rate.
+    let a = curl(&["--interface", "127.0.0.1"], &url, &dir.join("a"));
+    let b = curl(&["--interface", "127.0.0.2"], &url, &dir.join("b"));
+    let (a, b) = (
+        finish(a, &dir.join("a"), &sha),
+        finish(b, &dir.join("b"), &sha),
+    );
+    assert_near(a, MB, "first source");
+    assert_near(b, MB, "second source");
+    // Two connections from one source share its cap.
+    let c = curl(&["--interface", "127.0.0.3"], &url, &dir.join("c"));
+    let d = curl(&["--interface", "127.0.0.3"], &url, &dir.join("d"));
+    let (c, d) = (
+        finish(c, &dir.join("c"), &sha),
+        finish(d, &dir.join("d"), &sha),
+    );
+    assert_near(c + d, MB, "one source, two connections together");
+}
+
+#[test]
+fn a_socks_users_cap_follows_that_user_only() {
+    let (_dir, origin, sha) = served_file("big.bin", 1_500_000);
+    let config = "[gateway]\nlog = \"json\"\n\n\
+         [[user]]\nname = \"alice\"\npassword = \"alice-pw\"\nbandwidth = \"8Mbit/s\"\n\n\
+         [[user]]\nname = \"bob\"\npassword = \"bob-pw\"\n\n\
+         [[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\nauth = \"password\"\n";
+    let gateway = RunningGateway::start(config);
+    let proxy = gateway.addr("socks");
+    let url = format!("http://{}/big.bin", origin.addr);
+    let dir = gateway.dir.path();
+    let alice = curl(
+        &[
+            "--socks5",
+            &proxy.to_string(),
+            "--proxy-user",
+            "alice:alice-pw",
+        ],
+        &url,
+        &dir.join("alice"),
+    );
+    let alice = finish(alice, &dir.join("alice"), &sha);
+    assert_near(alice, MB, "alice");
+    let bob = curl(
+        &["--socks5", &proxy.to_string(), "--proxy-user", "bob:bob-pw"],
+        &url,
+        &dir.join("bob"),
+    );
+    let bob = finish(bob, &dir.join("bob"), &sha);
+    assert!(bob > 3.0 * MB, "bob has no cap: {:.2} MB/s", bob / MB);
+}
+
+/// 64-byte round trips to `addr` every 20 ms for `span`; the round-trip
+/// times, sorted.
+fn echo_times(addr: SocketAddr, span: Duration) -> Vec<Duration> {
+    let mut socket = TcpStream::connect(addr).unwrap();
+    socket.set_nodelay(true).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut times = Vec::new();
+    let until = Instant::now() + span;
+    let mut back = [0u8; 64];
+    while Instant::now() < until {
+        let sent = Instant::now();
+        socket.write_all(&[7u8; 64]).unwrap();
+        socket.read_exact(&mut back).unwrap();
+        times.push(sent.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    times.sort();
+    times
+}
+
+#[test]
+fn a_paced_link_sends_at_its_bandwidth_and_a_keystroke_still_goes_first() {
+    let (_dir, origin, sha) = served_file("bulk.bin", 3_000_000);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let echo = runtime.block_on(common::servers::echo_server());
+    let hub = RunningGateway::start(&format!(
+        "[gateway]\nname = \"hub\"\nlog = \"json\"\nshutdown_grace = \"1s\"\n\n\
+         [link]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[peer]]\nname = \"spoke\"\npassword = \"{}\"\nbandwidth = \"16Mbit/s\"\n\n\
+         [[service]]\nname = \"bulk\"\ntype = \"mapping\"\nlisten = \"link\"\ntarget = \"{}\"\nallow = \"peer:spoke\"\n\n\
+         [[service]]\nname = \"echo\"\ntype = \"mapping\"\nlisten = \"link\"\ntarget = \"{echo}\"\nallow = \"peer:spoke\"\n",
+        common::pair::PASSWORD,
+        origin.addr
+    ));
+    let spoke = RunningGateway::start(&common::pair::spoke_config(
+        common::pair::link_addr(&hub),
+        common::pair::PASSWORD,
+        "spoke",
+        "[[service]]\nname = \"bulk\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/bulk\"\n\n\
+         [[service]]\nname = \"echo\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/echo\"\n",
+    ));
+    common::pair::wait_link_up(&spoke, 1);
+    let out = spoke.dir.path().join("bulk.bin");
+    let url = format!("http://{}/bulk.bin", spoke.addr("bulk"));
+    let download = curl(&[], &url, &out);
+    std::thread::sleep(Duration::from_millis(200));
+    let times = echo_times(spoke.addr("echo"), Duration::from_millis(1000));
+    let rate = finish(download, &out, &sha);
+    // 16 Mbit/s is 2 MB/s of records; the payload is a little less.
+    assert_near(rate, 2.0 * MB, "paced link");
+    let p95 = times[times.len() * 95 / 100];
+    assert!(
+        p95 < Duration::from_millis(100),
+        "echo p95 {p95:?} behind the paced download: {times:?}"
+    );
+}
