@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """A narrow office WAN shared by a bulk download and a keystroke-sized echo.
 
-Two network namespaces joined by a veth pair stand for two offices; each
-end's egress is a 20 Mbit/s token bucket filter with one 256 KB FIFO (the
-way a DSL modem queues) behind 2 ms of delay. The main office (namespace
+Two network namespaces stand for two offices, joined through a third, the
+WAN router, whose egress on each side is a 20 Mbit/s token bucket filter
+with one 256 KB FIFO (the way a DSL modem queues). No propagation delay is added (this kernel has
+no netem): what is measured is queueing, which is what a shared WAN adds. The main office (namespace
 `lgwan-main`) runs the servers: a bulk source that writes as fast as it
 may, and an echo server. The branch (namespace `lgwan-branch`) runs the
 clients. Each tunnel carries both through the WAN:
@@ -19,7 +20,7 @@ Per tunnel: the bulk download runs alone for 2 s, then a 64-byte echo every
 20 ms for --seconds; the bulk rate over that time and the echo's round
 trips (p50/p95/p99) are reported; the idle echo is measured first.
 
-Usage (as root): python3 bench/wan.py [--seconds 10] [--rate 20mbit]
+Usage (as root): python3 bench/wan.py [--seconds 10] [--rate 20mbit] [--cc cubic|bbr]
 Needs: iproute2, iperf3 is not needed; stunnel4, openssh-server, openssl.
 Follows DEVELOPERS.md: the namespaces' subnet is blackholed in the root
 namespace first, never addressed from outside, and everything is removed
@@ -39,9 +40,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import LINKGATE, require_release_build  # noqa: E402
 
-MAIN, BRANCH = "lgwan-main", "lgwan-branch"
-SUBNET = "10.213.77.0/24"
-MAIN_IP, BRANCH_IP = "10.213.77.2", "10.213.77.1"
+MAIN, BRANCH, WAN = "lgwan-main", "lgwan-branch", "lgwan-router"
+SUBNETS = ("10.213.77.0/24", "10.213.78.0/24")
+BRANCH_IP, MAIN_IP = "10.213.77.1", "10.213.78.2"
 BULK_PORT, ECHO_PORT = 9001, 9002
 PASSWORD = "wan bench password"
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wan_agent.py")
@@ -58,29 +59,50 @@ def in_ns(ns, args):
 class Net:
     """The two offices and the WAN between them."""
 
-    def __init__(self, rate):
-        self.rate = rate
+    def __init__(self, rate, cc="cubic"):
+        self.rate, self.cc = rate, cc
 
     def __enter__(self):
-        sh("ip", "route", "add", "blackhole", SUBNET)
-        for ns in (MAIN, BRANCH):
-            sh("ip", "netns", "add", ns)
-            sh(*in_ns(ns, ["ip", "link", "set", "lo", "up"]))
-        sh("ip", "link", "add", "lgw-b", "netns", BRANCH, "type", "veth", "peer", "name", "lgw-m", "netns", MAIN)
-        for ns, dev, ip in ((BRANCH, "lgw-b", BRANCH_IP), (MAIN, "lgw-m", MAIN_IP)):
-            sh(*in_ns(ns, ["ip", "addr", "add", f"{ip}/24", "dev", dev]))
-            sh(*in_ns(ns, ["ip", "link", "set", dev, "up"]))
-            # No offloads: the shaper sees real packet sizes.
-            sh(*in_ns(ns, ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"]), check=False)
-            sh(*in_ns(ns, ["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay", "2ms"]))
-            sh(*in_ns(ns, ["tc", "qdisc", "add", "dev", dev, "parent", "1:", "handle", "2:", "tbf",
-                           "rate", self.rate, "burst", "16kb", "limit", "256kb"]))
+        try:
+            self._build()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
-    def __exit__(self, *exc):
+    def _build(self):
+        for subnet in SUBNETS:
+            sh("ip", "route", "add", "blackhole", subnet)
+        for ns in (MAIN, BRANCH, WAN):
+            sh("ip", "netns", "add", ns)
+            sh(*in_ns(ns, ["ip", "link", "set", "lo", "up"]))
+        sh(*in_ns(WAN, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))
         for ns in (MAIN, BRANCH):
+            # Not permitted in some sandboxes: then the host's default stays.
+            sh(*in_ns(ns, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={self.cc}"]), check=False)
+        self.cc = sh(*in_ns(MAIN, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"])).stdout.strip()
+        print(f"TCP congestion control in the offices: {self.cc}", flush=True)
+        # branch <-> router <-> main; the router's egress on each side is
+        # the WAN: a separate box, as a modem is, so the senders' own TCP
+        # stacks get no back-pressure from its queue.
+        sh("ip", "link", "add", "lgw-b", "netns", BRANCH, "type", "veth", "peer", "name", "lgw-rb", "netns", WAN)
+        sh("ip", "link", "add", "lgw-m", "netns", MAIN, "type", "veth", "peer", "name", "lgw-rm", "netns", WAN)
+        for ns, dev, addr in ((BRANCH, "lgw-b", BRANCH_IP + "/24"), (WAN, "lgw-rb", "10.213.77.2/24"),
+                              (WAN, "lgw-rm", "10.213.78.1/24"), (MAIN, "lgw-m", MAIN_IP + "/24")):
+            sh(*in_ns(ns, ["ip", "addr", "add", addr, "dev", dev]))
+            sh(*in_ns(ns, ["ip", "link", "set", dev, "up"]))
+            sh(*in_ns(ns, ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"]), check=False)
+        sh(*in_ns(BRANCH, ["ip", "route", "add", "default", "via", "10.213.77.2"]))
+        sh(*in_ns(MAIN, ["ip", "route", "add", "default", "via", "10.213.78.1"]))
+        for dev in ("lgw-rb", "lgw-rm"):
+            sh(*in_ns(WAN, ["tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                            "rate", self.rate, "burst", "16kb", "limit", "256kb"]))
+
+    def __exit__(self, *exc):
+        for ns in (MAIN, BRANCH, WAN):
             sh("ip", "netns", "del", ns, check=False)
-        sh("ip", "route", "del", "blackhole", SUBNET, check=False)
+        for subnet in SUBNETS:
+            sh("ip", "route", "del", "blackhole", subnet, check=False)
 
 
 class Procs:
@@ -269,6 +291,7 @@ def main():
     parser.add_argument("--rate", default="20mbit", help="WAN rate each way, as tc writes it")
     parser.add_argument("--bandwidth", default="18Mbit/s", help="linkgate's [[peer]] bandwidth (90%% of the WAN)")
     parser.add_argument("--only", default="", help="comma-separated tunnel names to run")
+    parser.add_argument("--cc", default="cubic", help="TCP congestion control in both offices (Linux's default: cubic)")
     args = parser.parse_args()
     require_release_build()
     tunnels = [
@@ -285,7 +308,7 @@ def main():
         wanted = args.only.split(",")
         tunnels = [t for t in tunnels if t[0] in wanted]
     results = {}
-    with tempfile.TemporaryDirectory() as tmp, Net(args.rate):
+    with tempfile.TemporaryDirectory() as tmp, Net(args.rate, args.cc) as net:
         servers = subprocess.Popen(in_ns(MAIN, ["python3", AGENT, "serve", str(BULK_PORT), str(ECHO_PORT)]))
         try:
             for name, start in tunnels:

@@ -41,8 +41,11 @@ impl TokenBucket {
         if self.tokens >= 1.0 {
             return Ok((self.tokens as usize).min(want).max(1));
         }
-        // Wait for a useful amount, not a byte at a time.
-        let chunk = (self.rate / 50.0).clamp(1.0, self.burst);
+        // Wait for a useful amount, not a byte at a time; but at most half
+        // the burst, so that a timer firing late (timers round up to the
+        // millisecond) finds the credit it earned meanwhile instead of a
+        // full bucket that threw it away.
+        let chunk = (self.rate / 50.0).clamp(1.0, self.burst / 2.0);
         let wait = (chunk - self.tokens) / self.rate;
         Err(now + Duration::from_secs_f64(wait))
     }

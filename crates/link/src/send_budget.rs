@@ -20,9 +20,12 @@ pub const MIN_BATCH: usize = 16 * 1024;
 /// How much drain time one batch may hold: a record due on another stream
 /// waits at most about this long behind what was handed over before it.
 const BATCH_TIME: Duration = Duration::from_millis(4);
-/// A write that took longer than this pushed back: the transport, not the
-/// writer, set its pace, so its rate is a measurement of the path.
-const PUSHED_BACK: Duration = Duration::from_millis(2);
+/// The drain rate is measured over writes that took this long together
+/// (or moved [`MEASURE_BYTES`]): on a narrow path most of that is waiting
+/// for the kernel to take bytes, so bytes ÷ write time is the path's rate;
+/// on a fast one writes take no time and the rate comes out huge.
+const MEASURE_TIME: Duration = Duration::from_millis(50);
+const MEASURE_BYTES: usize = 8 << 20;
 /// A paced writer may send this much of its rate at once.
 const PACE_BURST: Duration = Duration::from_millis(4);
 
@@ -31,6 +34,9 @@ const PACE_BURST: Duration = Duration::from_millis(4);
 pub struct SendBudget {
     pacer: Option<TokenBucket>,
     batch: usize,
+    /// Bytes and write time since the last measurement.
+    measured_bytes: usize,
+    measured_time: Duration,
 }
 
 impl SendBudget {
@@ -43,6 +49,8 @@ impl SendBudget {
         let mut budget = SendBudget {
             pacer,
             batch: MAX_BATCH,
+            measured_bytes: 0,
+            measured_time: Duration::ZERO,
         };
         if let Some(rate) = pace {
             budget.batch = batch_for_rate(rate as f64);
@@ -78,16 +86,19 @@ impl SendBudget {
         if let Some(pacer) = &mut self.pacer {
             pacer.consume(now, bytes);
         }
+        self.measured_bytes += bytes;
+        self.measured_time += elapsed;
+        if self.measured_time < MEASURE_TIME && self.measured_bytes < MEASURE_BYTES {
+            return;
+        }
+        let rate = self.measured_bytes as f64 / self.measured_time.as_secs_f64().max(1e-6);
         let ceiling = self
             .pacer
             .as_ref()
             .map_or(MAX_BATCH, |p| batch_for_rate(p.rate() as f64));
-        self.batch = if elapsed >= PUSHED_BACK && bytes >= MIN_BATCH {
-            batch_for_rate(bytes as f64 / elapsed.as_secs_f64()).min(ceiling)
-        } else {
-            // Taken at once: the path may be faster than we thought.
-            (self.batch * 2).min(ceiling)
-        };
+        self.batch = batch_for_rate(rate).min(ceiling);
+        self.measured_bytes = 0;
+        self.measured_time = Duration::ZERO;
     }
 }
 
@@ -109,11 +120,15 @@ mod tests {
         budget.wrote(now, MAX_BATCH, Duration::from_millis(100));
         assert_eq!(budget.frame_limit(), MIN_BATCH);
         assert_eq!(budget.unsent_limit(), MIN_BATCH as u32);
-        // Writes taken at once grow it back, doubling.
-        budget.wrote(now, MIN_BATCH, Duration::from_micros(50));
-        assert_eq!(budget.allowance(now), Ok(2 * MIN_BATCH));
-        for _ in 0..10 {
-            budget.wrote(now, MIN_BATCH, Duration::ZERO);
+        // A few writes taken at once do not undo the measurement: the
+        // kernel had room because the limit kept its queue short.
+        for _ in 0..3 {
+            budget.wrote(now, MIN_BATCH, Duration::from_micros(20));
+        }
+        assert_eq!(budget.allowance(now), Ok(MIN_BATCH));
+        // Megabytes taken at once: a fast path after all.
+        for _ in 0..600 {
+            budget.wrote(now, MIN_BATCH, Duration::from_micros(5));
         }
         assert_eq!(budget.allowance(now), Ok(MAX_BATCH));
     }

@@ -244,3 +244,19 @@ fn a_paced_link_sends_at_its_bandwidth_and_a_keystroke_still_goes_first() {
         "echo p95 {p95:?} behind the paced download: {times:?}"
     );
 }
+
+#[test]
+fn an_http_proxys_cap_holds_plain_requests_and_connect_tunnels() {
+    let (_dir, origin, sha) = served_file("big.bin", 1_500_000);
+    let config = "[gateway]\nlog = \"json\"\n\n\
+         [[service]]\nname = \"proxy\"\ntype = \"http\"\nlisten = \"127.0.0.1:0\"\nbandwidth = \"8Mbit/s\"\n";
+    let gateway = RunningGateway::start(config);
+    let proxy = gateway.addr("proxy").to_string();
+    let url = format!("http://{}/big.bin", origin.addr);
+    let dir = gateway.dir.path();
+    let plain = curl(&["-x", &proxy], &url, &dir.join("plain"));
+    assert_near(finish(plain, &dir.join("plain"), &sha), MB, "plain GET");
+    // -p: the same download through a CONNECT tunnel.
+    let tunnel = curl(&["-p", "-x", &proxy], &url, &dir.join("tunnel"));
+    assert_near(finish(tunnel, &dir.join("tunnel"), &sha), MB, "CONNECT");
+}

@@ -135,10 +135,12 @@ impl Upstreams {
     }
 
     /// A ready connection to `target`: reused, or newly opened.
+    /// A new connection obeys `caps` (those of the request that opened it).
     async fn connection(
         &self,
         service: &ServiceRuntime,
         target: &HostPort,
+        caps: crate::limits::Caps,
     ) -> Result<SendRequest<Body>, UpstreamError> {
         if let Some(sender) = self.checkout(target).await {
             return Ok(sender);
@@ -148,6 +150,7 @@ impl Upstreams {
             .connect(&Hop::Direct(target.clone()))
             .await
             .map_err(UpstreamError::Connect)?;
+        let stream = crate::capped::Capped::wrap(stream, caps, crate::limits::Way::Down);
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -258,6 +261,8 @@ struct AuditTemplate {
     client: String,
     via: Arc<str>,
     metrics: Option<Arc<crate::metrics::ServiceMetrics>>,
+    /// The connection's service and client caps; each request adds its user's.
+    caps: crate::limits::Caps,
 }
 
 impl AuditTemplate {
@@ -268,6 +273,7 @@ impl AuditTemplate {
             client: audit.client.clone(),
             via: audit.via.clone(),
             metrics: audit.metrics.clone(),
+            caps: audit.caps.clone(),
         }
     }
 
@@ -279,6 +285,7 @@ impl AuditTemplate {
             self.via.clone(),
         );
         audit.metrics = self.metrics.clone();
+        audit.caps = self.caps.clone();
         audit
     }
 }
@@ -429,7 +436,8 @@ async fn forward(
         let response = error(status, &reason);
         answer(audit, AuditResult::Error, reason, response)
     };
-    let mut sender = match state.upstreams.connection(service, &target).await {
+    let caps = audit.caps.for_user(audit.user.as_deref());
+    let mut sender = match state.upstreams.connection(service, &target, caps).await {
         Ok(sender) => sender,
         Err(UpstreamError::Connect(e)) => {
             return failed(audit, connect_failure_status(&e), e.to_string())
