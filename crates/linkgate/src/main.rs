@@ -308,13 +308,17 @@ fn check(path: &PathBuf) -> ExitCode {
         } else {
             "password"
         };
+        // Only when set, so that the lines scripts already read stay as they were.
+        let paced = peer
+            .bandwidth
+            .map_or(String::new(), |b| format!("\tbandwidth={b}"));
         if peer.connect.is_empty() {
-            println!("peer {}\taccepts\tauth={auth}", peer.name);
+            println!("peer {}\taccepts\tauth={auth}{paced}", peer.name);
         } else {
             let connect: Vec<String> = peer.connect.iter().map(ToString::to_string).collect();
             let via: Vec<String> = peer.via.iter().map(ToString::to_string).collect();
             println!(
-                "peer {}\tdials\tauth={auth}\tconnect={}\tvia={}",
+                "peer {}\tdials\tauth={auth}\tconnect={}\tvia={}{paced}",
                 peer.name,
                 connect.join(","),
                 if via.is_empty() {
