@@ -145,7 +145,19 @@ impl Audit {
             metrics.record_duration(self.started.elapsed());
         }
         if let Some(user) = &self.user {
-            crate::metrics::add_user_bytes(user, self.bytes_up, self.bytes_down);
+            // A live connection counted its bytes for the user as they
+            // moved; only what it did not see is added here.
+            let (up, down) = match &self.live {
+                Some(live) if live.counts_for_user() => {
+                    let (up, down) = live.bytes();
+                    (
+                        self.bytes_up.saturating_sub(up),
+                        self.bytes_down.saturating_sub(down),
+                    )
+                }
+                _ => (self.bytes_up, self.bytes_down),
+            };
+            crate::metrics::add_user_bytes(user, up, down);
         }
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let record = AuditRecord {

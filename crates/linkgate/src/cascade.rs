@@ -180,6 +180,14 @@ async fn socks5(
                 "the proxy wants a user name and password; add user:pass@ to the hop".into(),
             ))
         }
+        (_, None) => {
+            return Err(HopFailure::Refused(
+                "no acceptable authentication method: the proxy wants a login this hop does \
+                 not offer (a link:// hop never logs in; the peer's service needs \
+                 auth = \"none\")"
+                    .into(),
+            ))
+        }
         _ => {
             return Err(HopFailure::Refused(
                 "no acceptable authentication method".into(),

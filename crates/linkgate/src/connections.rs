@@ -31,6 +31,9 @@ pub struct LiveConnection {
     up: AtomicU64,
     down: AtomicU64,
     metrics: Arc<ServiceMetrics>,
+    /// The user's counters, once the user is known: from then on every
+    /// byte counted here is counted for the user too.
+    user_bytes: std::sync::OnceLock<Arc<crate::metrics::UserBytes>>,
 }
 
 #[derive(Debug, Default)]
@@ -66,13 +69,26 @@ impl LiveConnection {
     /// Counts `n` more bytes relayed client → target (`up`) or back,
     /// for the connection and its service.
     pub fn add(&self, up: bool, n: u64) {
+        let user = self.user_bytes.get();
         if up {
             self.up.fetch_add(n, Ordering::Relaxed);
             self.metrics.add_bytes(n, 0);
+            if let Some(user) = user {
+                user.add(n, 0);
+            }
         } else {
             self.down.fetch_add(n, Ordering::Relaxed);
             self.metrics.add_bytes(0, n);
+            if let Some(user) = user {
+                user.add(0, n);
+            }
         }
+    }
+
+    /// Whether this connection's bytes are counted for its user as they
+    /// move (so the audit record must not count them again).
+    pub fn counts_for_user(&self) -> bool {
+        self.user_bytes.get().is_some()
     }
 
     /// Bytes counted so far, (up, down).
@@ -88,6 +104,13 @@ impl LiveConnection {
         let mut details = self.details.lock().unwrap_or_else(|p| p.into_inner());
         details.user = user.map(str::to_string);
         details.target = target.to_string();
+        if let Some(counter) = user.and_then(crate::metrics::user_counter) {
+            if self.user_bytes.set(counter.clone()).is_ok() {
+                // What moved before the user was known counts too.
+                let (up, down) = self.bytes();
+                counter.add(up, down);
+            }
+        }
     }
 
     fn status(&self) -> ConnectionStatus {
@@ -159,6 +182,7 @@ impl Registry {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             metrics,
+            user_bytes: std::sync::OnceLock::new(),
         });
         self.live
             .lock()

@@ -277,6 +277,9 @@ fn check(path: &PathBuf) -> ExitCode {
         Ok(loaded) => loaded,
         Err(e) => return config_failure(&e),
     };
+    for warning in &loaded.warnings {
+        eprintln!("warning: {warning}");
+    }
     for service in &loaded.config.service {
         let listen: Vec<String> = service.listen.iter().map(ToString::to_string).collect();
         let target = service
@@ -489,6 +492,9 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         Err(e) => return config_failure(&e),
     };
     let _log_guard = linkgate::logging::init(loaded.config.gateway.log);
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
     raise_open_file_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().event_interval(EVENT_INTERVAL);

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::{LazyLock, Mutex};
 
 /// Upper bounds (seconds) of the connection-duration histogram's buckets;
@@ -12,25 +13,66 @@ pub const DURATION_BUCKETS: [f64; 6] = [0.1, 1.0, 10.0, 60.0, 600.0, 3600.0];
 
 /// Bytes of finished connections by authenticated user, [up, down],
 /// process-wide (a user's traffic crosses services).
-static USER_BYTES: LazyLock<Mutex<BTreeMap<String, [u64; 2]>>> = LazyLock::new(Mutex::default);
+static USER_BYTES: LazyLock<Mutex<BTreeMap<String, Arc<UserBytes>>>> =
+    LazyLock::new(Mutex::default);
 
 /// Most distinct users counted (a bound against a flood of names).
 const MAX_USERS: usize = 10_000;
 
-/// Counts a finished connection's bytes for `user`.
-pub fn add_user_bytes(user: &str, up: u64, down: u64) {
-    let mut users = USER_BYTES.lock().unwrap_or_else(|p| p.into_inner());
-    if users.len() >= MAX_USERS && !users.contains_key(user) {
-        return;
-    }
-    let entry = users.entry(user.to_string()).or_default();
-    entry[0] += up;
-    entry[1] += down;
+/// One user's byte counters, counted as bytes move (a live connection
+/// holds its user's, see `connections::LiveConnection`).
+#[derive(Debug, Default)]
+pub struct UserBytes {
+    up: AtomicU64,
+    down: AtomicU64,
 }
 
-/// Bytes by user so far.
+impl UserBytes {
+    /// Counts `up` and `down` more bytes.
+    pub fn add(&self, up: u64, down: u64) {
+        if up > 0 {
+            self.up.fetch_add(up, Ordering::Relaxed);
+        }
+        if down > 0 {
+            self.down.fetch_add(down, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The counters of `user` (none past [`MAX_USERS`] distinct names).
+pub fn user_counter(user: &str) -> Option<Arc<UserBytes>> {
+    let mut users = USER_BYTES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(counter) = users.get(user) {
+        return Some(counter.clone());
+    }
+    if users.len() >= MAX_USERS {
+        return None;
+    }
+    let counter = Arc::new(UserBytes::default());
+    users.insert(user.to_string(), counter.clone());
+    Some(counter)
+}
+
+/// Counts bytes for `user` that no live connection counted as they moved.
+pub fn add_user_bytes(user: &str, up: u64, down: u64) {
+    if let Some(counter) = user_counter(user) {
+        counter.add(up, down);
+    }
+}
+
+/// Bytes by user so far, live connections included.
 pub fn user_bytes() -> BTreeMap<String, [u64; 2]> {
-    USER_BYTES.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    USER_BYTES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(user, c)| {
+            (
+                user.clone(),
+                [c.up.load(Ordering::Relaxed), c.down.load(Ordering::Relaxed)],
+            )
+        })
+        .collect()
 }
 
 use crate::audit::AuditResult;

@@ -350,3 +350,28 @@ fn completions_and_the_manual_page_come_from_the_command_definitions() {
         assert!(page.contains(word), "man page lacks {word}");
     }
 }
+
+/// A SOCKS service that wants a login yet listens on links: `check`
+/// accepts it (a peer's mapping can carry clients that log in) but warns,
+/// at the line, that `link://` via hops will be refused.
+#[test]
+fn check_warns_that_link_via_hops_cannot_log_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("linkgate.toml");
+    std::fs::write(
+        &config,
+        "[gateway]\nname = \"hub\"\n\n[link]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[peer]]\nname = \"branch\"\npassword = \"pw\"\n\n\
+         [[user]]\nname = \"alice\"\npassword = \"a\"\n\n\
+         [[service]]\nname = \"out\"\ntype = \"socks\"\nlisten = \"link\"\nauth = \"password\"\nallow = \"peer:branch\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["check", "-c", config.to_str().unwrap()], "");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("warning: ")
+            && stderr.contains("linkgate.toml:19:")
+            && stderr.contains("link hops speak SOCKS5 without a login"),
+        "{stderr}"
+    );
+}

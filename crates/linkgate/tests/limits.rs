@@ -85,12 +85,7 @@ fn a_capped_service_holds_curl_to_its_rate_and_the_console_shows_it() {
     let download = curl(&[], &url, &out);
     // While it runs, the console lists the cap as in use.
     std::thread::sleep(Duration::from_millis(800));
-    let admin = gateway
-        .records()
-        .iter()
-        .find(|r| r["message"] == "admin listening")
-        .and_then(|r| r["listen"].as_str().map(str::to_string))
-        .unwrap();
+    let admin = admin_of(&gateway);
     let status = Command::new("curl")
         .args(["-s", &format!("http://{admin}/api/status")])
         .output()
@@ -157,7 +152,7 @@ fn client_bandwidth_gives_each_source_address_its_own_share() {
 #[test]
 fn a_socks_users_cap_follows_that_user_only() {
     let (_dir, origin, sha) = served_file("big.bin", 1_500_000);
-    let config = "[gateway]\nlog = \"json\"\n\n\
+    let config = "[gateway]\nlog = \"json\"\nadmin = \"127.0.0.1:0\"\n\n\
          [[user]]\nname = \"alice\"\npassword = \"alice-pw\"\nbandwidth = \"8Mbit/s\"\n\n\
          [[user]]\nname = \"bob\"\npassword = \"bob-pw\"\n\n\
          [[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\nauth = \"password\"\n";
@@ -175,6 +170,10 @@ fn a_socks_users_cap_follows_that_user_only() {
         &url,
         &dir.join("alice"),
     );
+    // Her bytes count in /metrics while the transfer runs, not at its end.
+    std::thread::sleep(Duration::from_millis(700));
+    let so_far = user_bytes_down(&gateway, "alice");
+    assert!(so_far > 200_000 && so_far < 1_400_000, "{so_far}");
     let alice = finish(alice, &dir.join("alice"), &sha);
     assert_near(alice, MB, "alice");
     let bob = curl(
@@ -184,6 +183,35 @@ fn a_socks_users_cap_follows_that_user_only() {
     );
     let bob = finish(bob, &dir.join("bob"), &sha);
     assert!(bob > 3.0 * MB, "bob has no cap: {:.2} MB/s", bob / MB);
+    // Counted once: live, not again when the connection ended.
+    let alice_total = user_bytes_down(&gateway, "alice");
+    assert!(
+        (1_500_000..1_510_000).contains(&alice_total),
+        "{alice_total}"
+    );
+}
+
+fn admin_of(gateway: &RunningGateway) -> String {
+    gateway
+        .records()
+        .iter()
+        .find(|r| r["message"] == "admin listening")
+        .and_then(|r| r["listen"].as_str().map(str::to_string))
+        .expect("admin address")
+}
+
+/// `linkgate_user_bytes_total{user=USER,direction="down"}` from /metrics.
+fn user_bytes_down(gateway: &RunningGateway, user: &str) -> u64 {
+    let metrics = Command::new("curl")
+        .args(["-s", &format!("http://{}/metrics", admin_of(gateway))])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout).to_string();
+    let prefix = format!("linkgate_user_bytes_total{{user=\"{user}\",direction=\"down\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |v| v.parse().unwrap())
 }
 
 /// 64-byte round trips to `addr` every 20 ms for `span`; the round-trip

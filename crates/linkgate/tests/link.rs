@@ -412,6 +412,42 @@ async fn a_link_hop_in_via_reaches_targets_through_the_peers_socks_service() {
     assert_eq!(spoke_audit["result"], "ok");
 }
 
+/// A `link://` via hop to a SOCKS service that wants a login: refused, and
+/// both gateways say why in words (the hub's audit, the spoke's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_hop_to_a_socks_service_that_wants_a_login_is_refused_in_words() {
+    let echo = echo_server().await;
+    let hub_services = "[[user]]\nname = \"alice\"\npassword = \"a\"\n\n\
+         [[service]]\nname = \"out\"\ntype = \"socks\"\nlisten = \"link\"\nauth = \"password\"\nallow = [\"peer:spoke\"]\n";
+    let spoke_services = format!(
+        "[[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{echo}\"\n\
+         via = \"link://hub/out\"\n"
+    );
+    let (hub, spoke) = start_pair(hub_services, &spoke_services, None);
+    let mut client = tokio::net::TcpStream::connect(spoke.addr("web"))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let _ = tokio::io::AsyncReadExt::read(&mut client, &mut buf).await;
+    let hub_audit = &hub.wait_for_audits(1, WAIT)[0];
+    assert_eq!(hub_audit["result"], "auth_failed");
+    assert!(
+        hub_audit["reason"]
+            .as_str()
+            .unwrap()
+            .contains("a link:// via hop speaks SOCKS5 without one"),
+        "{hub_audit}"
+    );
+    let spoke_audit = &spoke.wait_for_audits(1, WAIT)[0];
+    assert!(
+        spoke_audit["reason"]
+            .as_str()
+            .unwrap()
+            .contains("a link:// hop never logs in"),
+        "{spoke_audit}"
+    );
+}
+
 /// This gateway's public key, as `linkgate public-key` prints it for a
 /// gateway that will run in `dir` (its identity file is created there).
 fn public_key_in(dir: &tempfile::TempDir) -> String {

@@ -68,7 +68,7 @@ pub fn render(status: &Status) -> String {
             s.name, c.duration_sum_s, s.name
         );
     }
-    out.push_str("# HELP linkgate_user_bytes_total Bytes of finished connections by authenticated user.\n# TYPE linkgate_user_bytes_total counter\n");
+    out.push_str("# HELP linkgate_user_bytes_total Bytes relayed by authenticated user (counted as they move).\n# TYPE linkgate_user_bytes_total counter\n");
     for (user, [up, down]) in crate::metrics::user_bytes() {
         let user = label(&user);
         let _ = writeln!(

@@ -99,6 +99,10 @@ pub struct LoadedConfig {
     pub config: Config,
     /// Where the file was (or `None` for the built-in default).
     pub source: Option<PathBuf>,
+    /// Settings that are valid but probably not what was meant, each as
+    /// "file:line:col: key: what and why" (`check` prints them, `run` logs
+    /// them as warnings).
+    pub warnings: Vec<String>,
 }
 
 /// Reads, parses and validates the file at `path`.
@@ -114,9 +118,22 @@ pub fn load_file(path: &Path) -> Result<LoadedConfig, ConfigError> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
     let config = parse_and_validate(&text, &file, &base)?;
+    let warnings = validate::advisories(&config)
+        .into_iter()
+        .map(|(key, message)| {
+            Problem {
+                file: file.clone(),
+                line_col: locate(&text, &key).map(|span| line_col(&text, span.start)),
+                key: Some(key),
+                message,
+            }
+            .to_string()
+        })
+        .collect();
     Ok(LoadedConfig {
         config,
         source: Some(path.to_path_buf()),
+        warnings,
     })
 }
 

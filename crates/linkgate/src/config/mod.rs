@@ -47,5 +47,6 @@ pub fn load_default() -> Result<LoadedConfig, ConfigError> {
     Ok(LoadedConfig {
         config,
         source: None,
+        warnings: Vec::new(),
     })
 }

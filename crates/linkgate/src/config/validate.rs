@@ -56,6 +56,28 @@ pub fn validate(config: &mut Config, base: &Path) -> Vec<Finding> {
     out
 }
 
+/// Settings that work but are probably not what was meant: each with where
+/// it is and why it will surprise.
+pub fn advisories(config: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (i, service) in config.service.iter().enumerate() {
+        let on_link = service.listen.iter().any(|l| matches!(l, Listen::Link));
+        if service.kind == ServiceKind::Socks && service.auth == AuthMode::Password && on_link {
+            out.push((
+                KeyPath::new([key_seg("service"), KeySeg::Index(i), key_seg("auth")]),
+                format!(
+                    "service {}: peers that use it as a `via = \"link://...\"` hop will be \
+                     refused: link hops speak SOCKS5 without a login. Only clients that log \
+                     in themselves (through a peer's mapping) can use it; for via hops, add a \
+                     socks service with auth = \"none\" that allows peer:NAME",
+                    shown(&service.name)
+                ),
+            ));
+        }
+    }
+    out
+}
+
 fn key_seg(key: &str) -> KeySeg {
     KeySeg::Key(key.to_string())
 }

@@ -197,14 +197,26 @@ async fn negotiate(
             };
             if !greeting.methods.contains(&wanted) {
                 let _ = stream.write_all(&[5, c::METHOD_UNACCEPTABLE]).await;
-                let (result, reason) = match service.config.auth {
-                    AuthMode::Password => (
+                // Over a link, a stream dropped unfinished is reset, and the
+                // reset would overtake the answer: finish it first.
+                let _ = stream.shutdown().await;
+                let (result, reason) = match (service.config.auth, &inbound.client) {
+                    // A peer's `via = "link://..."` hop never logs in.
+                    (AuthMode::Password, crate::inbound::ClientId::Peer(peer)) => (
                         AuditResult::AuthFailed,
-                        "client offered no username/password method",
+                        format!(
+                            "gateway {peer} offered no login: a link:// via hop speaks SOCKS5 \
+                             without one; give peers a socks service with auth = \"none\" \
+                             that allows peer:{peer}"
+                        ),
                     ),
-                    AuthMode::None => (
+                    (AuthMode::Password, _) => (
+                        AuditResult::AuthFailed,
+                        "client offered no username/password method".to_string(),
+                    ),
+                    (AuthMode::None, _) => (
                         AuditResult::Error,
-                        "client offered no method this service accepts",
+                        "client offered no method this service accepts".to_string(),
                     ),
                 };
                 audit.finish(result, reason);
