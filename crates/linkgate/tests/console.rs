@@ -359,4 +359,15 @@ fn links_show_their_state_history_and_failed_logins() {
     for kind in ["login_failed", "link_up", "link_down"] {
         assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
     }
+    // The link's byte counter is over the gateway's life: down, it still
+    // has what the ended session moved.
+    let received = st["links"][0]["bytes_received_total"].as_u64().unwrap();
+    assert!(received >= link["bytes_received"].as_u64().unwrap(), "{st}");
+    let (_, metrics) = get(&admin, "/metrics", None);
+    assert!(
+        metrics.contains(&format!(
+            "linkgate_link_bytes_total{{peer=\"spoke\",direction=\"received\"}} {received}"
+        )),
+        "{metrics}"
+    );
 }

@@ -177,6 +177,13 @@ pub struct LinkStatus {
     /// Sessions after the first one.
     #[serde(default)]
     pub reconnects: u64,
+    /// Wire bytes sent over every session of this link so far (the ended
+    /// ones and the live one): a counter over the gateway's whole life.
+    #[serde(default)]
+    pub bytes_sent_total: u64,
+    /// See `bytes_sent_total`.
+    #[serde(default)]
+    pub bytes_received_total: u64,
     /// `bandwidth`: the rate this gateway paces its sending to ("18Mbit/s").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<String>,
@@ -233,6 +240,10 @@ impl AdminState {
                     since: history.since.map(unix_seconds),
                     last_end: history.last_end,
                     reconnects: history.sessions.saturating_sub(1),
+                    bytes_sent_total: history.ended_bytes[0]
+                        + stats.as_ref().map_or(0, |s| s.wire_sent),
+                    bytes_received_total: history.ended_bytes[1]
+                        + stats.as_ref().map_or(0, |s| s.wire_received),
                     bandwidth: peer.bandwidth.map(|b| b.to_string()),
                     bandwidth_bytes_per_second: peer.bandwidth.map(|b| b.bytes_per_second),
                     peer: peer.name.clone(),

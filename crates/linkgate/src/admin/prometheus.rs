@@ -131,13 +131,13 @@ pub fn render(status: &Status) -> String {
             u8::from(l.state == "up")
         );
     }
-    out.push_str("# HELP linkgate_link_bytes_total Bytes on the wire of the current session of a link.\n# TYPE linkgate_link_bytes_total counter\n");
-    for l in status.links.iter().filter(|l| l.state == "up") {
+    out.push_str("# HELP linkgate_link_bytes_total Bytes on the wire of a link, every session since the gateway started.\n# TYPE linkgate_link_bytes_total counter\n");
+    for l in &status.links {
         let _ = writeln!(
             out,
             "linkgate_link_bytes_total{{peer=\"{p}\",direction=\"sent\"}} {}\nlinkgate_link_bytes_total{{peer=\"{p}\",direction=\"received\"}} {}",
-            l.bytes_sent,
-            l.bytes_received,
+            l.bytes_sent_total,
+            l.bytes_received_total,
             p = l.peer
         );
     }

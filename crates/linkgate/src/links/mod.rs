@@ -48,6 +48,9 @@ pub struct LinkHistory {
     pub last_end: Option<String>,
     /// Sessions established so far.
     pub sessions: u64,
+    /// Wire bytes (sent, received) of the sessions that ended; with the
+    /// live session's, a counter over the gateway's whole life.
+    pub ended_bytes: [u64; 2],
 }
 
 /// Live link sessions, by the `[[peer]] name` of the gateway at the other end.
@@ -109,12 +112,17 @@ impl Links {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(peer.to_string(), (session, info));
-        if let Some((old, _)) = previous {
+        let ended = previous.map(|(old, _)| {
             old.close("replaced by a new link from the same peer");
-        }
+            old.stats()
+        });
         self.note(peer, |h| {
             h.since = Some(std::time::SystemTime::now());
             h.sessions += 1;
+            if let Some(stats) = ended {
+                h.ended_bytes[0] += stats.wire_sent;
+                h.ended_bytes[1] += stats.wire_received;
+            }
         });
     }
 
@@ -126,6 +134,12 @@ impl Links {
             .is_some_and(|(s, _)| s.same_session(session))
         {
             sessions.remove(peer);
+            drop(sessions);
+            let stats = session.stats();
+            self.note(peer, |h| {
+                h.ended_bytes[0] += stats.wire_sent;
+                h.ended_bytes[1] += stats.wire_received;
+            });
         }
     }
 
