@@ -205,7 +205,12 @@ async fn accept_one(
         context: context.as_ref(),
         ip,
     };
-    let handshake = link::io::accept(&mut tcp, &context.identity, &context.static_keys, &attempt);
+    let handshake = link::io::accept(
+        &mut tcp.stream,
+        &context.identity,
+        &context.static_keys,
+        &attempt,
+    );
     let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
     drop(slot);
     let (peer, keys) = match outcome {

@@ -149,10 +149,10 @@ async fn establish(
         let handshake = async {
             match &target.credential {
                 DialCredential::Password { user, password } => {
-                    link::io::dial(&mut tcp, user, password.expose().as_bytes()).await
+                    link::io::dial(&mut tcp.stream, user, password.expose().as_bytes()).await
                 }
                 DialCredential::Key { keys, peer_key } => {
-                    link::io::dial_key(&mut tcp, keys, peer_key).await
+                    link::io::dial_key(&mut tcp.stream, keys, peer_key).await
                 }
             }
         };

@@ -52,12 +52,20 @@ impl Route {
 
     /// Connects to `addr` and sets up its transport, ready for the link
     /// handshake.
-    pub async fn dial(&self, addr: &LinkAddress) -> Result<Stream, String> {
+    pub async fn dial(&self, addr: &LinkAddress) -> Result<LinkTransport, String> {
         let tcp = self
             .connector
             .connect(&Hop::Direct(addr.addr().clone()))
             .await
             .map_err(|e| describe(&e))?;
+        let socket = link::transport::Transport::tcp_socket(&tcp);
+        self.carry(addr, tcp)
+            .await
+            .map(|stream| LinkTransport { stream, socket })
+    }
+
+    /// Layers what `addr` asks for (TLS, WebSocket) on the connection.
+    async fn carry(&self, addr: &LinkAddress, tcp: Stream) -> Result<Stream, String> {
         let LinkAddress::WebSocket {
             addr: at,
             path,
@@ -130,7 +138,15 @@ impl Carrier {
 
     /// Sets up the transport of an accepted connection (TLS, then the
     /// WebSocket upgrade), ready for the link handshake.
-    pub async fn accept(&self, tcp: TcpStream) -> Result<Stream, String> {
+    pub async fn accept(&self, tcp: TcpStream) -> Result<LinkTransport, String> {
+        let socket = link::transport::Transport::tcp_socket(&tcp);
+        self.carry(tcp)
+            .await
+            .map(|stream| LinkTransport { stream, socket })
+    }
+
+    /// Layers this listener's TLS and WebSocket on an accepted connection.
+    async fn carry(&self, tcp: TcpStream) -> Result<Stream, String> {
         let Carrier::WebSocket { path, tls } = self else {
             return Ok(Stream::Tcp(tcp));
         };
@@ -164,6 +180,26 @@ impl Carrier {
         .await
         .map_err(|e| format!("WebSocket upgrade failed: {e}"))?;
         Ok(Stream::Boxed(Box::new(WsBytes::new(ws))))
+    }
+}
+
+/// What carries a link: the byte stream (TCP, or TLS and WebSocket over
+/// it), and a handle on the TCP socket under it when there is one, so that
+/// the link's writer can bound what the kernel holds unsent whatever is
+/// layered on top.
+pub struct LinkTransport {
+    /// The stream the handshake and the session run over.
+    pub stream: Stream,
+    socket: Option<socket2::Socket>,
+}
+
+impl link::transport::Transport for LinkTransport {
+    fn into_halves(self) -> (link::transport::ReadHalf, link::transport::WriteHalf) {
+        self.stream.into_halves()
+    }
+
+    fn tcp_socket(&self) -> Option<socket2::Socket> {
+        self.socket.as_ref().and_then(|s| s.try_clone().ok())
     }
 }
 
