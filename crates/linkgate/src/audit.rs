@@ -63,6 +63,8 @@ pub struct Audit {
     /// The bandwidth caps of its service and client (the user's is added
     /// when the relay starts, once the user is known).
     pub caps: crate::limits::Caps,
+    /// UDP flows: datagrams client → target and target → client.
+    pub datagrams: Option<[u64; 2]>,
 }
 
 impl Audit {
@@ -84,6 +86,7 @@ impl Audit {
             metrics: None,
             live: None,
             caps: crate::limits::Caps::none(),
+            datagrams: None,
         }
     }
 
@@ -172,6 +175,8 @@ impl Audit {
             duration_ms,
             result: self.result.as_str(),
             reason: &self.reason,
+            datagrams_up: self.datagrams.map(|d| d[0]),
+            datagrams_down: self.datagrams.map(|d| d[1]),
         };
         crate::logging::write_audit(&record);
     }
@@ -210,4 +215,10 @@ pub struct AuditRecord<'a> {
     pub result: &'a str,
     /// Why, in words.
     pub reason: &'a str,
+    /// UDP flows: datagrams client → target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datagrams_up: Option<u64>,
+    /// UDP flows: datagrams target → client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datagrams_down: Option<u64>,
 }

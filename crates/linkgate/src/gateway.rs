@@ -337,18 +337,49 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-/// Binds every TCP listener of `service`.
-async fn bind_service(
-    service: &crate::config::ServiceConfig,
-) -> Result<Vec<TcpListener>, RuntimeError> {
-    let mut sockets = Vec::new();
+/// A service's bound sockets: TCP listeners, or UDP sockets for `udp`.
+#[derive(Default)]
+struct Bound {
+    tcp: Vec<TcpListener>,
+    udp: Vec<tokio::net::UdpSocket>,
+}
+
+/// Binds every listening socket of `service`.
+async fn bind_service(service: &crate::config::ServiceConfig) -> Result<Bound, RuntimeError> {
+    let mut bound = Bound::default();
     for listen in &service.listen {
         let Listen::Tcp(addr) = listen else { continue };
-        sockets.extend(bind(addr).await.map_err(|source| RuntimeError::Listen {
+        let failed = |source| RuntimeError::Listen {
             what: format!("service {:?}", service.name),
             addr: addr.to_string(),
             source,
-        })?);
+        };
+        if service.kind == crate::config::ServiceKind::Udp {
+            bound.udp.extend(bind_udp(addr).await.map_err(failed)?);
+        } else {
+            bound.tcp.extend(bind(addr).await.map_err(failed)?);
+        }
+    }
+    Ok(bound)
+}
+
+/// Opens UDP sockets for `addr` (every address a name resolves to).
+async fn bind_udp(addr: &HostPort) -> io::Result<Vec<tokio::net::UdpSocket>> {
+    let addrs: Vec<SocketAddr> = match &addr.host {
+        Host::Ip(ip) => vec![SocketAddr::new(*ip, addr.port)],
+        Host::Name(name) => tokio::net::lookup_host((name.as_str(), addr.port))
+            .await?
+            .collect(),
+    };
+    let mut sockets = Vec::new();
+    for local in addrs {
+        let socket = Socket::new(Domain::for_address(local), Type::DGRAM, None)?;
+        if local.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&local.into())?;
+        sockets.push(tokio::net::UdpSocket::from_std(socket.into())?);
     }
     Ok(sockets)
 }
@@ -357,12 +388,24 @@ async fn bind_service(
 /// on their own token (reload).
 fn start_accepting(
     runtime: &Arc<ServiceRuntime>,
-    sockets: Vec<TcpListener>,
+    sockets: Bound,
     shutdown: &Shutdown,
 ) -> ServiceListeners {
     let stop = shutdown.stop_accepting.child_token();
     let loops = TaskTracker::new();
-    for listener in sockets {
+    for socket in sockets.udp {
+        let local = socket
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        tracing::info!(service = &*runtime.name, kind = "udp", listen = %local, "listening");
+        // Flows end when the service stops: UDP has no graceful drain.
+        loops.spawn(crate::service::udp::serve_socket(
+            socket,
+            runtime.clone(),
+            stop.clone(),
+        ));
+    }
+    for listener in sockets.tcp {
         let local = local_addr(&listener);
         tracing::info!(service = &*runtime.name, kind = runtime.config.kind.as_str(), listen = %local, "listening");
         loops.spawn(accept_loop(
@@ -424,7 +467,8 @@ async fn accept_loop(
     }
 }
 
-fn new_audit(service: &ServiceRuntime, client: &ClientId) -> Audit {
+/// A new audit record for a client of `service`, numbered gateway-wide.
+pub(crate) fn new_audit(service: &ServiceRuntime, client: &ClientId) -> Audit {
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let mut audit = Audit::start(
         service.name.clone(),

@@ -178,6 +178,9 @@ pub fn write_audit(record: &crate::audit::AuditRecord<'_>) {
                 record.result,
                 record.reason,
             );
+            if let (Some(up), Some(down)) = (record.datagrams_up, record.datagrams_down) {
+                let _ = write!(line, " datagrams_up={up} datagrams_down={down}");
+            }
         }
     }
     line.push('\n');

@@ -196,6 +196,8 @@ pub enum ServiceKind {
     Ftp,
     /// Telnet gateway that prompts for a destination.
     Telnet,
+    /// UDP forwarding to `target`, a flow per client address and port.
+    Udp,
 }
 
 impl ServiceKind {
@@ -207,13 +209,14 @@ impl ServiceKind {
             ServiceKind::Http => "http",
             ServiceKind::Ftp => "ftp",
             ServiceKind::Telnet => "telnet",
+            ServiceKind::Udp => "udp",
         }
     }
 
     /// Whether clients choose their destination (so it is a proxy that must
     /// not be left open to the world without authentication).
     pub fn is_open_proxy_kind(self) -> bool {
-        !matches!(self, ServiceKind::Mapping)
+        !matches!(self, ServiceKind::Mapping | ServiceKind::Udp)
     }
 }
 
@@ -270,8 +273,10 @@ pub struct ServiceConfig {
     /// Time allowed to establish the outbound connection; default 10s.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: ConfigDuration,
-    /// A connection with no traffic either way for this long is closed; default 2h.
-    #[serde(default = "default_idle_timeout")]
+    /// A connection with no traffic either way for this long is closed;
+    /// default 2h (udp: a flow without datagrams either way, default 60s).
+    /// Filled in by validation when not written.
+    #[serde(default = "unset_duration")]
     pub idle_timeout: ConfigDuration,
     /// Time a client has to finish its protocol handshake; default 10s.
     /// (Extension of the contract.)
@@ -303,8 +308,20 @@ fn default_connect_timeout() -> ConfigDuration {
     ConfigDuration(std::time::Duration::from_secs(10))
 }
 
-fn default_idle_timeout() -> ConfigDuration {
-    ConfigDuration(std::time::Duration::from_secs(2 * 3600))
+/// Stands for "not written" until validation puts in the kind's default.
+fn unset_duration() -> ConfigDuration {
+    ConfigDuration(UNSET_DURATION)
+}
+
+/// See [`unset_duration`]; no one writes 584 million years.
+pub(crate) const UNSET_DURATION: std::time::Duration = std::time::Duration::MAX;
+
+/// The idle timeout of a service of `kind` that does not set one.
+pub(crate) fn default_idle_timeout(kind: ServiceKind) -> ConfigDuration {
+    ConfigDuration(match kind {
+        ServiceKind::Udp => std::time::Duration::from_secs(60),
+        _ => std::time::Duration::from_secs(2 * 3600),
+    })
 }
 
 fn default_handshake_timeout() -> ConfigDuration {

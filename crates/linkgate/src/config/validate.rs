@@ -28,6 +28,11 @@ pub fn validate(config: &mut Config, base: &Path) -> Vec<Finding> {
     check_identity_dir(config, &mut out);
     let peers: HashSet<String> = config.peer.iter().map(|p| p.name.clone()).collect();
     let users: HashSet<String> = config.user.iter().map(|u| u.name.clone()).collect();
+    for service in &mut config.service {
+        if service.idle_timeout.0 == super::model::UNSET_DURATION {
+            service.idle_timeout = super::model::default_idle_timeout(service.kind);
+        }
+    }
     let mut names = HashSet::new();
     let mut addresses = HashSet::new();
     for (i, service) in config.service.iter().enumerate() {
@@ -431,11 +436,17 @@ fn check_service(
             "\"link\" makes the service reachable by peers, but no [[peer]] is configured".into(),
         );
     }
+    if kind == ServiceKind::Udp {
+        check_udp(service, &mut push);
+    }
     match (kind, &service.target) {
         (ServiceKind::Mapping, None) => push(
             "target",
             "a mapping service needs a target (host:port or link://PEER/SERVICE)".into(),
         ),
+        (ServiceKind::Udp, None) => {
+            push("target", "a udp service needs a target (host:port)".into())
+        }
         (ServiceKind::Socks | ServiceKind::Http | ServiceKind::Telnet, Some(_)) => push(
             "target",
             format!(
@@ -616,6 +627,43 @@ fn check_service(
         if d.0.is_zero() {
             push(key, "must be longer than zero".into());
         }
+    }
+}
+
+/// What a udp service cannot have (yet): datagrams across links, proxy
+/// hops, logins.
+fn check_udp(service: &ServiceConfig, push: &mut dyn FnMut(&str, String)) {
+    if service.listen.contains(&Listen::Link) {
+        push(
+            "listen",
+            "udp services do not listen on links yet (datagrams across links are not built); \
+             listen on host:port"
+                .into(),
+        );
+    }
+    if matches!(service.target, Some(Hop::Link { .. })) {
+        push(
+            "target",
+            "udp targets across links (link://) are not built yet; give host:port".into(),
+        );
+    }
+    if !service.via.is_empty() {
+        push(
+            "via",
+            "a udp service sends its datagrams directly; remove via".into(),
+        );
+    }
+    if service.auth == AuthMode::Password {
+        push(
+            "auth",
+            "UDP has no login; admit clients with allow and deny".into(),
+        );
+    }
+    if service.destinations.is_some() {
+        push(
+            "destinations",
+            "a udp service goes only to its target; remove destinations".into(),
+        );
     }
 }
 

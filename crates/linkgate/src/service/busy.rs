@@ -72,7 +72,7 @@ async fn answer(kind: ServiceKind, mut tcp: TcpStream, why: &str) -> std::io::Re
             )
             .await?
         }
-        ServiceKind::Mapping => {}
+        ServiceKind::Mapping | ServiceKind::Udp => {}
     }
     // Let the answer reach the client before the close: read (and drop)
     // what it still sends, so the close is not a reset that eats the answer.

@@ -10,6 +10,7 @@ mod lockstep;
 mod mapping;
 mod socks;
 mod telnet;
+pub mod udp;
 
 pub use ftp::{data_stream_name, parse_data_stream_name, LinkDataSlots, Offer};
 
@@ -222,6 +223,12 @@ impl ServiceRuntime {
             ServiceKind::Http => Box::pin(http_proxy::serve(self, inbound, audit, stop)).await,
             ServiceKind::Telnet => Box::pin(telnet::serve(self, inbound, audit, stop)).await,
             ServiceKind::Ftp => Box::pin(ftp::serve(self, inbound, audit, stop)).await,
+            // Its datagrams are served by `udp::serve_socket`; a byte
+            // stream (from a peer that named it) has nothing to go to.
+            ServiceKind::Udp => audit.finish(
+                crate::audit::AuditResult::Denied,
+                "a udp service takes datagrams, not streams",
+            ),
         }
     }
 }

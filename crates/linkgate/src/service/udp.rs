@@ -1,0 +1,322 @@
+//! `type = "udp"`: datagrams relayed whole and unchanged between clients
+//! and the service's `target`.
+//!
+//! Each client address and port is a *flow* with its own outbound socket,
+//! connected to the target, so that replies find their way back to the
+//! client that caused them and two flows never cross. A flow is admitted
+//! like a connection (`allow`/`deny`, `max_connections` counts flows,
+//! `max_connections_per_client`), shows in the console while it lives, and
+//! ends after `idle_timeout` without a datagram either way, when the target
+//! answers with ICMP port unreachable, or when the service stops; then it
+//! gets one audit record with bytes and datagrams each way. Bandwidth caps
+//! apply per datagram: UDP has no back-pressure, so a datagram over the cap
+//! is dropped (and counted), never queued.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::ServiceRuntime;
+use crate::access::Verdict;
+use crate::audit::{Audit, AuditResult};
+use crate::config::{Hop, Host};
+use crate::inbound::ClientId;
+use crate::limits::{Caps, Way};
+
+/// Largest UDP payload over IPv4 (65,535 − 8 − 20).
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// A refused client's datagrams are dropped without a new audit record for
+/// this long (a flood from one source writes one record, not thousands).
+const REFUSAL_MEMORY: Duration = Duration::from_secs(5);
+
+/// The counters of one flow, shared by the service's receive loop (client
+/// → target) and the flow's own task (target → client).
+#[derive(Default)]
+struct FlowCounters {
+    bytes: [AtomicU64; 2],
+    datagrams: [AtomicU64; 2],
+    dropped: AtomicU64,
+    /// Milliseconds from the flow's start to its last datagram either way.
+    last_ms: AtomicU64,
+}
+
+impl FlowCounters {
+    fn count(&self, way: Way, n: usize, started: Instant) {
+        self.bytes[way as usize].fetch_add(n as u64, Ordering::Relaxed);
+        self.datagrams[way as usize].fetch_add(1, Ordering::Relaxed);
+        self.last_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+struct Flow {
+    outbound: Arc<UdpSocket>,
+    counters: Arc<FlowCounters>,
+    started: Instant,
+    live: Option<Arc<crate::connections::Registered>>,
+    caps: Caps,
+}
+
+type Flows = Arc<Mutex<HashMap<SocketAddr, Arc<Flow>>>>;
+
+/// Serves the datagrams arriving on `socket` until `stop` is cancelled;
+/// then ends every flow (each writes its audit record) and returns.
+pub async fn serve_socket(
+    socket: UdpSocket,
+    service: Arc<ServiceRuntime>,
+    stop: CancellationToken,
+) {
+    let socket = Arc::new(socket);
+    let flows: Flows = Arc::default();
+    let tasks = TaskTracker::new();
+    let mut refused: HashMap<SocketAddr, Instant> = HashMap::new();
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    loop {
+        let received = tokio::select! {
+            () = stop.cancelled() => break,
+            received = socket.recv_from(&mut buf) => received,
+        };
+        let (n, client) = match received {
+            Ok(received) => received,
+            Err(e) => {
+                tracing::warn!(service = &*service.name, error = %e, "receiving a datagram failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let existing = flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&client)
+            .cloned();
+        let flow = match existing {
+            Some(flow) => flow,
+            None => {
+                if refused
+                    .get(&client)
+                    .is_some_and(|at| at.elapsed() < REFUSAL_MEMORY)
+                {
+                    continue;
+                }
+                match open_flow(&service, &socket, client, &flows, &tasks, &stop).await {
+                    Some(flow) => flow,
+                    None => {
+                        if refused.len() >= 4096 {
+                            refused.retain(|_, at| at.elapsed() < REFUSAL_MEMORY);
+                        }
+                        refused.insert(client, Instant::now());
+                        continue;
+                    }
+                }
+            }
+        };
+        if !flow.caps.is_empty() {
+            match flow.caps.allowance(Way::Up, Instant::now(), n) {
+                Ok(_) => flow.caps.consume(Way::Up, Instant::now(), n),
+                Err(_) => {
+                    flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+        }
+        flow.counters.count(Way::Up, n, flow.started);
+        if let Some(live) = &flow.live {
+            live.add(true, n as u64);
+        }
+        // A full socket buffer drops the datagram, as the network would.
+        if send_now(&flow.outbound, &buf[..n], None).is_err() {
+            flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Admits `client` and sets up its flow; `None` (after writing the audit
+/// record) when it is refused or the target cannot be reached.
+async fn open_flow(
+    service: &Arc<ServiceRuntime>,
+    listener: &Arc<UdpSocket>,
+    client: SocketAddr,
+    flows: &Flows,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Option<Arc<Flow>> {
+    let id = ClientId::Addr(client);
+    let mut audit = crate::gateway::new_audit(service, &id);
+    audit.datagrams = Some([0, 0]);
+    let admitted = match service.admit(&id) {
+        Ok(admitted) => admitted,
+        Err(why) => {
+            audit.finish(AuditResult::Denied, why);
+            audit.emit();
+            return None;
+        }
+    };
+    if let Verdict::Deny(why) = service.access.check(&id, None) {
+        audit.finish(AuditResult::Denied, why);
+        audit.emit();
+        return None;
+    }
+    let outbound = match connect_target(service).await {
+        Ok(outbound) => Arc::new(outbound),
+        Err(why) => {
+            audit.finish(AuditResult::Error, why);
+            audit.emit();
+            return None;
+        }
+    };
+    let live = service.connections.register(
+        audit.conn_id,
+        service.name.clone(),
+        audit.client.clone(),
+        service.via_text.clone(),
+        service.metrics.clone(),
+    );
+    live.set_details(None, &audit.target);
+    audit.live = Some(live.clone());
+    let flow = Arc::new(Flow {
+        outbound,
+        counters: Arc::default(),
+        started: Instant::now(),
+        live: Some(live),
+        caps: admitted.caps.clone(),
+    });
+    flows
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(client, flow.clone());
+    tasks.spawn(run_flow(
+        service.clone(),
+        listener.clone(),
+        client,
+        flow.clone(),
+        flows.clone(),
+        audit,
+        admitted,
+        stop.clone(),
+    ));
+    Some(flow)
+}
+
+/// Sends one datagram without waiting (to `to`, or where the socket is
+/// connected): straight to the kernel, since tokio's `try_send` refuses
+/// until the reactor has seen the socket writable once.
+fn send_now(socket: &UdpSocket, datagram: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
+    let socket = socket2::SockRef::from(socket);
+    match to {
+        Some(to) => socket.send_to(datagram, &to.into()),
+        None => socket.send(datagram),
+    }
+}
+
+/// A socket connected to the service's target (its first address).
+async fn connect_target(service: &ServiceRuntime) -> Result<UdpSocket, String> {
+    let Some(Hop::Direct(target)) = &service.config.target else {
+        return Err("udp targets are host:port".into());
+    };
+    let addr = match &target.host {
+        Host::Ip(ip) => SocketAddr::new(*ip, target.port),
+        Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.port))
+            .await
+            .map_err(|e| format!("cannot resolve {name}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{name} has no address"))?,
+    };
+    let local: SocketAddr = match addr.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local)
+        .await
+        .map_err(|e| format!("cannot open a socket to {addr}: {e}"))?;
+    socket
+        .connect(addr)
+        .await
+        .map_err(|e| format!("cannot send to {addr}: {e}"))?;
+    Ok(socket)
+}
+
+/// Carries the target's replies back to `client` until the flow ends, then
+/// writes its audit record.
+#[allow(clippy::too_many_arguments)]
+async fn run_flow(
+    service: Arc<ServiceRuntime>,
+    listener: Arc<UdpSocket>,
+    client: SocketAddr,
+    flow: Arc<Flow>,
+    flows: Flows,
+    mut audit: Audit,
+    admitted: super::Admitted,
+    stop: CancellationToken,
+) {
+    let _active = service.metrics.active();
+    let idle = service.config.idle_timeout;
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let (result, reason) = loop {
+        let last = Duration::from_millis(flow.counters.last_ms.load(Ordering::Relaxed));
+        let quiet_until = flow.started + last + idle.0;
+        tokio::select! {
+            () = stop.cancelled() => break (AuditResult::Ok, "service stopped".to_string()),
+            () = tokio::time::sleep_until(quiet_until.into()) => {
+                let last = Duration::from_millis(flow.counters.last_ms.load(Ordering::Relaxed));
+                if flow.started + last + idle.0 <= Instant::now() {
+                    break (AuditResult::Ok, format!("idle timeout ({idle})"));
+                }
+            }
+            received = flow.outbound.recv(&mut buf) => match received {
+                Ok(n) => {
+                    if !flow.caps.is_empty() {
+                        if flow.caps.allowance(Way::Down, Instant::now(), n).is_err() {
+                            flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        flow.caps.consume(Way::Down, Instant::now(), n);
+                    }
+                    flow.counters.count(Way::Down, n, flow.started);
+                    if let Some(live) = &flow.live {
+                        live.add(false, n as u64);
+                    }
+                    if send_now(&listener, &buf[..n], Some(client)).is_err() {
+                        flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    break (
+                        AuditResult::Error,
+                        "the target is not listening (ICMP port unreachable)".to_string(),
+                    )
+                }
+                Err(e) => break (AuditResult::Error, format!("receiving from the target: {e}")),
+            },
+        }
+    };
+    flows
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&client);
+    drop(admitted);
+    let c = &flow.counters;
+    audit.bytes_up = c.bytes[0].load(Ordering::Relaxed);
+    audit.bytes_down = c.bytes[1].load(Ordering::Relaxed);
+    audit.datagrams = Some([
+        c.datagrams[0].load(Ordering::Relaxed),
+        c.datagrams[1].load(Ordering::Relaxed),
+    ]);
+    let dropped = c.dropped.load(Ordering::Relaxed);
+    let reason = if dropped > 0 {
+        format!("{reason}; {dropped} datagrams dropped (bandwidth cap or full socket buffer)")
+    } else {
+        reason
+    };
+    audit.finish(result, reason);
+    audit.emit();
+}

@@ -1,0 +1,226 @@
+//! `type = "udp"` services with real clients and servers: dig asking a
+//! dnsmasq with a zone of its own, hundreds of datagrams of random sizes
+//! echoed intact on two flows that never cross, a refused source audited
+//! once, a flow's audit record after its idle timeout, and a target that
+//! is not listening.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A free UDP port on loopback, for servers that cannot bind port 0 and say
+/// which port they got (dnsmasq).
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// dnsmasq answering for `office.test` only, on a loopback port; killed
+/// (by its PID) when dropped.
+struct Dnsmasq {
+    child: Child,
+    port: u16,
+}
+
+impl Dnsmasq {
+    fn start() -> Dnsmasq {
+        let port = free_udp_port();
+        let child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--user=root",
+                "--pid-file",
+                "--address=/printer.office.test/10.1.2.3",
+                "--address=/files.office.test/10.1.2.4",
+            ])
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq is needed for this test (Debian: dnsmasq-base)");
+        let server = Dnsmasq { child, port };
+        // Ready once it answers.
+        let deadline = Instant::now() + WAIT;
+        while dig(port, "printer.office.test") != "10.1.2.3" {
+            assert!(Instant::now() < deadline, "dnsmasq did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `dig +short NAME` against 127.0.0.1:`port`.
+fn dig(port: u16, name: &str) -> String {
+    let out = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "+short",
+            "+tries=1",
+            "+time=2",
+            name,
+        ])
+        .output()
+        .expect("dig is needed for this test (Debian: dnsutils)");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn udp_service(target: SocketAddr, extra: &str) -> String {
+    format!(
+        "[gateway]\nlog = \"json\"\nshutdown_grace = \"1s\"\n\n[[service]]\nname = \"dns\"\ntype = \"udp\"\n\
+         listen = \"127.0.0.1:0\"\ntarget = \"{target}\"\n{extra}"
+    )
+}
+
+#[test]
+fn dig_asks_dnsmasq_through_a_udp_service_and_the_flow_is_audited_after_its_idle_timeout() {
+    let dns = Dnsmasq::start();
+    let target: SocketAddr = format!("127.0.0.1:{}", dns.port).parse().unwrap();
+    let gateway = RunningGateway::start(&udp_service(target, "idle_timeout = \"1s\"\n"));
+    let port = gateway.addr("dns").port();
+    assert_eq!(dig(port, "printer.office.test"), "10.1.2.3");
+    assert_eq!(dig(port, "files.office.test"), "10.1.2.4");
+    // Two dig runs are two client ports: two flows, each audited once it
+    // has been quiet for a second.
+    let audits = gateway.wait_for_audits(2, WAIT);
+    for audit in &audits {
+        assert_eq!(audit["service"], "dns");
+        assert_eq!(audit["result"], "ok", "{audit}");
+        assert_eq!(audit["reason"], "idle timeout (1s)");
+        assert_eq!(audit["target"], target.to_string());
+        assert_eq!(audit["datagrams_up"], 1, "{audit}");
+        assert_eq!(audit["datagrams_down"], 1, "{audit}");
+        assert!(audit["bytes_up"].as_u64().unwrap() > 20, "{audit}");
+        assert!(audit["bytes_down"].as_u64().unwrap() > audit["bytes_up"].as_u64().unwrap());
+    }
+}
+
+/// A UDP echo server on loopback (a thread); returns its address.
+fn echo_server() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
+    addr
+}
+
+/// Sends `count` datagrams of pseudo-random sizes (1 byte to 8 KB) tagged
+/// with `tag`, one at a time, and checks each comes back whole; returns
+/// the hash of all bytes sent and of all bytes received.
+fn exchange(socket: &UdpSocket, tag: u8, count: usize) -> (String, String) {
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let (mut sent, mut received) = (Vec::new(), Vec::new());
+    let mut buf = vec![0u8; 65536];
+    for i in 0..count {
+        let len = 1 + (i * 7919 + tag as usize * 104_729) % 8192;
+        let mut datagram = pseudo_random(len, (tag as u64) << 32 | i as u64);
+        datagram[0] = tag;
+        socket.send(&datagram).unwrap();
+        let n = socket.recv(&mut buf).unwrap();
+        assert_eq!(buf[0], tag, "a datagram of another flow arrived");
+        sent.extend_from_slice(&datagram);
+        received.extend_from_slice(&buf[..n]);
+    }
+    (sha256_hex(&sent), sha256_hex(&received))
+}
+
+#[test]
+fn datagrams_of_random_sizes_come_back_whole_and_two_flows_never_cross() {
+    let echo = echo_server();
+    let gateway = RunningGateway::start(&udp_service(echo, ""));
+    let service = gateway.addr("dns");
+    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    a.connect(service).unwrap();
+    b.connect(service).unwrap();
+    let (ha, hb) = std::thread::scope(|s| {
+        let ha = s.spawn(|| exchange(&a, 0xA1, 300));
+        let hb = s.spawn(|| exchange(&b, 0xB2, 300));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    assert_eq!(ha.0, ha.1, "flow a: bytes differ");
+    assert_eq!(hb.0, hb.1, "flow b: bytes differ");
+    // The largest datagram UDP over IPv4 carries, whole.
+    let big = pseudo_random(65_507, 7);
+    a.send(&big).unwrap();
+    let mut buf = vec![0u8; 70_000];
+    let n = a.recv(&mut buf).unwrap();
+    assert_eq!(sha256_hex(&buf[..n]), sha256_hex(&big));
+}
+
+#[test]
+fn a_refused_source_is_audited_once_and_gets_nothing() {
+    let echo = echo_server();
+    let gateway = RunningGateway::start(&udp_service(echo, "allow = \"127.0.0.2\"\n"));
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(gateway.addr("dns")).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    for _ in 0..5 {
+        client.send(b"let me in").unwrap();
+    }
+    let mut buf = [0u8; 64];
+    assert!(
+        client.recv(&mut buf).is_err(),
+        "a refused client got an answer"
+    );
+    let audit = &gateway.wait_for_audits(1, WAIT)[0];
+    assert_eq!(audit["result"], "denied");
+    assert_eq!(audit["client"], client.local_addr().unwrap().to_string());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gateway.audits().len(), 1, "one record for the flood");
+    // An allowed source is served.
+    let allowed = UdpSocket::bind("127.0.0.2:0").unwrap();
+    allowed.connect(gateway.addr("dns")).unwrap();
+    allowed
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    allowed.send(b"hello").unwrap();
+    let n = allowed.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello");
+}
+
+#[test]
+fn a_target_that_is_not_listening_ends_the_flow_with_the_reason() {
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let gateway = RunningGateway::start(&udp_service(closed, ""));
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(gateway.addr("dns")).unwrap();
+    client.send(b"anyone?").unwrap();
+    let audit = &gateway.wait_for_audits(1, WAIT)[0];
+    assert_eq!(audit["result"], "error", "{audit}");
+    assert_eq!(
+        audit["reason"],
+        "the target is not listening (ICMP port unreachable)"
+    );
+    assert_eq!(audit["datagrams_up"], 1);
+}
