@@ -23,6 +23,11 @@ fuzz_target!(|data: &[u8]| {
     let mut now = start;
     let role = if data.first().is_some_and(|b| b & 1 == 1) { Role::Dialer } else { Role::Acceptor };
     let mut mux = Mux::new(role, config.clone(), now);
+    // Half the inputs negotiate datagrams, so DATAGRAM frames are both
+    // refused (not negotiated) and handled.
+    if data.first().is_some_and(|b| b & 2 == 2) {
+        mux.enable_datagrams();
+    }
     let mut ids: Vec<u32> = Vec::new();
     let mut rest = data.get(1..).unwrap_or_default();
     // Capacities may double past what they hold; windows come from the

@@ -29,7 +29,18 @@ mod kind {
     pub const PONG: u8 = 8;
     pub const CLOSE: u8 = 9;
     pub const KEY_EXCHANGE: u8 = 10;
+    pub const DATAGRAM: u8 = 11;
 }
+
+/// Longest service name a DATAGRAM frame carries (names are short; the
+/// room is the datagram's).
+pub const MAX_DATAGRAM_SERVICE: usize = 64;
+/// Bytes of a DATAGRAM frame besides its payload, at most: type, flow id,
+/// name length and the longest name.
+pub const DATAGRAM_OVERHEAD: usize = 1 + 4 + 1 + MAX_DATAGRAM_SERVICE;
+/// Largest datagram a link carries, whatever the service name: a record
+/// holds at most [`crate::record::MAX_PLAINTEXT`] bytes.
+pub const MAX_DATAGRAM: usize = crate::record::MAX_PLAINTEXT - DATAGRAM_OVERHEAD;
 
 /// The type byte of a KEY_EXCHANGE frame (the session's writer looks for it:
 /// records after some of these are sealed with new keys).
@@ -85,6 +96,16 @@ pub enum Frame<'a> {
     /// A step of a fresh key exchange (only when both sides announced the
     /// key-exchange feature).
     KeyExchange { step: KexStep, message: &'a [u8] },
+    /// One UDP datagram of flow `flow` (only when both sides announced the
+    /// datagram feature). The side that opened the flow names the
+    /// receiver's service in each of its datagrams (no round trip opens a
+    /// flow, and a flow the receiver forgot comes back by itself); answers
+    /// carry no name.
+    Datagram {
+        flow: u32,
+        service: Option<&'a str>,
+        payload: &'a [u8],
+    },
 }
 
 /// A record's plaintext is not a valid frame.
@@ -171,6 +192,17 @@ impl<'a> Frame<'a> {
                 out.push(*step as u8);
                 out.extend_from_slice(message);
             }
+            Frame::Datagram {
+                flow,
+                service,
+                payload,
+            } => {
+                head(out, kind::DATAGRAM, *flow);
+                let name = service.unwrap_or("").as_bytes();
+                out.push(name.len() as u8);
+                out.extend_from_slice(name);
+                out.extend_from_slice(payload);
+            }
         }
     }
 
@@ -246,6 +278,25 @@ impl<'a> Frame<'a> {
             kind::CLOSE => Frame::Close {
                 reason: text(rest)?,
             },
+            kind::DATAGRAM => {
+                let (flow, body) = with_id()?;
+                let (&len, body) = body
+                    .split_first()
+                    .ok_or(FrameError::Malformed("datagram without a name length"))?;
+                let len = len as usize;
+                if len > MAX_DATAGRAM_SERVICE || body.len() < len {
+                    return Err(FrameError::Malformed("datagram service name length"));
+                }
+                let service = match len {
+                    0 => None,
+                    _ => Some(text(&body[..len])?),
+                };
+                Frame::Datagram {
+                    flow,
+                    service,
+                    payload: &body[len..],
+                }
+            }
             kind::KEY_EXCHANGE => {
                 let (&step, message) = rest
                     .split_first()
@@ -273,7 +324,7 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = (u8, u32, u32, u64, Vec<u8>, String)> {
         (
-            0u8..11,
+            0u8..12,
             any::<u32>(),
             any::<u32>(),
             any::<u64>(),
@@ -296,6 +347,11 @@ mod tests {
                 7 => Frame::Ping(v),
                 8 => Frame::Pong(v),
                 9 => Frame::Close { reason: &s },
+                10 => Frame::Datagram {
+                    flow: id,
+                    service: (n % 2 == 0).then_some(&s[..s.len().min(MAX_DATAGRAM_SERVICE)]),
+                    payload: &data,
+                },
                 _ => Frame::KeyExchange {
                     step: [KexStep::Init, KexStep::Reply, KexStep::Done][n as usize % 3],
                     message: &data[..data.len().min(MAX_KEX_MESSAGE)],
@@ -310,6 +366,24 @@ mod tests {
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = Frame::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn a_datagram_name_longer_than_its_room_or_the_frame_is_rejected() {
+        let mut frame = vec![kind::DATAGRAM, 0, 0, 0, 1, 65];
+        frame.extend_from_slice(&[b'a'; 65]);
+        assert!(Frame::decode(&frame).is_err());
+        assert!(Frame::decode(&[kind::DATAGRAM, 0, 0, 0, 1, 5, b'a']).is_err());
+        assert!(Frame::decode(&[kind::DATAGRAM, 0, 0, 0, 1]).is_err());
+        // No name, no payload: an empty datagram, which UDP allows.
+        assert_eq!(
+            Frame::decode(&[kind::DATAGRAM, 0, 0, 0, 1, 0]),
+            Ok(Frame::Datagram {
+                flow: 1,
+                service: None,
+                payload: &[]
+            })
+        );
     }
 
     #[test]

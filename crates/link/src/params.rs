@@ -31,9 +31,11 @@ impl Features {
     pub const NONE: Features = Features(0);
     /// In-session fresh key exchange (`KEY_EXCHANGE` frames, see `kex`).
     pub const KEY_EXCHANGE: Features = Features(1 << 0);
+    /// UDP datagrams across the link (`DATAGRAM` frames).
+    pub const DATAGRAMS: Features = Features(1 << 1);
 
     /// What this build of linkgate supports and announces.
-    pub const SUPPORTED: Features = Features::KEY_EXCHANGE;
+    pub const SUPPORTED: Features = Features(Features::KEY_EXCHANGE.0 | Features::DATAGRAMS.0);
 
     /// The features in both sets.
     pub fn both(self, other: Features) -> Features {
@@ -110,6 +112,7 @@ mod tests {
         block.extend_from_slice(&[7, 0]);
         let theirs = decode(&block).unwrap();
         assert_eq!(theirs.both(Features::SUPPORTED), Features::KEY_EXCHANGE);
+        assert!(Features::SUPPORTED.contains(Features::DATAGRAMS));
     }
 
     #[test]

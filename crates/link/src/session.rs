@@ -239,7 +239,26 @@ struct Shared {
     end: watch::Sender<Option<LinkEnd>>,
     wire_sent: AtomicU64,
     wire_received: AtomicU64,
+    /// Datagrams received, for whoever took the receiver.
+    datagrams: mpsc::Sender<Datagram>,
+    datagrams_rx: Mutex<Option<mpsc::Receiver<Datagram>>>,
+    /// Received datagrams dropped because their reader was behind.
+    datagrams_dropped: AtomicU64,
 }
+
+/// A datagram that arrived over the link.
+#[derive(Debug)]
+pub struct Datagram {
+    /// Its flow (see [`Session::open_flow`], [`Session::peer_flow`]).
+    pub flow: u32,
+    /// The service it is for, when the peer opened the flow.
+    pub service: Option<String>,
+    /// The datagram, whole.
+    pub payload: Vec<u8>,
+}
+
+/// Datagrams received and not yet taken, at most (then they are dropped).
+const DATAGRAM_BACKLOG: usize = 1024;
 
 fn wake(slot: &mut Option<Waker>, deferred: &mut Vec<Waker>) {
     if let Some(waker) = slot.take() {
@@ -286,6 +305,21 @@ impl Shared {
                 Event::Writable(id) => {
                     if let Some(w) = state.wakers.get_mut(&id) {
                         wake(&mut w.write, &mut state.deferred_wakes);
+                    }
+                }
+                Event::Datagram {
+                    flow,
+                    service,
+                    payload,
+                } => {
+                    let datagram = Datagram {
+                        flow,
+                        service,
+                        payload,
+                    };
+                    // Nobody reading, or behind: dropped, as UDP would.
+                    if self.datagrams.try_send(datagram).is_err() {
+                        self.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -447,9 +481,14 @@ impl Session {
         config: SessionConfig,
     ) -> (Session, mpsc::Receiver<IncomingStream>) {
         let (end, _) = watch::channel(None);
+        let (datagrams_tx, datagrams_rx) = mpsc::channel(DATAGRAM_BACKLOG);
+        let mut mux = Mux::new(role, config.mux(), Instant::now().into_std());
+        if keys.features.contains(Features::DATAGRAMS) {
+            mux.enable_datagrams();
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                mux: Mux::new(role, config.mux(), Instant::now().into_std()),
+                mux,
                 wakers: HashMap::new(),
                 open_replies: HashMap::new(),
                 ended: false,
@@ -477,6 +516,9 @@ impl Session {
             end,
             wire_sent: AtomicU64::new(0),
             wire_received: AtomicU64::new(0),
+            datagrams: datagrams_tx,
+            datagrams_rx: Mutex::new(Some(datagrams_rx)),
+            datagrams_dropped: AtomicU64::new(0),
         });
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_backlog);
         let writer_config = WriterConfig {
@@ -500,6 +542,41 @@ impl Session {
         });
         tokio::spawn(run_timer(shared.clone()));
         (Session { shared }, incoming_rx)
+    }
+
+    /// The datagrams that arrive over the link, for the one caller that
+    /// takes them (`None` after the first call). Until then, and whenever
+    /// the taker falls behind by [`DATAGRAM_BACKLOG`], they are dropped.
+    pub fn take_datagrams(&self) -> Option<mpsc::Receiver<Datagram>> {
+        self.shared
+            .datagrams_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// A new id for a datagram flow this side opens.
+    pub fn open_flow(&self) -> u32 {
+        self.shared.lock().mux.open_flow()
+    }
+
+    /// Whether the other gateway opened flow `flow`.
+    pub fn peer_flow(&self, flow: u32) -> bool {
+        self.shared.lock().mux.peer_flow(flow)
+    }
+
+    /// Sends one datagram of `flow` (naming the other gateway's `service`
+    /// on a flow this side opened), or drops it and says why.
+    pub fn send_datagram(
+        &self,
+        flow: u32,
+        service: Option<&str>,
+        payload: &[u8],
+    ) -> Result<(), crate::mux::DatagramDrop> {
+        let mut state = self.shared.lock();
+        let sent = state.mux.send_datagram(flow, service, payload);
+        self.shared.settle(&mut state);
+        sent
     }
 
     /// Opens a stream to the other gateway's `service`; resolves once the

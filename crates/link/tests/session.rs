@@ -300,3 +300,94 @@ async fn a_session_is_authenticated_by_the_first_record_from_the_other_side() {
         "no record, no proof"
     );
 }
+
+/// Datagrams cross both ways whole and in order, each flow keeps its own,
+/// the opener names the service, and a flood of them beside a bulk stream
+/// starves neither: the stream's bytes all arrive, and so do most of the
+/// datagrams (the rest dropped, counted, never queued without bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_cross_whole_in_order_and_share_the_link_with_streams() {
+    let ((dialer, _), (acceptor, incoming)) = pair(SessionConfig::default()).await;
+    serve_echo(incoming);
+    let mut at_hub = acceptor.take_datagrams().unwrap();
+    let mut at_branch = dialer.take_datagrams().unwrap();
+    assert!(dialer.take_datagrams().is_none(), "taken once");
+    // Two flows from the branch; the hub answers each on its own flow.
+    let (a, b) = (dialer.open_flow(), dialer.open_flow());
+    assert_ne!(a, b);
+    assert!(acceptor.peer_flow(a) && !dialer.peer_flow(a));
+    for i in 0..200u32 {
+        let flow = if i % 2 == 0 { a } else { b };
+        let payload = data(1 + (i as usize * 37) % 8000, i as u8);
+        dialer.send_datagram(flow, Some("dns"), &payload).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), at_hub.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.flow, got.service.as_deref()), (flow, Some("dns")));
+        assert_eq!(got.payload, payload);
+        acceptor
+            .send_datagram(got.flow, None, &got.payload)
+            .unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), at_branch.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((back.flow, back.service), (flow, None));
+        assert_eq!(back.payload, payload);
+    }
+    // The largest datagram a link carries, and one byte more refused.
+    let largest = data(linkgate_link::frame::MAX_DATAGRAM, 9);
+    dialer.send_datagram(a, Some("dns"), &largest).unwrap();
+    let got = at_hub.recv().await.unwrap();
+    assert_eq!(got.payload, largest);
+    assert_eq!(
+        dialer.send_datagram(
+            a,
+            Some("dns"),
+            &data(linkgate_link::frame::MAX_DATAGRAM + 1, 1)
+        ),
+        Err(linkgate_link::mux::DatagramDrop::TooLarge)
+    );
+    // A bulk stream and a flood of datagrams at once.
+    let bulk = data(8 << 20, 3);
+    let echoing = {
+        let dialer = dialer.clone();
+        let bulk = bulk.clone();
+        tokio::spawn(async move { echo(&dialer, bulk, 64 * 1024, Duration::ZERO).await })
+    };
+    // The flood's end is a datagram on a flow of its own (datagrams are
+    // sent in order, so it comes after the flood's survivors).
+    let end_flow = dialer.open_flow();
+    let flood = tokio::spawn(async move {
+        let mut received = 0u32;
+        while let Some(datagram) = at_hub.recv().await {
+            if datagram.flow == end_flow {
+                break;
+            }
+            received += 1;
+        }
+        received
+    });
+    let (mut sent, mut dropped) = (0u32, 0u32);
+    for _ in 0..20_000 {
+        match dialer.send_datagram(b, Some("dns"), &[7u8; 1000]) {
+            Ok(()) => sent += 1,
+            Err(_) => dropped += 1,
+        }
+        if (sent + dropped) % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert_eq!(echoing.await.unwrap(), bulk, "the stream starved or broke");
+    // The end marker may itself be dropped by a full queue: repeat it.
+    while !flood.is_finished() {
+        let _ = dialer.send_datagram(end_flow, Some("dns"), b"end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let received = flood.await.unwrap();
+    assert!(
+        received > 2000 && received <= sent,
+        "datagrams starved: {received} of {sent} sent, {dropped} dropped"
+    );
+}

@@ -98,7 +98,34 @@ pub enum Event {
     Readable(u32),
     /// Room in the send queue again (or the stream was reset).
     Writable(u32),
+    /// A datagram of flow `flow` arrived; the opener of a flow names the
+    /// receiver's service in each of its datagrams.
+    Datagram {
+        flow: u32,
+        service: Option<String>,
+        payload: Vec<u8>,
+    },
 }
+
+/// Why a datagram was not queued (it is dropped, as UDP would).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatagramDrop {
+    /// The other gateway did not announce the datagram feature.
+    NotSupported,
+    /// Larger than a link carries ([`crate::frame::MAX_DATAGRAM`]), or a
+    /// service name longer than [`crate::frame::MAX_DATAGRAM_SERVICE`].
+    TooLarge,
+    /// The link's datagram queue is full: the link is busier than the
+    /// datagrams' rate.
+    QueueFull,
+    /// The link is closing.
+    Closing,
+}
+
+/// Datagrams waiting to be sent, at most this many bytes: on a busy link a
+/// datagram is dropped rather than kept waiting (UDP's users want fresh
+/// data, not old).
+pub const DATAGRAM_QUEUE_BYTES: usize = 256 * 1024;
 
 /// The peer broke the protocol: the link must be closed with this reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,6 +174,12 @@ pub struct MuxStats {
     pub rtt: Option<Duration>,
     /// The smoothed PING round trip (7/8 old + 1/8 new, as TCP's SRTT).
     pub srtt: Option<Duration>,
+    /// Datagrams sent, received, and dropped before sending.
+    pub datagrams_sent: u64,
+    /// See `datagrams_sent`.
+    pub datagrams_received: u64,
+    /// See `datagrams_sent`.
+    pub datagrams_dropped: u64,
 }
 
 /// What the multiplexer holds in memory (see [`Mux::memory`]).
@@ -321,6 +354,15 @@ pub struct Mux {
     stats: MuxStats,
     /// Largest DATA payload the scheduler puts in one frame now.
     frame_limit: usize,
+    /// Both sides announced datagrams.
+    datagrams: bool,
+    /// Encoded DATAGRAM frames waiting, and their bytes.
+    datagram_queue: VecDeque<Vec<u8>>,
+    datagram_bytes: usize,
+    /// The last frame sent was a datagram: stream data goes next if any.
+    datagram_turn: bool,
+    /// Next id for a datagram flow we open (same parity rule as streams).
+    next_flow: u32,
 }
 
 impl Mux {
@@ -359,7 +401,83 @@ impl Mux {
             ping_outstanding: None,
             stats: MuxStats::default(),
             frame_limit: MAX_DATA,
+            datagrams: false,
+            datagram_queue: VecDeque::new(),
+            datagram_bytes: 0,
+            datagram_turn: false,
+            next_flow: next_local,
         }
+    }
+
+    /// Lets datagrams cross the link (both sides announced the feature).
+    pub fn enable_datagrams(&mut self) {
+        self.datagrams = true;
+    }
+
+    /// A new id for a datagram flow this side opens: the dialer's are odd,
+    /// the acceptor's even, so the two sides never pick the same.
+    pub fn open_flow(&mut self) -> u32 {
+        let flow = self.next_flow;
+        self.next_flow = self.next_flow.wrapping_add(2).max(2 - (flow & 1));
+        flow
+    }
+
+    /// Whether the peer opened flow `flow` (else we did).
+    pub fn peer_flow(&self, flow: u32) -> bool {
+        (flow & 1 == 1) != (self.role == Role::Dialer)
+    }
+
+    /// Queues one datagram of `flow`, naming the peer's `service` when we
+    /// opened the flow. It goes out before queued stream data (taking turns
+    /// with it when both are waiting), or is dropped.
+    pub fn send_datagram(
+        &mut self,
+        flow: u32,
+        service: Option<&str>,
+        payload: &[u8],
+    ) -> Result<(), DatagramDrop> {
+        let refused = |mux: &mut Mux, why| {
+            mux.stats.datagrams_dropped += 1;
+            Err(why)
+        };
+        if !self.datagrams {
+            return refused(self, DatagramDrop::NotSupported);
+        }
+        if self.close.is_some() || self.close_sent {
+            return refused(self, DatagramDrop::Closing);
+        }
+        if payload.len() > crate::frame::MAX_DATAGRAM
+            || service.is_some_and(|s| s.len() > crate::frame::MAX_DATAGRAM_SERVICE)
+        {
+            return refused(self, DatagramDrop::TooLarge);
+        }
+        if self.datagram_bytes + payload.len() + crate::frame::DATAGRAM_OVERHEAD
+            > DATAGRAM_QUEUE_BYTES
+        {
+            return refused(self, DatagramDrop::QueueFull);
+        }
+        let mut frame = Vec::with_capacity(payload.len() + crate::frame::DATAGRAM_OVERHEAD);
+        Frame::Datagram {
+            flow,
+            service,
+            payload,
+        }
+        .encode(&mut frame);
+        self.datagram_bytes += frame.len();
+        self.datagram_queue.push_back(frame);
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn transmit_datagram(&mut self, out: &mut Vec<u8>) -> bool {
+        let Some(frame) = self.datagram_queue.pop_front() else {
+            return false;
+        };
+        self.datagram_bytes -= frame.len();
+        out.extend_from_slice(&frame);
+        self.stats.datagrams_sent += 1;
+        self.datagram_turn = true;
+        true
     }
 
     /// Caps the payload of the DATA frames made from now on (at least
@@ -776,6 +894,21 @@ impl Mux {
             // The session handles key exchanges itself (they change its
             // keys); one reaching the multiplexer was not negotiated.
             Frame::KeyExchange { .. } => return err("unexpected key exchange frame".into()),
+            Frame::Datagram {
+                flow,
+                service,
+                payload,
+            } => {
+                if !self.datagrams {
+                    return err("datagram frame, but datagrams were not negotiated".into());
+                }
+                self.stats.datagrams_received += 1;
+                self.events.push_back(Event::Datagram {
+                    flow,
+                    service: service.map(str::to_string),
+                    payload: payload.to_vec(),
+                });
+            }
         }
         Ok(())
     }
@@ -867,7 +1000,17 @@ impl Mux {
                 }
             }
         }
-        self.transmit_data(out)
+        // Datagrams never wait behind stream data; when both are waiting
+        // they take turns, so neither starves the other.
+        let streams_waiting = !self.new_flows.is_empty() || !self.old_flows.is_empty();
+        if (!self.datagram_turn || !streams_waiting) && self.transmit_datagram(out) {
+            return true;
+        }
+        if self.transmit_data(out) {
+            self.datagram_turn = false;
+            return true;
+        }
+        self.transmit_datagram(out)
     }
 
     /// Deficit round robin: new flows first, then old ones.
