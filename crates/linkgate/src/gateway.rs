@@ -392,6 +392,7 @@ fn start_accepting(
     shutdown: &Shutdown,
 ) -> ServiceListeners {
     let stop = shutdown.stop_accepting.child_token();
+    runtime.set_stop(stop.clone());
     let loops = TaskTracker::new();
     for socket in sockets.udp {
         let local = socket
@@ -560,6 +561,42 @@ fn admit_tcp(service: &Arc<ServiceRuntime>, tcp: TcpStream, peer: SocketAddr, sh
 }
 
 impl StreamDispatch for GatewayDispatch {
+    fn datagram(
+        &self,
+        peer: &str,
+        session: &link::session::Session,
+        datagram: link::session::Datagram,
+    ) {
+        let Some(name) = datagram.service.as_deref() else {
+            return; // An answer to a flow we no longer have.
+        };
+        let service = self
+            .services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned();
+        match service {
+            Some(service)
+                if service.config.kind == crate::config::ServiceKind::Udp
+                    && service.config.listen.contains(&Listen::Link) =>
+            {
+                crate::service::udp::serve_link_datagram(
+                    &service,
+                    peer,
+                    session,
+                    datagram,
+                    &self.shutdown.tracker,
+                );
+            }
+            _ => tracing::debug!(
+                peer,
+                service = name,
+                "datagram for no udp service on links: dropped"
+            ),
+        }
+    }
+
     fn dispatch(&self, peer: &str, request: IncomingStream) {
         if let Some((service, ticket)) = parse_data_stream_name(&request.service) {
             return self.dispatch_ftp_data(peer, service.to_string(), ticket, request);

@@ -224,3 +224,52 @@ fn a_target_that_is_not_listening_ends_the_flow_with_the_reason() {
     );
     assert_eq!(audit["datagrams_up"], 1);
 }
+
+/// A hub whose udp services `dns` (→ `dns_target`) and `echo` (→
+/// `echo_target`) listen on links, and a spoke mapping them locally.
+fn udp_pair(dns_target: SocketAddr, echo_target: SocketAddr) -> (RunningGateway, RunningGateway) {
+    let hub_services = format!(
+        "[[service]]\nname = \"dns\"\ntype = \"udp\"\nlisten = \"link\"\ntarget = \"{dns_target}\"\nallow = \"peer:spoke\"\nidle_timeout = \"1s\"\n\n\
+         [[service]]\nname = \"echo\"\ntype = \"udp\"\nlisten = \"link\"\ntarget = \"{echo_target}\"\nallow = \"peer:spoke\"\n"
+    );
+    let spoke_services = "[[service]]\nname = \"dns\"\ntype = \"udp\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/dns\"\nidle_timeout = \"1s\"\n\n\
+         [[service]]\nname = \"echo\"\ntype = \"udp\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/echo\"\n";
+    common::pair::start_pair(&hub_services, spoke_services, None)
+}
+
+#[test]
+fn dig_asks_the_main_offices_dnsmasq_across_the_link() {
+    let dns = Dnsmasq::start();
+    let target: SocketAddr = format!("127.0.0.1:{}", dns.port).parse().unwrap();
+    let (hub, spoke) = udp_pair(target, echo_server());
+    let port = spoke.addr("dns").port();
+    assert_eq!(dig(port, "printer.office.test"), "10.1.2.3");
+    // Both sides audit the flow once it went quiet: the spoke its client,
+    // the hub the peer.
+    let spoke_audit = &spoke.wait_for_audits(1, WAIT)[0];
+    assert_eq!(spoke_audit["target"], "link://hub/dns");
+    assert_eq!(spoke_audit["datagrams_up"], 1, "{spoke_audit}");
+    assert_eq!(spoke_audit["datagrams_down"], 1, "{spoke_audit}");
+    let hub_audit = &hub.wait_for_audits(1, WAIT)[0];
+    assert_eq!(hub_audit["client"], "peer:spoke");
+    assert_eq!(hub_audit["target"], target.to_string());
+    assert_eq!(hub_audit["result"], "ok", "{hub_audit}");
+    assert_eq!(hub_audit["datagrams_down"], 1, "{hub_audit}");
+}
+
+#[test]
+fn datagrams_cross_the_link_whole_and_flows_stay_apart() {
+    let (_hub, spoke) = udp_pair(echo_server(), echo_server());
+    let service = spoke.addr("echo");
+    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    a.connect(service).unwrap();
+    b.connect(service).unwrap();
+    let (ha, hb) = std::thread::scope(|s| {
+        let ha = s.spawn(|| exchange(&a, 0xC3, 300));
+        let hb = s.spawn(|| exchange(&b, 0xD4, 300));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    assert_eq!(ha.0, ha.1, "flow a: bytes differ");
+    assert_eq!(hb.0, hb.1, "flow b: bytes differ");
+}

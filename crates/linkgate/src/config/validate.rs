@@ -630,23 +630,8 @@ fn check_service(
     }
 }
 
-/// What a udp service cannot have (yet): datagrams across links, proxy
-/// hops, logins.
+/// What a udp service cannot have: proxy hops, logins, destinations.
 fn check_udp(service: &ServiceConfig, push: &mut dyn FnMut(&str, String)) {
-    if service.listen.contains(&Listen::Link) {
-        push(
-            "listen",
-            "udp services do not listen on links yet (datagrams across links are not built); \
-             listen on host:port"
-                .into(),
-        );
-    }
-    if matches!(service.target, Some(Hop::Link { .. })) {
-        push(
-            "target",
-            "udp targets across links (link://) are not built yet; give host:port".into(),
-        );
-    }
     if !service.via.is_empty() {
         push(
             "via",

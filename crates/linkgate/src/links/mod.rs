@@ -23,6 +23,12 @@ pub use start::start;
 pub trait StreamDispatch: Send + Sync + 'static {
     /// Admits or refuses `request`, which arrived from `peer`.
     fn dispatch(&self, peer: &str, request: IncomingStream);
+
+    /// A datagram of a flow `peer` opened towards one of our udp services
+    /// (`session` carries the answers). The default drops it.
+    fn datagram(&self, peer: &str, session: &Session, datagram: link::session::Datagram) {
+        let _ = (peer, session, datagram);
+    }
 }
 
 /// How a live link is carried, for logs, the console and `linkgate status`.
@@ -58,7 +64,25 @@ pub struct LinkHistory {
 pub struct Links {
     sessions: Mutex<HashMap<String, (Session, LinkInfo)>>,
     history: Mutex<HashMap<String, LinkHistory>>,
+    /// Our udp flows across links, by peer and flow id: where their
+    /// answers go.
+    flows: Mutex<HashMap<(String, u32), FlowAnswers>>,
+    /// The next flow id per peer, kept across sessions so that a flow that
+    /// outlived a reconnect never shares its id with a new one.
+    next_flow: Mutex<HashMap<String, u32>>,
 }
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links").field("up", &self.up()).finish()
+    }
+}
+
+/// Where the answers on one of our udp flows go.
+type FlowAnswers = tokio::sync::mpsc::Sender<Vec<u8>>;
+
+/// Answers waiting for a flow's task, at most (then they are dropped).
+const FLOW_BACKLOG: usize = 256;
 
 impl Links {
     /// The live session to `peer`, if its link is up.
@@ -93,6 +117,50 @@ impl Links {
     fn note(&self, peer: &str, change: impl FnOnce(&mut LinkHistory)) {
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         change(history.entry(peer.to_string()).or_default());
+    }
+
+    /// Opens a udp flow to `peer` (whose link must be up): its id, and the
+    /// receiver of the answers that come back on it. Dropping the receiver
+    /// ends the flow here; [`Links::close_flow`] forgets it.
+    pub fn open_flow(&self, peer: &str) -> Option<(u32, tokio::sync::mpsc::Receiver<Vec<u8>>)> {
+        let session = self.session(peer)?;
+        // Our ids have the parity the session gives ours (odd when we dial).
+        let first = if session.peer_flow(1) { 2 } else { 1 };
+        let flow = {
+            let mut next = self.next_flow.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = next.entry(peer.to_string()).or_insert(first);
+            let flow = *entry;
+            *entry = entry.wrapping_add(2).max(first);
+            flow
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(FLOW_BACKLOG);
+        self.flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((peer.to_string(), flow), tx);
+        Some((flow, rx))
+    }
+
+    /// Forgets flow `flow` to `peer`.
+    pub fn close_flow(&self, peer: &str, flow: u32) {
+        self.flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(peer.to_string(), flow));
+    }
+
+    /// Hands an answer on one of our flows to its task (dropped when the
+    /// flow is gone or behind).
+    fn answer(&self, peer: &str, flow: u32, payload: Vec<u8>) {
+        let sender = self
+            .flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(peer.to_string(), flow))
+            .cloned();
+        if let Some(sender) = sender {
+            let _ = sender.try_send(payload);
+        }
     }
 
     /// Names of peers whose link is up.
@@ -206,8 +274,28 @@ async fn serve_session(
             }
         })
     };
+    let datagrams = session.take_datagrams().map(|mut datagrams| {
+        let (dispatch, links, session, peer) = (
+            dispatch.clone(),
+            links.clone(),
+            session.clone(),
+            peer.to_string(),
+        );
+        tokio::spawn(async move {
+            while let Some(datagram) = datagrams.recv().await {
+                if session.peer_flow(datagram.flow) {
+                    dispatch.datagram(&peer, &session, datagram);
+                } else {
+                    links.answer(&peer, datagram.flow, datagram.payload);
+                }
+            }
+        })
+    });
     let end = session.ended().await;
     dispatcher.abort();
+    if let Some(datagrams) = datagrams {
+        datagrams.abort();
+    }
     links.unregister(peer, &session);
     if links.session(peer).is_none() {
         crate::events::note(

@@ -59,6 +59,13 @@ pub struct ServiceRuntime {
     client_caps: crate::limits::CapTable,
     /// `[[user]] bandwidth`, gateway-wide.
     user_caps: Arc<crate::limits::UserCaps>,
+    /// Live links: udp flows to `link://` targets.
+    pub links: Arc<Links>,
+    /// udp: the flows peers opened to this service over links.
+    pub udp_link_flows: udp::LinkFlows,
+    /// Cancelled when the service stops (reload, shutdown); set once it
+    /// starts. Ends its udp flows that came over links.
+    stopped: std::sync::OnceLock<CancellationToken>,
 }
 
 /// Connections being served per client (source address, or `peer:NAME`),
@@ -140,6 +147,9 @@ impl ServiceRuntime {
             }),
             client_caps: crate::limits::CapTable::default(),
             user_caps: shared.user_caps.clone(),
+            links: shared.links.clone(),
+            udp_link_flows: udp::LinkFlows::default(),
+            stopped: std::sync::OnceLock::new(),
             config,
         })
     }
@@ -197,6 +207,17 @@ impl ServiceRuntime {
             _client: client_slot,
             caps,
         })
+    }
+
+    /// Records the token that is cancelled when the service stops.
+    pub fn set_stop(&self, stop: CancellationToken) {
+        let _ = self.stopped.set(stop);
+    }
+
+    /// The token cancelled when the service stops (a fresh one, never
+    /// cancelled, before it started).
+    pub fn udp_stop(&self) -> CancellationToken {
+        self.stopped.get().cloned().unwrap_or_default()
     }
 
     /// The service's bandwidth caps in use: its own and its clients'.

@@ -58,14 +58,101 @@ impl FlowCounters {
 }
 
 struct Flow {
-    outbound: Arc<UdpSocket>,
+    outbound: Outbound,
     counters: Arc<FlowCounters>,
     started: Instant,
     live: Option<Arc<crate::connections::Registered>>,
     caps: Caps,
 }
 
+/// Where a flow's datagrams go: a socket connected to the target, or a
+/// flow over the link to the gateway whose udp service is the target.
+enum Outbound {
+    Socket(Arc<UdpSocket>),
+    Link {
+        links: Arc<crate::links::Links>,
+        peer: String,
+        service: String,
+        flow: u32,
+    },
+}
+
+impl Outbound {
+    /// Sends one datagram now, or drops it (false).
+    fn send(&self, datagram: &[u8]) -> bool {
+        match self {
+            Outbound::Socket(socket) => send_now(socket, datagram, None).is_ok(),
+            Outbound::Link {
+                links,
+                peer,
+                service,
+                flow,
+            } => links
+                .session(peer)
+                .is_some_and(|s| s.send_datagram(*flow, Some(service), datagram).is_ok()),
+        }
+    }
+}
+
+/// Where a flow's answers come from.
+enum Answers {
+    Socket(Arc<UdpSocket>),
+    Link(tokio::sync::mpsc::Receiver<Vec<u8>>),
+}
+
+impl Answers {
+    async fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Answers::Socket(socket) => socket.recv(buf).await,
+            Answers::Link(answers) => {
+                let answer = answers
+                    .recv()
+                    .await
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "flow closed"))?;
+                let n = answer.len().min(buf.len());
+                buf[..n].copy_from_slice(&answer[..n]);
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// Where a flow's answers are delivered: the client's address, from the
+/// service's socket, or back over the link the flow came in on.
+enum Client {
+    Socket {
+        listener: Arc<UdpSocket>,
+        addr: SocketAddr,
+    },
+    Link {
+        session: link::session::Session,
+        flow: u32,
+    },
+}
+
+impl Client {
+    fn send(&self, datagram: &[u8]) -> bool {
+        match self {
+            Client::Socket { listener, addr } => send_now(listener, datagram, Some(*addr)).is_ok(),
+            Client::Link { session, flow } => session.send_datagram(*flow, None, datagram).is_ok(),
+        }
+    }
+}
+
 type Flows = Arc<Mutex<HashMap<SocketAddr, Arc<Flow>>>>;
+
+/// The flows peers opened to a udp service over links, by peer and flow.
+#[derive(Default)]
+pub struct LinkFlows {
+    flows: Mutex<HashMap<(String, u32), Arc<Flow>>>,
+    refused: Mutex<HashMap<(String, u32), Instant>>,
+}
+
+impl std::fmt::Debug for LinkFlows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkFlows")
+    }
+}
 
 /// Serves the datagrams arriving on `socket` until `stop` is cancelled;
 /// then ends every flow (each writes its audit record) and returns.
@@ -118,26 +205,112 @@ pub async fn serve_socket(
                 }
             }
         };
-        if !flow.caps.is_empty() {
-            match flow.caps.allowance(Way::Up, Instant::now(), n) {
-                Ok(_) => flow.caps.consume(Way::Up, Instant::now(), n),
-                Err(_) => {
-                    flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-            }
-        }
-        flow.counters.count(Way::Up, n, flow.started);
-        if let Some(live) = &flow.live {
-            live.add(true, n as u64);
-        }
-        // A full socket buffer drops the datagram, as the network would.
-        if send_now(&flow.outbound, &buf[..n], None).is_err() {
-            flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        forward(&flow, &buf[..n]);
     }
     tasks.close();
     tasks.wait().await;
+}
+
+/// Counts and sends one datagram from the client towards the target, or
+/// drops it (over a cap, a full socket buffer, a link that is down).
+fn forward(flow: &Flow, datagram: &[u8]) {
+    let n = datagram.len();
+    if !flow.caps.is_empty() {
+        if flow.caps.allowance(Way::Up, Instant::now(), n).is_err() {
+            flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        flow.caps.consume(Way::Up, Instant::now(), n);
+    }
+    flow.counters.count(Way::Up, n, flow.started);
+    if let Some(live) = &flow.live {
+        live.add(true, n as u64);
+    }
+    if !flow.outbound.send(datagram) {
+        flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A datagram of a flow that `peer` opened over a link to `service`:
+/// the flow is found, or admitted and set up (refusals are audited once).
+pub fn serve_link_datagram(
+    service: &Arc<ServiceRuntime>,
+    peer: &str,
+    session: &link::session::Session,
+    datagram: link::session::Datagram,
+    tasks: &TaskTracker,
+) {
+    let key = (peer.to_string(), datagram.flow);
+    let existing = service
+        .udp_link_flows
+        .flows
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    if let Some(flow) = existing {
+        return forward(&flow, &datagram.payload);
+    }
+    {
+        let mut refused = service
+            .udp_link_flows
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if refused
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < REFUSAL_MEMORY)
+        {
+            return;
+        }
+        if refused.len() >= 4096 {
+            refused.retain(|_, at| at.elapsed() < REFUSAL_MEMORY);
+        }
+        // Until the flow is set up below, its datagrams are dropped here.
+        refused.insert(key.clone(), Instant::now());
+    }
+    let service = service.clone();
+    let session = session.clone();
+    let stop = service.udp_stop();
+    tasks.spawn(async move {
+        let id = ClientId::Peer(key.0.clone());
+        let client = Client::Link {
+            session,
+            flow: key.1,
+        };
+        let forget = {
+            let service = service.clone();
+            let key = key.clone();
+            move || {
+                service
+                    .udp_link_flows
+                    .flows
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+            }
+        };
+        let Some((flow, answers, audit, admitted)) = admit_flow(&service, &id).await else {
+            return;
+        };
+        service
+            .udp_link_flows
+            .flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), flow.clone());
+        service
+            .udp_link_flows
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        forward(&flow, &datagram.payload);
+        run_flow(
+            service, client, answers, flow, forget, audit, admitted, stop,
+        )
+        .await;
+    });
 }
 
 /// Admits `client` and sets up its flow; `None` (after writing the audit
@@ -150,10 +323,45 @@ async fn open_flow(
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Option<Arc<Flow>> {
-    let id = ClientId::Addr(client);
-    let mut audit = crate::gateway::new_audit(service, &id);
+    let (flow, answers, audit, admitted) = admit_flow(service, &ClientId::Addr(client)).await?;
+    flows
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(client, flow.clone());
+    let forget = {
+        let flows = flows.clone();
+        move || {
+            flows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&client);
+        }
+    };
+    let to_client = Client::Socket {
+        listener: listener.clone(),
+        addr: client,
+    };
+    tasks.spawn(run_flow(
+        service.clone(),
+        to_client,
+        answers,
+        flow.clone(),
+        forget,
+        audit,
+        admitted,
+        stop.clone(),
+    ));
+    Some(flow)
+}
+
+/// The admission of a new flow from `id` and its way to the target.
+async fn admit_flow(
+    service: &Arc<ServiceRuntime>,
+    id: &ClientId,
+) -> Option<(Arc<Flow>, Answers, Audit, super::Admitted)> {
+    let mut audit = crate::gateway::new_audit(service, id);
     audit.datagrams = Some([0, 0]);
-    let admitted = match service.admit(&id) {
+    let admitted = match service.admit(id) {
         Ok(admitted) => admitted,
         Err(why) => {
             audit.finish(AuditResult::Denied, why);
@@ -161,13 +369,13 @@ async fn open_flow(
             return None;
         }
     };
-    if let Verdict::Deny(why) = service.access.check(&id, None) {
+    if let Verdict::Deny(why) = service.access.check(id, None) {
         audit.finish(AuditResult::Denied, why);
         audit.emit();
         return None;
     }
-    let outbound = match connect_target(service).await {
-        Ok(outbound) => Arc::new(outbound),
+    let (outbound, answers) = match connect_target(service).await {
+        Ok(pair) => pair,
         Err(why) => {
             audit.finish(AuditResult::Error, why);
             audit.emit();
@@ -190,21 +398,7 @@ async fn open_flow(
         live: Some(live),
         caps: admitted.caps.clone(),
     });
-    flows
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(client, flow.clone());
-    tasks.spawn(run_flow(
-        service.clone(),
-        listener.clone(),
-        client,
-        flow.clone(),
-        flows.clone(),
-        audit,
-        admitted,
-        stop.clone(),
-    ));
-    Some(flow)
+    Some((flow, answers, audit, admitted))
 }
 
 /// Sends one datagram without waiting (to `to`, or where the socket is
@@ -218,10 +412,28 @@ fn send_now(socket: &UdpSocket, datagram: &[u8], to: Option<SocketAddr>) -> io::
     }
 }
 
-/// A socket connected to the service's target (its first address).
-async fn connect_target(service: &ServiceRuntime) -> Result<UdpSocket, String> {
-    let Some(Hop::Direct(target)) = &service.config.target else {
-        return Err("udp targets are host:port".into());
+/// The way to the service's target: a socket connected to it (its first
+/// address), or a flow over the link to the peer that serves it.
+async fn connect_target(service: &ServiceRuntime) -> Result<(Outbound, Answers), String> {
+    let target = match &service.config.target {
+        Some(Hop::Direct(target)) => target,
+        Some(Hop::Link {
+            peer,
+            service: name,
+        }) => {
+            let (flow, answers) = service
+                .links
+                .open_flow(peer)
+                .ok_or_else(|| format!("the link to {peer} is down"))?;
+            let outbound = Outbound::Link {
+                links: service.links.clone(),
+                peer: peer.clone(),
+                service: name.clone(),
+                flow,
+            };
+            return Ok((outbound, Answers::Link(answers)));
+        }
+        _ => return Err("udp targets are host:port or link://PEER/SERVICE".into()),
     };
     let addr = match &target.host {
         Host::Ip(ip) => SocketAddr::new(*ip, target.port),
@@ -242,18 +454,19 @@ async fn connect_target(service: &ServiceRuntime) -> Result<UdpSocket, String> {
         .connect(addr)
         .await
         .map_err(|e| format!("cannot send to {addr}: {e}"))?;
-    Ok(socket)
+    let socket = Arc::new(socket);
+    Ok((Outbound::Socket(socket.clone()), Answers::Socket(socket)))
 }
 
-/// Carries the target's replies back to `client` until the flow ends, then
-/// writes its audit record.
+/// Carries the target's answers back to `client` until the flow ends, then
+/// forgets it and writes its audit record.
 #[allow(clippy::too_many_arguments)]
 async fn run_flow(
     service: Arc<ServiceRuntime>,
-    listener: Arc<UdpSocket>,
-    client: SocketAddr,
+    client: Client,
+    mut answers: Answers,
     flow: Arc<Flow>,
-    flows: Flows,
+    forget: impl FnOnce(),
     mut audit: Audit,
     admitted: super::Admitted,
     stop: CancellationToken,
@@ -272,7 +485,7 @@ async fn run_flow(
                     break (AuditResult::Ok, format!("idle timeout ({idle})"));
                 }
             }
-            received = flow.outbound.recv(&mut buf) => match received {
+            received = answers.recv(&mut buf) => match received {
                 Ok(n) => {
                     if !flow.caps.is_empty() {
                         if flow.caps.allowance(Way::Down, Instant::now(), n).is_err() {
@@ -285,7 +498,7 @@ async fn run_flow(
                     if let Some(live) = &flow.live {
                         live.add(false, n as u64);
                     }
-                    if send_now(&listener, &buf[..n], Some(client)).is_err() {
+                    if !client.send(&buf[..n]) {
                         flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -299,10 +512,16 @@ async fn run_flow(
             },
         }
     };
-    flows
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&client);
+    forget();
+    if let Outbound::Link {
+        links,
+        peer,
+        flow: id,
+        ..
+    } = &flow.outbound
+    {
+        links.close_flow(peer, *id);
+    }
     drop(admitted);
     let c = &flow.counters;
     audit.bytes_up = c.bytes[0].load(Ordering::Relaxed);
