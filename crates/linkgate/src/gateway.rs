@@ -561,12 +561,7 @@ fn admit_tcp(service: &Arc<ServiceRuntime>, tcp: TcpStream, peer: SocketAddr, sh
 }
 
 impl StreamDispatch for GatewayDispatch {
-    fn datagram(
-        &self,
-        peer: &str,
-        session: &link::session::Session,
-        datagram: link::session::Datagram,
-    ) {
+    fn datagram(&self, peer: &str, datagram: link::session::Datagram) {
         let Some(name) = datagram.service.as_deref() else {
             return; // An answer to a flow we no longer have.
         };
@@ -584,7 +579,6 @@ impl StreamDispatch for GatewayDispatch {
                 crate::service::udp::serve_link_datagram(
                     &service,
                     peer,
-                    session,
                     datagram,
                     &self.shutdown.tracker,
                 );

@@ -273,3 +273,47 @@ fn datagrams_cross_the_link_whole_and_flows_stay_apart() {
     assert_eq!(ha.0, ha.1, "flow a: bytes differ");
     assert_eq!(hb.0, hb.1, "flow b: bytes differ");
 }
+
+/// A flow outlives a link that is cut and comes back: the hub answers over
+/// the new session, the client keeps its socket.
+#[test]
+fn a_flow_across_the_link_survives_a_reconnect() {
+    use common::pair::*;
+    use common::relay::{RelayPlan, TestRelay};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let hub = RunningGateway::start(&hub_config(&format!(
+        "[[service]]\nname = \"echo\"\ntype = \"udp\"\nlisten = \"link\"\ntarget = \"{}\"\nallow = \"peer:spoke\"\n",
+        echo_server()
+    )));
+    let relay = runtime.block_on(TestRelay::start(link_addr(&hub), RelayPlan::default()));
+    let spoke = RunningGateway::start(&spoke_config(
+        relay.addr,
+        PASSWORD,
+        "spoke",
+        "[[service]]\nname = \"echo\"\ntype = \"udp\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/echo\"\n",
+    ));
+    wait_link_up(&spoke, 1);
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(spoke.addr("echo")).unwrap();
+    let (sent, back) = exchange(&client, 0x11, 20);
+    assert_eq!(sent, back);
+    relay.cut();
+    wait_link_up(&spoke, 2);
+    // The first datagrams after the cut may be lost on the dead session:
+    // UDP's users retry, and so does this one.
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        client.send(b"still there?").unwrap();
+        if let Ok(n) = client.recv(&mut buf) {
+            assert_eq!(&buf[..n], b"still there?");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the flow did not survive the reconnect");
+    }
+    let (sent, back) = exchange(&client, 0x12, 20);
+    assert_eq!(sent, back);
+}

@@ -24,10 +24,10 @@ pub trait StreamDispatch: Send + Sync + 'static {
     /// Admits or refuses `request`, which arrived from `peer`.
     fn dispatch(&self, peer: &str, request: IncomingStream);
 
-    /// A datagram of a flow `peer` opened towards one of our udp services
-    /// (`session` carries the answers). The default drops it.
-    fn datagram(&self, peer: &str, session: &Session, datagram: link::session::Datagram) {
-        let _ = (peer, session, datagram);
+    /// A datagram of a flow `peer` opened towards one of our udp services.
+    /// The default drops it.
+    fn datagram(&self, peer: &str, datagram: link::session::Datagram) {
+        let _ = (peer, datagram);
     }
 }
 
@@ -284,7 +284,7 @@ async fn serve_session(
         tokio::spawn(async move {
             while let Some(datagram) = datagrams.recv().await {
                 if session.peer_flow(datagram.flow) {
-                    dispatch.datagram(&peer, &session, datagram);
+                    dispatch.datagram(&peer, datagram);
                 } else {
                     links.answer(&peer, datagram.flow, datagram.payload);
                 }

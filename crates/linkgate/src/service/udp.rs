@@ -124,8 +124,11 @@ enum Client {
         listener: Arc<UdpSocket>,
         addr: SocketAddr,
     },
+    /// Over whatever session is up to `peer` now: a flow outlives a
+    /// reconnect (the peer's next datagram arrives on the new session).
     Link {
-        session: link::session::Session,
+        links: Arc<crate::links::Links>,
+        peer: String,
         flow: u32,
     },
 }
@@ -134,7 +137,9 @@ impl Client {
     fn send(&self, datagram: &[u8]) -> bool {
         match self {
             Client::Socket { listener, addr } => send_now(listener, datagram, Some(*addr)).is_ok(),
-            Client::Link { session, flow } => session.send_datagram(*flow, None, datagram).is_ok(),
+            Client::Link { links, peer, flow } => links
+                .session(peer)
+                .is_some_and(|s| s.send_datagram(*flow, None, datagram).is_ok()),
         }
     }
 }
@@ -233,10 +238,10 @@ fn forward(flow: &Flow, datagram: &[u8]) {
 
 /// A datagram of a flow that `peer` opened over a link to `service`:
 /// the flow is found, or admitted and set up (refusals are audited once).
+/// Answers go back over whatever session to `peer` is up when they come.
 pub fn serve_link_datagram(
     service: &Arc<ServiceRuntime>,
     peer: &str,
-    session: &link::session::Session,
     datagram: link::session::Datagram,
     tasks: &TaskTracker,
 ) {
@@ -270,12 +275,12 @@ pub fn serve_link_datagram(
         refused.insert(key.clone(), Instant::now());
     }
     let service = service.clone();
-    let session = session.clone();
     let stop = service.udp_stop();
     tasks.spawn(async move {
         let id = ClientId::Peer(key.0.clone());
         let client = Client::Link {
-            session,
+            links: service.links.clone(),
+            peer: key.0.clone(),
             flow: key.1,
         };
         let forget = {
