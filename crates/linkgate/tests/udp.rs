@@ -312,8 +312,62 @@ fn a_flow_across_the_link_survives_a_reconnect() {
             assert_eq!(&buf[..n], b"still there?");
             break;
         }
-        assert!(Instant::now() < deadline, "the flow did not survive the reconnect");
+        assert!(
+            Instant::now() < deadline,
+            "the flow did not survive the reconnect"
+        );
     }
     let (sent, back) = exchange(&client, 0x12, 20);
     assert_eq!(sent, back);
+}
+
+/// A flood of datagrams and a bulk TCP download on the same link at once:
+/// the download's bytes all arrive, and datagrams keep coming back.
+#[test]
+fn a_datagram_flood_and_a_bulk_download_share_one_link() {
+    use common::servers::PythonHttpServer;
+    let dir = tempfile::tempdir().unwrap();
+    let bulk = pseudo_random(16 << 20, 5);
+    std::fs::write(dir.path().join("bulk.bin"), &bulk).unwrap();
+    let http = PythonHttpServer::start(dir.path());
+    let hub_services = format!(
+        "[[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"link\"\ntarget = \"{}\"\nallow = \"peer:spoke\"\n\n\
+         [[service]]\nname = \"echo\"\ntype = \"udp\"\nlisten = \"link\"\ntarget = \"{}\"\nallow = \"peer:spoke\"\n",
+        http.addr,
+        echo_server()
+    );
+    let spoke_services = "[[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/web\"\n\n\
+         [[service]]\nname = \"echo\"\ntype = \"udp\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/echo\"\n";
+    let (_hub, spoke) = common::pair::start_pair(&hub_services, spoke_services, None);
+    let out = spoke.dir.path().join("bulk.bin");
+    let mut download = Command::new("curl")
+        .args(["-s", "-f", "--max-time", "60", "-o"])
+        .arg(&out)
+        .arg(format!("http://{}/bulk.bin", spoke.addr("web")))
+        .spawn()
+        .unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(spoke.addr("echo")).unwrap();
+    client.set_nonblocking(true).unwrap();
+    let (mut sent, mut back) = (0u32, 0u32);
+    let mut buf = [0u8; 2048];
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        if client.send(&[9u8; 1000]).is_ok() {
+            sent += 1;
+        }
+        while client.recv(&mut buf).is_ok() {
+            back += 1;
+        }
+        if sent % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert!(download.wait().unwrap().success(), "the download failed");
+    assert_eq!(
+        sha256_file(&out),
+        sha256_hex(&bulk),
+        "the download starved or broke"
+    );
+    assert!(back > 200, "datagrams starved: {back} of {sent} came back");
 }
