@@ -583,6 +583,18 @@ impl StreamDispatch for GatewayDispatch {
                     &self.shutdown.tracker,
                 );
             }
+            Some(service)
+                if service.config.kind == crate::config::ServiceKind::Socks
+                    && service.config.listen.contains(&Listen::Link) =>
+            {
+                crate::service::socks_link_udp::serve_link_datagram(
+                    &service,
+                    peer,
+                    datagram.payload,
+                    datagram.flow,
+                    &self.shutdown.tracker,
+                );
+            }
             _ => tracing::debug!(
                 peer,
                 service = name,

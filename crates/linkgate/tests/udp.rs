@@ -371,3 +371,46 @@ fn a_datagram_flood_and_a_bulk_download_share_one_link() {
     );
     assert!(back > 200, "datagrams starved: {back} of {sent} came back");
 }
+
+/// SOCKS5 UDP ASSOCIATE through `via = "link://hub/out"` (PySocks as the
+/// client): the datagrams leave from the main office's gateway, the answer
+/// comes back with its sender's address, and both gateways audit it.
+#[test]
+fn socks_udp_associate_goes_through_a_link_via() {
+    let echo = echo_server();
+    let hub_services =
+        "[[service]]\nname = \"out\"\ntype = \"socks\"\nlisten = \"link\"\nallow = \"peer:spoke\"\nidle_timeout = \"1s\"\n";
+    let spoke_services =
+        "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\nvia = \"link://hub/out\"\n";
+    let (hub, spoke) = common::pair::start_pair(hub_services, spoke_services, None);
+    let proxy = spoke.addr("socks");
+    let script = format!(
+        "import socks, socket\n\
+         s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.set_proxy(socks.SOCKS5, '{}', {})\n\
+         s.settimeout(10)\n\
+         for i in range(20):\n\
+         \x20   s.sendto(b'ping %d across the link' % i, ('{}', {}))\n\
+         \x20   data, addr = s.recvfrom(2048)\n\
+         \x20   assert data == b'ping %d across the link' % i, data\n\
+         print(data.decode(), addr[1])\n",
+        proxy.ip(),
+        proxy.port(),
+        echo.ip(),
+        echo.port()
+    );
+    let out = python(&script);
+    assert_eq!(
+        out.trim(),
+        format!("ping 19 across the link {}", echo.port())
+    );
+    let hub_audit = &hub.wait_for_audits(1, WAIT)[0];
+    assert_eq!(hub_audit["service"], "out");
+    assert_eq!(hub_audit["client"], "peer:spoke");
+    assert_eq!(hub_audit["datagrams_up"], 20, "{hub_audit}");
+    assert_eq!(hub_audit["datagrams_down"], 20, "{hub_audit}");
+    assert_eq!(
+        hub_audit["bytes_down"], hub_audit["bytes_up"],
+        "{hub_audit}"
+    );
+}

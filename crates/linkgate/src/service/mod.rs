@@ -9,6 +9,7 @@ mod http_proxy;
 mod lockstep;
 mod mapping;
 mod socks;
+pub mod socks_link_udp;
 mod telnet;
 pub mod udp;
 
@@ -63,6 +64,8 @@ pub struct ServiceRuntime {
     pub links: Arc<Links>,
     /// udp: the flows peers opened to this service over links.
     pub udp_link_flows: udp::LinkFlows,
+    /// socks: the UDP associations peers opened over links.
+    pub socks_link_flows: socks_link_udp::SocksLinkFlows,
     /// Cancelled when the service stops (reload, shutdown); set once it
     /// starts. Ends its udp flows that came over links.
     stopped: std::sync::OnceLock<CancellationToken>,
@@ -149,6 +152,7 @@ impl ServiceRuntime {
             user_caps: shared.user_caps.clone(),
             links: shared.links.clone(),
             udp_link_flows: udp::LinkFlows::default(),
+            socks_link_flows: socks_link_udp::SocksLinkFlows::default(),
             stopped: std::sync::OnceLock::new(),
             config,
         })

@@ -300,7 +300,10 @@ async fn login(
 }
 
 /// The `destinations` rules, for a SOCKS address.
-async fn check_destination(service: &ServiceRuntime, destination: &Address) -> Result<(), String> {
+pub(super) async fn check_destination(
+    service: &ServiceRuntime,
+    destination: &Address,
+) -> Result<(), String> {
     let (host, port) = host_of(destination);
     super::check_destination(service, &HostPort { host, port })
         .await
@@ -549,17 +552,24 @@ async fn udp_associate(
         )
         .await;
     };
-    if !service.config.via.is_empty() {
-        return refuse(
-            &mut inbound.stream,
-            version,
-            c::REPLY_COMMAND_NOT_SUPPORTED,
-            audit,
-            AuditResult::Error,
-            "UDP ASSOCIATE cannot go through via",
-        )
-        .await;
-    }
+    let over_link = match service.config.via.as_slice() {
+        [] => None,
+        [Hop::Link {
+            peer,
+            service: name,
+        }] => Some((peer.clone(), name.clone())),
+        _ => {
+            return refuse(
+                &mut inbound.stream,
+                version,
+                c::REPLY_COMMAND_NOT_SUPPORTED,
+                audit,
+                AuditResult::Error,
+                "UDP ASSOCIATE goes through a via of one link:// hop only",
+            )
+            .await;
+        }
+    };
     let client_side = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
         Ok(socket) => socket,
         Err(e) => {
@@ -588,6 +598,28 @@ async fn udp_associate(
         Address::Ip(addr) if !addr.ip().is_unspecified() && addr.port() != 0 => Some(*addr),
         _ => None,
     };
+    if let Some((peer, name)) = over_link {
+        let link = super::socks_link_udp::LinkLeg::open(&service.links, &peer, &name);
+        let Some(link) = link else {
+            audit.finish(
+                AuditResult::Error,
+                format!("via link://{peer}/{name}: the link is down"),
+            );
+            return;
+        };
+        let reason = super::socks_link_udp::associate_over_link(
+            service,
+            &mut inbound,
+            &client_side,
+            client_udp,
+            client_ip,
+            link,
+            audit,
+            stop,
+        )
+        .await;
+        return audit.finish(AuditResult::Ok, reason);
+    }
     let mut association = UdpAssociation {
         out: None,
         peers: HashSet::new(),
@@ -648,7 +680,7 @@ async fn udp_associate(
     audit.finish(result, reason);
 }
 
-struct UdpAssociation {
+pub(super) struct UdpAssociation {
     out: Option<UdpSocket>,
     /// Where the client sent datagrams: only these may answer.
     peers: HashSet<SocketAddr>,
@@ -659,8 +691,29 @@ struct UdpAssociation {
 }
 
 impl UdpAssociation {
+    /// A new association with nothing sent yet.
+    pub(super) fn new() -> Self {
+        UdpAssociation {
+            out: None,
+            peers: HashSet::new(),
+            resolved: HashMap::new(),
+            up: 0,
+            down: 0,
+        }
+    }
+
+    /// Bytes (payload) sent for the client and received for it so far.
+    pub(super) fn bytes(&self) -> (u64, u64) {
+        (self.up, self.down)
+    }
+
+    /// Counts `n` payload bytes delivered to the client.
+    pub(super) fn delivered(&mut self, n: usize) {
+        self.down += n as u64;
+    }
+
     /// Forwards one datagram from the client; false if it was dropped.
-    async fn forward(&mut self, service: &ServiceRuntime, datagram: &[u8]) -> bool {
+    pub(super) async fn forward(&mut self, service: &ServiceRuntime, datagram: &[u8]) -> bool {
         let Ok((header, offset)) = socks::parse_udp_header(datagram) else {
             return false;
         };
@@ -720,7 +773,7 @@ impl UdpAssociation {
         Ok((socket, target))
     }
 
-    async fn recv_from_target(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    pub(super) async fn recv_from_target(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         match &self.out {
             Some(socket) => {
                 let (n, from) = socket.recv_from(buf).await?;

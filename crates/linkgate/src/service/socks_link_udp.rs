@@ -1,0 +1,295 @@
+//! SOCKS5 UDP ASSOCIATE across a link: a SOCKS service whose `via` is one
+//! `link://PEER/SOCKS` hop sends its clients' datagrams, SOCKS header and
+//! all, on a datagram flow to that peer's SOCKS service, and the datagrams
+//! leave from the other office; that service answers on the same flow,
+//! each answer already wrapped in the SOCKS header that names its sender.
+//!
+//! Both ends apply their own rules: the client's gateway its `destinations`
+//! (as for any SOCKS request), the peer's gateway its `allow` (`peer:`
+//! names), `destinations` and `max_connections`, as for a link stream. A
+//! flow is one association; the peer ends it after `idle_timeout` without
+//! datagrams, with one audit record.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proto::socks::{self, Address};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::socks::UdpAssociation;
+use super::ServiceRuntime;
+use crate::access::Verdict;
+use crate::audit::{Audit, AuditResult};
+use crate::config::AuthMode;
+use crate::inbound::{ClientId, Inbound};
+use crate::links::Links;
+
+/// The client's side of a flow to a peer's SOCKS service.
+pub(super) struct LinkLeg {
+    links: Arc<Links>,
+    peer: String,
+    service: String,
+    flow: u32,
+    answers: mpsc::Receiver<Vec<u8>>,
+}
+
+impl LinkLeg {
+    /// A new flow to `peer`'s `service`; `None` when the link is down.
+    pub(super) fn open(links: &Arc<Links>, peer: &str, service: &str) -> Option<LinkLeg> {
+        let (flow, answers) = links.open_flow(peer)?;
+        Some(LinkLeg {
+            links: links.clone(),
+            peer: peer.to_string(),
+            service: service.to_string(),
+            flow,
+            answers,
+        })
+    }
+
+    fn send(&self, datagram: &[u8]) -> bool {
+        self.links.session(&self.peer).is_some_and(|s| {
+            s.send_datagram(self.flow, Some(&self.service), datagram)
+                .is_ok()
+        })
+    }
+}
+
+impl Drop for LinkLeg {
+    fn drop(&mut self) {
+        self.links.close_flow(&self.peer, self.flow);
+    }
+}
+
+/// Relays an association's datagrams between the client's UDP socket and
+/// the flow over the link until the control connection ends; returns why.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn associate_over_link(
+    service: &ServiceRuntime,
+    inbound: &mut Inbound,
+    client_side: &UdpSocket,
+    mut client_udp: Option<SocketAddr>,
+    client_ip: IpAddr,
+    mut link: LinkLeg,
+    audit: &mut Audit,
+    stop: &CancellationToken,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut from_client = vec![0u8; 65536];
+    let mut control = [0u8; 64];
+    let (mut up, mut down) = (0u64, 0u64);
+    let idle = service.config.idle_timeout.0;
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let reason = loop {
+        tokio::select! {
+            received = client_side.recv_from(&mut from_client) => {
+                let Ok((n, from)) = received else { continue };
+                let expected = client_udp
+                    .map_or(crate::access::canonical(from.ip()) == client_ip, |c| c == from);
+                if !expected {
+                    continue; // not our client: dropped
+                }
+                client_udp = Some(from);
+                let datagram = &from_client[..n];
+                let Ok((header, offset)) = socks::parse_udp_header(datagram) else { continue };
+                if header.fragment != 0
+                    || super::socks::check_destination(service, &header.address).await.is_err()
+                {
+                    continue;
+                }
+                if link.send(datagram) {
+                    up += (n - offset) as u64;
+                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+            }
+            answer = link.answers.recv() => {
+                let Some(answer) = answer else { break "the link flow ended".to_string() };
+                let Some(client) = client_udp else { continue };
+                let Ok((_, offset)) = socks::parse_udp_header(&answer) else { continue };
+                if client_side.send_to(&answer, client).await.is_ok() {
+                    down += (answer.len() - offset) as u64;
+                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+            }
+            read = inbound.stream.read(&mut control) => match read {
+                Ok(0) => break "control connection closed".to_string(),
+                Ok(_) => continue,
+                Err(e) => break format!("control connection: {e}"),
+            },
+            () = &mut sleep => break format!("idle timeout ({})", service.config.idle_timeout),
+            () = stop.cancelled() => break "gateway shutting down: grace period over".to_string(),
+        }
+    };
+    audit.bytes_up = up;
+    audit.bytes_down = down;
+    reason
+}
+
+/// The flows peers opened to a SOCKS service's UDP relay, by peer and flow.
+#[derive(Default)]
+pub struct SocksLinkFlows {
+    flows: Mutex<HashMap<FlowKey, mpsc::Sender<Vec<u8>>>>,
+    refused: Mutex<HashMap<FlowKey, Instant>>,
+}
+
+/// A flow a peer opened: the peer's name and the flow's id.
+type FlowKey = (String, u32);
+
+impl std::fmt::Debug for SocksLinkFlows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SocksLinkFlows")
+    }
+}
+
+/// Datagrams of one flow waiting for its task, at most.
+const FLOW_BACKLOG: usize = 256;
+/// A refused flow's datagrams are dropped unrecorded for this long.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(5);
+
+/// A SOCKS-wrapped datagram of a flow that `peer` opened to `service` (a
+/// SOCKS service that listens on links): handed to the flow's task, or the
+/// flow is admitted and started.
+pub fn serve_link_datagram(
+    service: &Arc<ServiceRuntime>,
+    peer: &str,
+    datagram: Vec<u8>,
+    flow: u32,
+    tasks: &TaskTracker,
+) {
+    let table = &service.socks_link_flows;
+    let key = (peer.to_string(), flow);
+    let existing = table
+        .flows
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    if let Some(sender) = existing {
+        let _ = sender.try_send(datagram);
+        return;
+    }
+    {
+        let mut refused = table.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if refused
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < REFUSAL_MEMORY)
+        {
+            return;
+        }
+        if refused.len() >= 4096 {
+            refused.retain(|_, at| at.elapsed() < REFUSAL_MEMORY);
+        }
+        refused.insert(key.clone(), Instant::now());
+    }
+    let id = ClientId::Peer(peer.to_string());
+    let mut audit = crate::gateway::new_audit(service, &id);
+    audit.target = "UDP ASSOCIATE".into();
+    audit.datagrams = Some([0, 0]);
+    if service.config.auth == AuthMode::Password {
+        audit.finish(
+            AuditResult::AuthFailed,
+            format!(
+                "gateway {peer} offered no login: a link:// via hop speaks SOCKS5 without one; \
+                 give peers a socks service with auth = \"none\" that allows peer:{peer}"
+            ),
+        );
+        return audit.emit();
+    }
+    let admitted = match service.admit(&id) {
+        Ok(admitted) => admitted,
+        Err(why) => {
+            audit.finish(AuditResult::Denied, why);
+            return audit.emit();
+        }
+    };
+    if let Verdict::Deny(why) = service.access.check(&id, None) {
+        audit.finish(AuditResult::Denied, why);
+        return audit.emit();
+    }
+    let (sender, receiver) = mpsc::channel(FLOW_BACKLOG);
+    let _ = sender.try_send(datagram);
+    table
+        .flows
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key.clone(), sender);
+    table
+        .refused
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    tasks.spawn(run_flow(
+        service.clone(),
+        key,
+        receiver,
+        audit,
+        admitted,
+        service.udp_stop(),
+    ));
+}
+
+/// One association for a peer: datagrams from the link go out to their
+/// destinations; answers come back wrapped in the SOCKS header.
+async fn run_flow(
+    service: Arc<ServiceRuntime>,
+    key: (String, u32),
+    mut datagrams: mpsc::Receiver<Vec<u8>>,
+    mut audit: Audit,
+    admitted: super::Admitted,
+    stop: CancellationToken,
+) {
+    let _active = service.metrics.active();
+    let mut association = UdpAssociation::new();
+    let mut from_target = vec![0u8; 65536];
+    let (mut sent, mut answered) = (0u64, 0u64);
+    let idle = service.config.idle_timeout.0;
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let reason = loop {
+        tokio::select! {
+            datagram = datagrams.recv() => {
+                let Some(datagram) = datagram else { break "flow closed".to_string() };
+                if association.forward(&service, &datagram).await {
+                    sent += 1;
+                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+            }
+            received = association.recv_from_target(&mut from_target) => {
+                let Ok((n, from)) = received else { continue };
+                let mut answer = Vec::with_capacity(n + 22);
+                if socks::encode_udp_header(&Address::Ip(from), &mut answer).is_err() {
+                    continue;
+                }
+                answer.extend_from_slice(&from_target[..n]);
+                let delivered = service.links.session(&key.0).is_some_and(|s| {
+                    s.send_datagram(key.1, None, &answer).is_ok()
+                });
+                if delivered {
+                    association.delivered(n);
+                    answered += 1;
+                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+            }
+            () = &mut sleep => break format!("idle timeout ({})", service.config.idle_timeout),
+            () = stop.cancelled() => break "service stopped".to_string(),
+        }
+    };
+    service
+        .socks_link_flows
+        .flows
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    drop(admitted);
+    let (up, down) = association.bytes();
+    audit.bytes_up = up;
+    audit.bytes_down = down;
+    audit.datagrams = Some([sent, answered]);
+    audit.finish(AuditResult::Ok, reason);
+    audit.emit();
+}
