@@ -22,6 +22,8 @@
 //!   authenticated link peer that floods the hub (see `hostile.rs`).
 //! - `loadgen guess HUB USER SOURCE COUNT`: wrong-password link logins
 //!   from the local address SOURCE; prints how many the hub answered.
+//! - `loadgen udpecho PORT_FILE`, `loadgen udp TARGET FLOWS SECONDS RATE
+//!   SIZE`: UDP echo and UDP load (see `udp.rs`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -32,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod ftp;
 mod hostile;
+mod udp;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -67,6 +70,8 @@ fn main() -> Result<(), Error> {
             args[7].parse()?,
         )),
         Some("hostile") => runtime.block_on(hostile::run(&args[2..])),
+        Some("udpecho") => udp::echo(&args[2]),
+        Some("udp") => udp::load(&args[2..]),
         Some("guess") => runtime.block_on(hostile::guess(&args[2..])),
         _ => Err("usage: loadgen echo PORT_FILE | rate PROXY TARGET CLIENTS SECONDS | hold PROXY TARGET COUNT".into()),
     }

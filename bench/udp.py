@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""UDP relays side by side: datagrams per second, loss at a fixed rate, and
+round-trip latency, through
+
+- direct (the load generator to the echo server: the ceiling)
+- a linkgate udp service
+- nginx's stream module (`listen ... udp`, Debian libnginx-mod-stream)
+- socat (`UDP-RECVFROM:P,fork`: a process per datagram)
+- a linkgate udp service across a link (spoke → link → hub)
+- rathole's UDP service over its Noise transport (skipped when `rathole` is
+  not on PATH: `cargo install rathole`)
+
+The load is bench/loadgen (`udp`): FLOWS client sockets, 64-byte datagrams.
+Max rate: at most 32 datagrams in flight per flow. Loss: a fixed offered
+rate (80% of nginx's max by default). Latency: 1,000 datagrams/s, p50/p99.
+
+Usage: python3 bench/udp.py [--seconds 3] [--flows 8] [--size 64]
+Needs: cargo build --release -p linkgate -p linkgate-loadgen; nginx with
+libnginx-mod-stream; socat.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import LINKGATE, LOADGEN, free_port, require_release_build  # noqa: E402
+
+PASSWORD = "udp bench password"
+
+
+def free_udp_port():
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Procs:
+    def __init__(self, tmp):
+        self.tmp, self.procs = tmp, []
+
+    def start(self, name, args, env=None):
+        log = open(os.path.join(self.tmp, f"{name}.log"), "w")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
+                                env=dict(os.environ, **(env or {})))
+        self.procs.append(proc)
+        return proc
+
+    def stop(self):
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def load(port, flows, seconds, rate, size):
+    out = subprocess.run([LOADGEN, "udp", f"127.0.0.1:{port}", str(flows), str(seconds), str(rate), str(size)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def wait_udp(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = load(port, 1, 0.2, 0, 64)
+        if r["received"] > 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing answers on udp port {port}")
+
+
+def linkgate_local(tmp, procs, echo):
+    port = free_udp_port()
+    conf = os.path.join(tmp, "lg-local.toml")
+    with open(conf, "w") as f:
+        f.write(f'[gateway]\nshutdown_grace = "1s"\n[[service]]\nname = "u"\ntype = "udp"\n'
+                f'listen = "127.0.0.1:{port}"\ntarget = "127.0.0.1:{echo}"\n')
+    procs.start("linkgate-local", [LINKGATE, "run", "-c", conf], {"RUST_LOG": "warn"})
+    return port
+
+
+def nginx(tmp, procs, echo):
+    port = free_udp_port()
+    conf = os.path.join(tmp, "nginx.conf")
+    module = "/usr/lib/nginx/modules/ngx_stream_module.so"
+    with open(conf, "w") as f:
+        f.write(f"load_module {module};\ndaemon off;\nmaster_process off;\nworker_processes 1;\n"
+                f"pid {tmp}/nginx.pid;\nerror_log {tmp}/nginx-error.log;\nevents {{ worker_connections 4096; }}\n"
+                f"stream {{ server {{ listen 127.0.0.1:{port} udp; proxy_pass 127.0.0.1:{echo}; "
+                f"proxy_timeout 10s; }} }}\n")
+    procs.start("nginx", ["nginx", "-c", conf, "-p", tmp])
+    return port
+
+
+def socat(tmp, procs, echo):
+    port = free_udp_port()
+    procs.start("socat", ["socat", f"UDP-RECVFROM:{port},bind=127.0.0.1,fork", f"UDP-SENDTO:127.0.0.1:{echo}"])
+    return port
+
+
+def linkgate_link(tmp, procs, echo):
+    link, port = free_port(), free_udp_port()
+    hub, spoke = os.path.join(tmp, "hub.toml"), os.path.join(tmp, "spoke.toml")
+    with open(hub, "w") as f:
+        f.write(f'[gateway]\nname = "hub"\nidentity = "hub.key"\nshutdown_grace = "1s"\n'
+                f'[link]\nlisten = "127.0.0.1:{link}"\n[[peer]]\nname = "spoke"\npassword = "{PASSWORD}"\n'
+                f'[[service]]\nname = "u"\ntype = "udp"\nlisten = "link"\ntarget = "127.0.0.1:{echo}"\n'
+                f'allow = "peer:spoke"\n')
+    with open(spoke, "w") as f:
+        f.write(f'[gateway]\nname = "spoke"\nshutdown_grace = "1s"\n[[peer]]\nname = "hub"\n'
+                f'connect = "127.0.0.1:{link}"\npassword = "{PASSWORD}"\n'
+                f'[[service]]\nname = "u"\ntype = "udp"\nlisten = "127.0.0.1:{port}"\ntarget = "link://hub/u"\n')
+    procs.start("linkgate-hub", [LINKGATE, "run", "-c", hub], {"RUST_LOG": "warn"})
+    time.sleep(0.5)
+    procs.start("linkgate-spoke", [LINKGATE, "run", "-c", spoke], {"RUST_LOG": "warn"})
+    return port
+
+
+def rathole(tmp, procs, echo):
+    keys = subprocess.run(["rathole", "--genkey"], capture_output=True, text=True, check=True).stdout.split()
+    private, public = keys[keys.index("Private") + 2], keys[keys.index("Public") + 2]
+    control, port = free_port(), free_udp_port()
+    server, client = os.path.join(tmp, "rathole-server.toml"), os.path.join(tmp, "rathole-client.toml")
+    with open(server, "w") as f:
+        f.write(f'[server]\nbind_addr = "127.0.0.1:{control}"\n[server.transport]\ntype = "noise"\n'
+                f'[server.transport.noise]\nlocal_private_key = "{private}"\n'
+                f'[server.services.u]\ntype = "udp"\ntoken = "bench"\nbind_addr = "127.0.0.1:{port}"\n')
+    with open(client, "w") as f:
+        f.write(f'[client]\nremote_addr = "127.0.0.1:{control}"\n[client.transport]\ntype = "noise"\n'
+                f'[client.transport.noise]\nremote_public_key = "{public}"\n'
+                f'[client.services.u]\ntype = "udp"\ntoken = "bench"\nlocal_addr = "127.0.0.1:{echo}"\n')
+    procs.start("rathole-server", ["rathole", "-s", server], {"RUST_LOG": "warn"})
+    time.sleep(0.5)
+    procs.start("rathole-client", ["rathole", "-c", client], {"RUST_LOG": "warn"})
+    return port
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3)
+    parser.add_argument("--flows", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--loss-rate", type=float, default=0, help="offered datagrams/s for the loss test "
+                        "(default: 80%% of nginx's max)")
+    args = parser.parse_args()
+    require_release_build(loadgen=True)
+    relays = [("direct", None), ("nginx stream", nginx), ("linkgate", linkgate_local), ("socat", socat),
+              ("linkgate link", linkgate_link)]
+    if shutil.which("rathole"):
+        relays.append(("rathole noise", rathole))
+    else:
+        print("rathole not on PATH: skipped (cargo install rathole)")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        echo_file = os.path.join(tmp, "echo.port")
+        echo_proc = subprocess.Popen([LOADGEN, "udpecho", echo_file])
+        while not os.path.exists(echo_file) or not open(echo_file).read():
+            time.sleep(0.05)
+        echo = int(open(echo_file).read())
+        try:
+            for name, start in relays:
+                procs = Procs(tmp)
+                try:
+                    port = echo if start is None else start(tmp, procs, echo)
+                    wait_udp(port)
+                    peak = load(port, args.flows, args.seconds, 0, args.size)
+                    latency = load(port, 1, args.seconds, 1000, args.size)
+                    results[name] = {"port": port, "peak": peak, "latency": latency}
+                    if name == "nginx stream" and not args.loss_rate:
+                        args.loss_rate = 0.8 * peak["received_per_s"]
+                    print(f"{name:16s} max {peak['received_per_s']:9.0f} datagrams/s (loss {peak['loss']:.3%})  "
+                          f"rtt at 1000/s p50 {latency['rtt_p50_ms']:.3f} p99 {latency['rtt_p99_ms']:.3f} ms",
+                          flush=True)
+                    if args.loss_rate:
+                        fixed = load(port, args.flows, args.seconds, args.loss_rate, args.size)
+                        results[name]["fixed"] = fixed
+                        print(f"{'':16s} at {args.loss_rate:.0f}/s offered: loss {fixed['loss']:.3%}", flush=True)
+                finally:
+                    procs.stop()
+        finally:
+            echo_proc.terminate()
+            echo_proc.wait()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
