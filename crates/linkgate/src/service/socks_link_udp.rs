@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use proto::socks::{self, Address};
 use tokio::net::UdpSocket;
@@ -134,7 +133,7 @@ pub(super) async fn associate_over_link(
 #[derive(Default)]
 pub struct SocksLinkFlows {
     flows: Mutex<HashMap<FlowKey, mpsc::Sender<Vec<u8>>>>,
-    refused: Mutex<HashMap<FlowKey, Instant>>,
+    refused: super::udp::RefusalMemory<FlowKey>,
 }
 
 /// A flow a peer opened: the peer's name and the flow's id.
@@ -148,8 +147,6 @@ impl std::fmt::Debug for SocksLinkFlows {
 
 /// Datagrams of one flow waiting for its task, at most.
 const FLOW_BACKLOG: usize = 256;
-/// A refused flow's datagrams are dropped unrecorded for this long.
-const REFUSAL_MEMORY: Duration = Duration::from_secs(5);
 
 /// A SOCKS-wrapped datagram of a flow that `peer` opened to `service` (a
 /// SOCKS service that listens on links): handed to the flow's task, or the
@@ -173,18 +170,8 @@ pub fn serve_link_datagram(
         let _ = sender.try_send(datagram);
         return;
     }
-    {
-        let mut refused = table.refused.lock().unwrap_or_else(|p| p.into_inner());
-        if refused
-            .get(&key)
-            .is_some_and(|at| at.elapsed() < REFUSAL_MEMORY)
-        {
-            return;
-        }
-        if refused.len() >= 4096 {
-            refused.retain(|_, at| at.elapsed() < REFUSAL_MEMORY);
-        }
-        refused.insert(key.clone(), Instant::now());
+    if table.refused.seen_lately(&key) {
+        return;
     }
     let id = ClientId::Peer(peer.to_string());
     let mut audit = crate::gateway::new_audit(service, &id);
@@ -218,11 +205,7 @@ pub fn serve_link_datagram(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(key.clone(), sender);
-    table
-        .refused
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&key);
+    table.refused.forget(&key);
     tasks.spawn(run_flow(
         service.clone(),
         key,

@@ -37,6 +37,46 @@ pub const MAX_DATAGRAM: usize = 65_507;
 /// this long (a flood from one source writes one record, not thousands).
 const REFUSAL_MEMORY: Duration = Duration::from_secs(5);
 
+/// Flows refused (or being set up) lately, whose datagrams are dropped
+/// unrecorded for [`REFUSAL_MEMORY`]; at most a few thousand remembered.
+pub(super) struct RefusalMemory<K> {
+    seen: Mutex<HashMap<K, Instant>>,
+}
+
+impl<K> Default for RefusalMemory<K> {
+    fn default() -> Self {
+        RefusalMemory {
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> RefusalMemory<K> {
+    /// Whether `key` was noted lately; if not, notes it now.
+    pub(super) fn seen_lately(&self, key: &K) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen
+            .get(key)
+            .is_some_and(|at| at.elapsed() < REFUSAL_MEMORY)
+        {
+            return true;
+        }
+        if seen.len() >= 4096 {
+            seen.retain(|_, at| at.elapsed() < REFUSAL_MEMORY);
+        }
+        seen.insert(key.clone(), Instant::now());
+        false
+    }
+
+    /// Forgets `key` (its flow was admitted after all).
+    pub(super) fn forget(&self, key: &K) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
 /// The counters of one flow, shared by the service's receive loop (client
 /// → target) and the flow's own task (target → client).
 #[derive(Default)]
@@ -150,7 +190,7 @@ type Flows = Arc<Mutex<HashMap<SocketAddr, Arc<Flow>>>>;
 #[derive(Default)]
 pub struct LinkFlows {
     flows: Mutex<HashMap<(String, u32), Arc<Flow>>>,
-    refused: Mutex<HashMap<(String, u32), Instant>>,
+    refused: RefusalMemory<(String, u32)>,
 }
 
 impl std::fmt::Debug for LinkFlows {
@@ -169,7 +209,7 @@ pub async fn serve_socket(
     let socket = Arc::new(socket);
     let flows: Flows = Arc::default();
     let tasks = TaskTracker::new();
-    let mut refused: HashMap<SocketAddr, Instant> = HashMap::new();
+    let refused: RefusalMemory<SocketAddr> = RefusalMemory::default();
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     loop {
         let received = tokio::select! {
@@ -192,21 +232,15 @@ pub async fn serve_socket(
         let flow = match existing {
             Some(flow) => flow,
             None => {
-                if refused
-                    .get(&client)
-                    .is_some_and(|at| at.elapsed() < REFUSAL_MEMORY)
-                {
+                if refused.seen_lately(&client) {
                     continue;
                 }
                 match open_flow(&service, &socket, client, &flows, &tasks, &stop).await {
-                    Some(flow) => flow,
-                    None => {
-                        if refused.len() >= 4096 {
-                            refused.retain(|_, at| at.elapsed() < REFUSAL_MEMORY);
-                        }
-                        refused.insert(client, Instant::now());
-                        continue;
+                    Some(flow) => {
+                        refused.forget(&client);
+                        flow
                     }
+                    None => continue,
                 }
             }
         };
@@ -256,23 +290,9 @@ pub fn serve_link_datagram(
     if let Some(flow) = existing {
         return forward(&flow, &datagram.payload);
     }
-    {
-        let mut refused = service
-            .udp_link_flows
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if refused
-            .get(&key)
-            .is_some_and(|at| at.elapsed() < REFUSAL_MEMORY)
-        {
-            return;
-        }
-        if refused.len() >= 4096 {
-            refused.retain(|_, at| at.elapsed() < REFUSAL_MEMORY);
-        }
-        // Until the flow is set up below, its datagrams are dropped here.
-        refused.insert(key.clone(), Instant::now());
+    // Until the flow is set up below, its datagrams are dropped here too.
+    if service.udp_link_flows.refused.seen_lately(&key) {
+        return;
     }
     let service = service.clone();
     let stop = service.udp_stop();
@@ -304,12 +324,7 @@ pub fn serve_link_datagram(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone(), flow.clone());
-        service
-            .udp_link_flows
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        service.udp_link_flows.refused.forget(&key);
         forward(&flow, &datagram.payload);
         run_flow(
             service, client, answers, flow, forget, audit, admitted, stop,
