@@ -49,6 +49,8 @@ pub struct RunningGateway {
     pub child: Child,
     pub dir: tempfile::TempDir,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Set once the whole of stderr was read (the process closed it).
+    read_all: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RunningGateway {
@@ -82,14 +84,21 @@ impl RunningGateway {
             .spawn()
             .expect("spawn linkgate");
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let read_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stderr = child.stderr.take().unwrap();
-        let sink = lines.clone();
+        let (sink, done) = (lines.clone(), read_all.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
-        let gateway = RunningGateway { child, dir, lines };
+        let gateway = RunningGateway {
+            child,
+            dir,
+            lines,
+            read_all,
+        };
         gateway.wait_for_line(|l| l.contains("linkgate started"), Duration::from_secs(20));
         gateway
     }
@@ -191,11 +200,17 @@ impl RunningGateway {
         std::mem::replace(&mut self.dir, dir)
     }
 
-    /// Waits for the process to exit, up to `timeout`.
+    /// Waits for the process to exit, up to `timeout`, and for its last
+    /// log lines to be read (they may still be in the pipe when it exits).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                while !self.read_all.load(std::sync::atomic::Ordering::SeqCst)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return status;
             }
             if Instant::now() > deadline {
