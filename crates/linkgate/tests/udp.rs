@@ -414,3 +414,32 @@ fn socks_udp_associate_goes_through_a_link_via() {
         "{hub_audit}"
     );
 }
+
+/// UDP ASSOCIATE through a `link://` via while the link is down: refused
+/// in SOCKS5 ("network unreachable"), never a "succeeded" that leads
+/// nowhere, and audited as an error.
+#[test]
+fn socks_udp_associate_through_a_down_link_is_refused_in_the_protocol() {
+    use std::io::{Read, Write};
+    let spoke = RunningGateway::start(&common::pair::spoke_config(
+        closed_port(),
+        common::pair::PASSWORD,
+        "spoke",
+        "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\nvia = \"link://hub/out\"\n",
+    ));
+    let mut control = std::net::TcpStream::connect(spoke.addr("socks")).unwrap();
+    control
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    control.write_all(&[5, 1, 0]).unwrap();
+    let mut choice = [0u8; 2];
+    control.read_exact(&mut choice).unwrap();
+    assert_eq!(choice, [5, 0]);
+    control.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[1], 3, "reply {reply:?}: network unreachable expected");
+    let audit = &spoke.wait_for_audits(1, WAIT)[0];
+    assert_eq!(audit["result"], "error");
+    assert_eq!(audit["reason"], "via link://hub/out: the link is down");
+}

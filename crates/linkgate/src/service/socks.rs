@@ -557,7 +557,22 @@ async fn udp_associate(
         [Hop::Link {
             peer,
             service: name,
-        }] => Some((peer.clone(), name.clone())),
+        }] => match super::socks_link_udp::LinkLeg::open(&service.links, peer, name) {
+            Some(link) => Some(link),
+            // Refused in the protocol before any "succeeded": the client
+            // must not wait on a relay that cannot work.
+            None => {
+                return refuse(
+                    &mut inbound.stream,
+                    version,
+                    c::REPLY_NETWORK_UNREACHABLE,
+                    audit,
+                    AuditResult::Error,
+                    format!("via link://{peer}/{name}: the link is down"),
+                )
+                .await;
+            }
+        },
         _ => {
             return refuse(
                 &mut inbound.stream,
@@ -598,15 +613,7 @@ async fn udp_associate(
         Address::Ip(addr) if !addr.ip().is_unspecified() && addr.port() != 0 => Some(*addr),
         _ => None,
     };
-    if let Some((peer, name)) = over_link {
-        let link = super::socks_link_udp::LinkLeg::open(&service.links, &peer, &name);
-        let Some(link) = link else {
-            audit.finish(
-                AuditResult::Error,
-                format!("via link://{peer}/{name}: the link is down"),
-            );
-            return;
-        };
+    if let Some(link) = over_link {
         let reason = super::socks_link_udp::associate_over_link(
             service,
             &mut inbound,
@@ -618,15 +625,9 @@ async fn udp_associate(
             stop,
         )
         .await;
-        return audit.finish(AuditResult::Ok, reason);
+        return audit.finish(association_result(&reason), reason);
     }
-    let mut association = UdpAssociation {
-        out: None,
-        peers: HashSet::new(),
-        resolved: HashMap::new(),
-        up: 0,
-        down: 0,
-    };
+    let mut association = UdpAssociation::new();
     let mut from_client = vec![0u8; 65536];
     let mut from_target = vec![0u8; 65536];
     let mut control = [0u8; 64];
@@ -672,12 +673,18 @@ async fn udp_associate(
     };
     audit.bytes_up = association.up;
     audit.bytes_down = association.down;
-    let result = if reason.starts_with("gateway") {
+    audit.finish(association_result(&reason), reason);
+}
+
+/// How an association's end is audited: the client closing its control
+/// connection or going quiet is a normal end; the gateway cutting it (the
+/// grace period over, the link's flow gone) is an error.
+fn association_result(reason: &str) -> AuditResult {
+    if reason.starts_with("gateway") || reason.starts_with("the link") {
         AuditResult::Error
     } else {
         AuditResult::Ok
-    };
-    audit.finish(result, reason);
+    }
 }
 
 pub(super) struct UdpAssociation {
