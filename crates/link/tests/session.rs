@@ -21,6 +21,23 @@ async fn pair(
         tokio::sync::mpsc::Receiver<linkgate_link::session::IncomingStream>,
     ),
 ) {
+    pair_with(config.clone(), config).await
+}
+
+/// Like [`pair`], with the hub's session tuned apart from the dialer's.
+async fn pair_with(
+    config: SessionConfig,
+    hub_config: SessionConfig,
+) -> (
+    (
+        Session,
+        tokio::sync::mpsc::Receiver<linkgate_link::session::IncomingStream>,
+    ),
+    (
+        Session,
+        tokio::sync::mpsc::Receiver<linkgate_link::session::IncomingStream>,
+    ),
+) {
     let identity = Identity::generate(&mut OsRng);
     let static_keys = identity.static_keys();
     let record = PeerRecord::register(&mut OsRng, &identity, "branch", b"pw").unwrap();
@@ -41,8 +58,8 @@ async fn pair(
         .await
         .unwrap();
     let (hub_tcp, hub_keys) = hub.await.unwrap();
-    let dialer = Session::start(tcp, keys, Role::Dialer, config.clone());
-    let acceptor = Session::start(hub_tcp, hub_keys, Role::Acceptor, config);
+    let dialer = Session::start(tcp, keys, Role::Dialer, config);
+    let acceptor = Session::start(hub_tcp, hub_keys, Role::Acceptor, hub_config);
     (dialer, acceptor)
 }
 
@@ -224,7 +241,14 @@ async fn silence_is_detected() {
         dead_after: Duration::from_millis(300),
         ..SessionConfig::default()
     };
-    let ((dialer, _), (_acceptor, _)) = pair(config).await;
+    // Only the dialer's patience is short: were the hub's too, it could
+    // give up first and the dialer would see its socket close instead.
+    let hub = SessionConfig {
+        keepalive: Duration::from_secs(3600),
+        dead_after: Duration::from_secs(60),
+        ..SessionConfig::default()
+    };
+    let ((dialer, _), (_acceptor, _)) = pair_with(config, hub).await;
     match dialer.ended().await {
         LinkEnd::Failed(reason) => assert!(reason.contains("nothing received"), "{reason}"),
         other => panic!("{other:?}"),
