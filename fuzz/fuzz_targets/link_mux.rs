@@ -63,7 +63,12 @@ fuzz_target!(|data: &[u8]| {
             4 => {
                 let pick = rest.first().copied().unwrap_or(0) as usize;
                 if let Some(&id) = ids.get(pick % ids.len().max(1)) {
-                    let _ = mux.write(id, &[0xab; 5000]);
+                    if pick & 2 == 2 {
+                        let mut chunk = bytes::Bytes::from_static(&[0xab; 5000]);
+                        let _ = mux.write_chunk(id, &mut chunk);
+                    } else {
+                        let _ = mux.write(id, &[0xab; 5000]);
+                    }
                     if pick & 1 == 1 {
                         let _ = mux.finish(id);
                     }
@@ -73,9 +78,12 @@ fuzz_target!(|data: &[u8]| {
                 let pick = rest.first().copied().unwrap_or(0) as usize;
                 if let Some(&id) = ids.get(pick % ids.len().max(1)) {
                     if mux.read_state(id) == ReadState::Data {
-                        let (a, b) = mux.recv_slices(id);
-                        let n = a.len() + b.len();
-                        mux.consume(id, n.min(pick * 97 + 1));
+                        if pick & 4 == 4 {
+                            let _ = mux.read_chunk(id, pick * 97 + 1);
+                        } else {
+                            let mut dst = vec![0; pick * 97 + 1];
+                            mux.read_into(id, &mut dst);
+                        }
                     }
                     if pick & 3 == 3 {
                         local_controls += 1;

@@ -12,7 +12,7 @@
 //! next to it and are fired from the multiplexer's events. The lock is never
 //! held across I/O or encryption.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -853,6 +854,14 @@ async fn run_timer(shared: Arc<Shared>) {
     }
 }
 
+/// A frame opened by the reader, for the multiplexer.
+enum Received {
+    /// DATA: the stream and its payload, already copied out of the record.
+    Data(u32, Bytes),
+    /// Any other frame: where its plaintext sits in the read buffer.
+    Other(usize, usize),
+}
+
 async fn run_reader(
     shared: &Arc<Shared>,
     mut transport: ReadHalf,
@@ -895,7 +904,7 @@ async fn run_reader(
         // Open every complete record outside the lock, then hand the frames
         // to the multiplexer in one go.
         let mut at = 0;
-        let mut plaintexts: Vec<(usize, usize)> = Vec::new();
+        let mut plaintexts: Vec<Received> = Vec::new();
         while let Some(len) = complete_record_len(&buf[at..]) {
             match opener.open(&mut buf[at + 2..at + len]) {
                 // Handled at once: the next record may be sealed with the
@@ -906,7 +915,14 @@ async fn run_reader(
                         return LinkEnd::Failed(reason);
                     }
                 }
-                Ok(plaintext) => plaintexts.push((at + 2, plaintext.len())),
+                // Stream data is copied into a buffer of its own here,
+                // outside the lock; the multiplexer only queues it.
+                Ok(plaintext) => plaintexts.push(match Frame::decode(plaintext) {
+                    Ok(Frame::Data { id, data }) => {
+                        Received::Data(id, Bytes::copy_from_slice(data))
+                    }
+                    _ => Received::Other(at + 2, plaintext.len()),
+                }),
                 Err(e) => {
                     shared.close(&e.to_string());
                     return LinkEnd::Failed(e.to_string());
@@ -914,13 +930,18 @@ async fn run_reader(
             }
             at += len;
         }
+        let opened_any = !plaintexts.is_empty();
         let requests = {
             let mut state = shared.lock();
             let now = Instant::now().into_std();
-            for &(start, len) in &plaintexts {
-                let handled = Frame::decode(&buf[start..start + len])
-                    .map_err(|e| e.to_string())
-                    .and_then(|frame| state.mux.handle_frame(frame, now).map_err(|e| e.0));
+            for received in plaintexts.drain(..) {
+                let handled = match received {
+                    Received::Data(id, data) => state.mux.handle_data(id, data, now),
+                    Received::Other(start, len) => Frame::decode(&buf[start..start + len])
+                        .map_err(|e| crate::mux::ProtocolError(e.to_string()))
+                        .and_then(|frame| state.mux.handle_frame(frame, now)),
+                }
+                .map_err(|e| e.0);
                 if let Err(reason) = handled {
                     state.mux.close(&reason);
                     shared.settle(&mut state);
@@ -929,7 +950,7 @@ async fn run_reader(
             }
             shared.settle(&mut state)
         };
-        if !plaintexts.is_empty() {
+        if opened_any {
             shared
                 .authenticated
                 .send_if_modified(|seen| !std::mem::replace(seen, true));
@@ -967,6 +988,84 @@ fn broken(reason: &str) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, reason.to_string())
 }
 
+impl LinkStream {
+    /// Takes received chunks, `max` bytes at most, without copying them:
+    /// appends them to `chunks` and returns how many bytes; `Ok(0)` at the
+    /// end of the stream. For relays, which write the chunks on as they are.
+    pub fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        chunks: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        let mut state = self.shared.lock();
+        match state.mux.read_state(self.id) {
+            ReadState::Data => {
+                let mut taken = 0;
+                while taken < max {
+                    let Some(chunk) = state.mux.read_chunk(self.id, max - taken) else {
+                        break;
+                    };
+                    taken += chunk.len();
+                    chunks.push_back(chunk);
+                }
+                self.shared.settle(&mut state);
+                Poll::Ready(Ok(taken))
+            }
+            ReadState::Eof => Poll::Ready(Ok(0)),
+            ReadState::Reset(reason) => Poll::Ready(Err(broken(&reason))),
+            ReadState::Gone => Poll::Ready(Err(broken("stream closed"))),
+            ReadState::Blocked => {
+                if let Some(w) = state.wakers.get_mut(&self.id) {
+                    w.read = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Queues the front of `data` (as much as the send queue takes) without
+    /// copying it; returns how many bytes were taken off `data`. For relays,
+    /// which hand over the buffer they read into.
+    pub fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let mut state = self.shared.lock();
+        let written = state.mux.write_chunk(self.id, data);
+        self.finish_write(&mut state, written, cx)
+    }
+
+    fn finish_write(
+        &self,
+        state: &mut Locked<'_>,
+        written: WriteState,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match written {
+            WriteState::Queued(n) => {
+                self.shared.settle(state);
+                Poll::Ready(Ok(n))
+            }
+            WriteState::Blocked => {
+                if let Some(w) = state.wakers.get_mut(&self.id) {
+                    w.write = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            WriteState::Reset(reason) => Poll::Ready(Err(broken(&reason))),
+            WriteState::Finished => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown",
+            ))),
+        }
+    }
+}
+
 impl AsyncRead for LinkStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -977,12 +1076,8 @@ impl AsyncRead for LinkStream {
         let mut state = this.shared.lock();
         match state.mux.read_state(this.id) {
             ReadState::Data => {
-                let (a, b) = state.mux.recv_slices(this.id);
-                let from_a = a.len().min(buf.remaining());
-                buf.put_slice(&a[..from_a]);
-                let from_b = b.len().min(buf.remaining());
-                buf.put_slice(&b[..from_b]);
-                state.mux.consume(this.id, from_a + from_b);
+                let n = state.mux.read_into(this.id, buf.initialize_unfilled());
+                buf.advance(n);
                 this.shared.settle(&mut state);
                 Poll::Ready(Ok(()))
             }
@@ -1010,23 +1105,8 @@ impl AsyncWrite for LinkStream {
         }
         let this = self.get_mut();
         let mut state = this.shared.lock();
-        match state.mux.write(this.id, data) {
-            WriteState::Queued(n) => {
-                this.shared.settle(&mut state);
-                Poll::Ready(Ok(n))
-            }
-            WriteState::Blocked => {
-                if let Some(w) = state.wakers.get_mut(&this.id) {
-                    w.write = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            WriteState::Reset(reason) => Poll::Ready(Err(broken(&reason))),
-            WriteState::Finished => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after shutdown",
-            ))),
-        }
+        let written = state.mux.write(this.id, data);
+        this.finish_write(&mut state, written, cx)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

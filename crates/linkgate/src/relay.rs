@@ -1,13 +1,18 @@
 //! Relays bytes both ways between a client and its target until both sides
 //! have closed, passing half-closes on, counting bytes, and enforcing the
 //! idle timeout. Buffers are borrowed only while data flows ([`crate::bufpool`]).
+//! When either side is a link stream, whole buffers change hands instead:
+//! what is read from a socket is queued on the link as it is, and what a
+//! link received is written to the socket from the buffer it arrived in.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -114,10 +119,17 @@ enum State {
         pos: usize,
         end: usize,
     },
+    /// `chunks` still have to be written to the sink, in order (a link
+    /// stream is one of the two sides).
+    WritingChunks(VecDeque<Bytes>),
     /// The source reached EOF; the sink is being shut down.
     ShuttingDown,
     Done,
 }
+
+/// Below this much room left in a direction's spare buffer, the next read
+/// goes to a fresh one.
+const MIN_SPARE: usize = 16 * 1024;
 
 struct Direction {
     way: Way,
@@ -127,6 +139,9 @@ struct Direction {
     unflushed: bool,
     /// A cap holds this direction back until this timer fires.
     capped: Option<(Pin<Box<tokio::time::Sleep>>, Instant)>,
+    /// What is left of the buffer this direction reads a socket into when
+    /// the sink is a link stream (the part read was handed to the link).
+    spare: BytesMut,
 }
 
 enum Failure {
@@ -142,6 +157,7 @@ impl Direction {
             bytes: 0,
             unflushed: false,
             capped: None,
+            spare: BytesMut::new(),
         }
     }
 
@@ -164,6 +180,58 @@ impl Direction {
                     self.capped = Some((timer, Instant::now()));
                 }
             }
+        }
+    }
+
+    /// Reads into a pooled buffer (socket to socket): the next state,
+    /// `ShuttingDown` at EOF. Pending gives the buffer back: idle costs
+    /// nothing.
+    fn poll_read_pooled(
+        &mut self,
+        cx: &mut Context<'_>,
+        source: &mut Stream,
+        allowed: usize,
+    ) -> Poll<io::Result<State>> {
+        let mut buf = PooledBuf::take();
+        let mut read_buf = ReadBuf::new(&mut buf[..allowed.min(BUF_SIZE)]);
+        std::task::ready!(Pin::new(&mut *source).poll_read(cx, &mut read_buf))?;
+        let end = read_buf.filled().len();
+        Poll::Ready(Ok(match end {
+            0 => State::ShuttingDown,
+            _ => State::Writing { buf, pos: 0, end },
+        }))
+    }
+
+    /// Reads a whole buffer when a link stream is on either side: a link
+    /// source gives the chunk it received; a socket is read into `spare`,
+    /// whose filled part is handed on and whose rest takes the next read.
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        source: &mut Stream,
+        allowed: usize,
+    ) -> Poll<io::Result<State>> {
+        let allowed = allowed.clamp(1, BUF_SIZE);
+        if let Some(link) = source.as_link() {
+            let mut chunks = VecDeque::new();
+            let read = std::task::ready!(link.poll_read_chunks(cx, allowed, &mut chunks))?;
+            return Poll::Ready(Ok(match read {
+                0 => State::ShuttingDown,
+                _ => State::WritingChunks(chunks),
+            }));
+        }
+        if self.spare.capacity() < MIN_SPARE {
+            self.spare.reserve(BUF_SIZE);
+        }
+        let mut limited = bytes::BufMut::limit(&mut self.spare, allowed);
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut *source), cx, &mut limited);
+        match std::task::ready!(read) {
+            Ok(0) => Poll::Ready(Ok(State::ShuttingDown)),
+            Ok(_) => Poll::Ready(Ok(State::WritingChunks(VecDeque::from([self
+                .spare
+                .split()
+                .freeze()])))),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 
@@ -192,11 +260,13 @@ impl Direction {
                             return Poll::Pending;
                         }
                     };
-                    let mut buf = PooledBuf::take();
-                    let mut read_buf = ReadBuf::new(&mut buf[..allowed.min(BUF_SIZE)]);
-                    match Pin::new(&mut *source).poll_read(cx, &mut read_buf) {
+                    let read = if source.as_link().is_some() || sink.as_link().is_some() {
+                        self.poll_read_chunk(cx, source, allowed)
+                    } else {
+                        self.poll_read_pooled(cx, source, allowed)
+                    };
+                    match read {
                         Poll::Pending => {
-                            // `buf` goes back to the pool here: idle costs nothing.
                             if self.unflushed {
                                 std::task::ready!(Pin::new(&mut *sink).poll_flush(cx))
                                     .map_err(Failure::Write)?;
@@ -205,18 +275,34 @@ impl Direction {
                             return Poll::Pending;
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
-                        Poll::Ready(Ok(())) => {
-                            let end = read_buf.filled().len();
-                            if end > 0 && !caps.is_empty() {
-                                caps.consume(self.way, Instant::now().into_std(), end);
-                            }
-                            self.state = if end == 0 {
-                                State::ShuttingDown
-                            } else {
-                                *moved = true;
-                                State::Writing { buf, pos: 0, end }
+                        Poll::Ready(Ok(state)) => {
+                            let read = match &state {
+                                State::Writing { end, .. } => *end,
+                                State::WritingChunks(chunks) => chunks.iter().map(Bytes::len).sum(),
+                                _ => 0,
                             };
+                            if read > 0 && !caps.is_empty() {
+                                caps.consume(self.way, Instant::now().into_std(), read);
+                            }
+                            *moved |= read > 0;
+                            self.state = state;
                         }
+                    }
+                }
+                State::WritingChunks(chunks) => {
+                    let n = std::task::ready!(poll_write_chunks(cx, sink, chunks))
+                        .map_err(Failure::Write)?;
+                    if n == 0 {
+                        return Poll::Ready(Err(Failure::Write(io::ErrorKind::WriteZero.into())));
+                    }
+                    self.bytes += n as u64;
+                    if let Some((live, up)) = live {
+                        live.add(up, n as u64);
+                    }
+                    self.unflushed = true;
+                    *moved = true;
+                    if chunks.is_empty() {
+                        self.state = State::Reading;
                     }
                 }
                 State::Writing { buf, pos, end } => {
@@ -246,6 +332,55 @@ impl Direction {
             }
         }
     }
+}
+
+/// Most buffers given to one vectored write.
+const MAX_WRITE_SLICES: usize = 64;
+
+/// Writes the front of `chunks` to `sink` (handing the buffers over when it
+/// is a link stream, one vectored write otherwise) and drops what was
+/// written; returns how many bytes.
+fn poll_write_chunks(
+    cx: &mut Context<'_>,
+    sink: &mut Stream,
+    chunks: &mut VecDeque<Bytes>,
+) -> Poll<io::Result<usize>> {
+    if let Some(link) = sink.as_link() {
+        let mut written = 0;
+        while let Some(front) = chunks.front_mut() {
+            match link.poll_write_chunk(cx, front) {
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) if written == 0 => return Poll::Ready(Err(e)),
+                // Reported by the next call, once what was taken counts.
+                Poll::Ready(Err(_)) | Poll::Pending if written > 0 => break,
+                other => return other,
+            }
+            if !front.is_empty() {
+                break;
+            }
+            chunks.pop_front();
+        }
+        return Poll::Ready(Ok(written));
+    }
+    let slices: Vec<io::IoSlice<'_>> = chunks
+        .iter()
+        .take(MAX_WRITE_SLICES)
+        .map(|chunk| io::IoSlice::new(chunk))
+        .collect();
+    let mut n = std::task::ready!(Pin::new(&mut *sink).poll_write_vectored(cx, &slices))?;
+    let written = n;
+    while n > 0 {
+        let front = chunks
+            .front_mut()
+            .expect("written bytes came from the chunks");
+        let take = n.min(front.len());
+        front.advance(take);
+        if front.is_empty() {
+            chunks.pop_front();
+        }
+        n -= take;
+    }
+    Poll::Ready(Ok(written))
 }
 
 struct Bidirectional<'a> {

@@ -14,9 +14,19 @@ pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     /// failed (a TCP reset), instead of ending it cleanly. The default does
     /// nothing: a link stream dropped before it finished is reset anyway.
     fn abort_on_drop(&mut self) {}
+
+    /// The link stream this is, if it is one: the relay then hands whole
+    /// buffers to it and takes them from it instead of copying.
+    fn as_link(&mut self) -> Option<&mut link::session::LinkStream> {
+        None
+    }
 }
 
-impl ByteStream for link::session::LinkStream {}
+impl ByteStream for link::session::LinkStream {
+    fn as_link(&mut self) -> Option<&mut link::session::LinkStream> {
+        Some(self)
+    }
+}
 impl ByteStream for tokio::io::DuplexStream {}
 
 /// A connected byte stream. TCP is kept as its own variant so that the relay
@@ -40,6 +50,17 @@ impl Stream {
                 let _ = socket2::SockRef::from(&*tcp).set_linger(Some(std::time::Duration::ZERO));
             }
             Stream::Boxed(inner) => inner.abort_on_drop(),
+        }
+    }
+}
+
+impl Stream {
+    /// The link stream under this stream, if it is one (see
+    /// [`ByteStream::as_link`]).
+    pub fn as_link(&mut self) -> Option<&mut link::session::LinkStream> {
+        match self {
+            Stream::Tcp(_) => None,
+            Stream::Boxed(inner) => inner.as_link(),
         }
     }
 }
@@ -72,6 +93,24 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Boxed(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Boxed(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Boxed(s) => s.is_write_vectored(),
         }
     }
 

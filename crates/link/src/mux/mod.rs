@@ -15,15 +15,19 @@
 //! Bounds against a hostile peer (all per link, documented in
 //! docs/link-protocol.md): at most `max_streams` streams; receive windows
 //! drawn from one budget of `recv_budget` bytes (each stream gets at least
-//! [`MIN_WINDOW`]); received data is copied out of the record into the
-//! stream's own buffer, so memory follows what is buffered, not which
-//! records it came in; at most one pending PONG and one window update per
+//! [`MIN_WINDOW`]); received data is held in buffers of its own (never a
+//! slice of a larger read buffer), so memory follows what is buffered, not
+//! which records it came in; at most one pending PONG and one window update per
 //! stream; peer-caused control replies (OPEN_FAIL) past [`CONTROL_LIMIT`]
 //! make [`Mux::wants_read`] false so the caller stops reading; stream ids
 //! only increase, windows never exceed [`MAX_WINDOW`].
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use chunks::ChunkQueue;
 
 use crate::frame::{Frame, KexStep, MAX_DATA, MAX_TEXT};
 
@@ -217,7 +221,7 @@ struct Stream {
     /// was queued and its FIN.
     detached: bool,
     // Receiving.
-    recv: VecDeque<u8>,
+    recv: ChunkQueue,
     /// This stream's share of the receive budget.
     window: u32,
     /// Bytes the peer may still send.
@@ -229,7 +233,7 @@ struct Stream {
     fin_received: bool,
     reset: Option<String>,
     // Sending.
-    send: VecDeque<u8>,
+    send: ChunkQueue,
     credit: u64,
     fin_queued: bool,
     fin_sent: bool,
@@ -243,14 +247,14 @@ impl Stream {
         Stream {
             phase,
             detached: false,
-            recv: VecDeque::new(),
+            recv: ChunkQueue::default(),
             window,
             allowance: u64::from(window),
             consumed: 0,
             window_due: 0,
             fin_received: false,
             reset: None,
-            send: VecDeque::new(),
+            send: ChunkQueue::default(),
             credit,
             fin_queued: false,
             fin_sent: false,
@@ -294,18 +298,6 @@ enum Control {
     },
 }
 
-/// Makes room for `more` bytes in `queue`, growing it as a vector does
-/// (doubling) but never past `limit`: what is allocated then stays within
-/// the window (or send queue) it is accounted against.
-fn reserve_within(queue: &mut VecDeque<u8>, more: usize, limit: usize) {
-    let needed = queue.len() + more;
-    if needed > queue.capacity() {
-        let target = needed.max(queue.capacity() * 2).min(limit.max(needed));
-        queue.reserve_exact(target - queue.len());
-    }
-}
-
-/// Text from the peer, safe for logs and audit records.
 fn untrusted(text: &str) -> String {
     crate::handshake::untrusted_text(text.as_bytes(), MAX_TEXT)
 }
@@ -548,7 +540,7 @@ impl Mux {
     }
 
     /// What a read of stream `id` would find now. With [`ReadState::Data`],
-    /// copy from [`Mux::recv_slices`] and call [`Mux::consume`].
+    /// take the bytes with [`Mux::read_into`] or [`Mux::read_chunk`].
     pub fn read_state(&self, id: u32) -> ReadState {
         let Some(stream) = self.streams.get(&id) else {
             return ReadState::Gone;
@@ -564,27 +556,33 @@ impl Mux {
         }
     }
 
-    /// The buffered bytes of stream `id`, in order, as two slices.
-    pub fn recv_slices(&self, id: u32) -> (&[u8], &[u8]) {
-        self.streams
-            .get(&id)
-            .map_or((&[][..], &[][..]), |s| s.recv.as_slices())
+    /// Copies buffered bytes of stream `id` into `dst` (as many as fit)
+    /// and marks them read; returns how many.
+    pub fn read_into(&mut self, id: u32, dst: &mut [u8]) -> usize {
+        let n = self
+            .streams
+            .get_mut(&id)
+            .map_or(0, |stream| stream.recv.copy_into(dst));
+        self.consumed(id, n);
+        n
     }
 
-    /// Marks `n` buffered bytes of stream `id` as read; grants the peer
-    /// more window once a quarter of it was consumed.
-    pub fn consume(&mut self, id: u32, n: usize) {
+    /// Takes the next buffered chunk of stream `id` (at most `max` bytes),
+    /// without copying it, and marks it read.
+    pub fn read_chunk(&mut self, id: u32, max: usize) -> Option<Bytes> {
+        let chunk = self.streams.get_mut(&id)?.recv.pop(max)?;
+        self.consumed(id, chunk.len());
+        Some(chunk)
+    }
+
+    /// `n` buffered bytes of stream `id` were read; grants the peer more
+    /// window once a quarter of it was consumed.
+    fn consumed(&mut self, id: u32, n: usize) {
         let budget_free = self.config.recv_budget.saturating_sub(self.windows_total);
         let max_window = u64::from(self.config.window);
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
-        let n = n.min(stream.recv.len());
-        stream.recv.drain(..n);
-        if stream.recv.is_empty() && stream.recv.capacity() > 64 * 1024 {
-            // An idle stream should not keep a window-sized allocation.
-            stream.recv = VecDeque::new();
-        }
         stream.consumed += n as u64;
         if stream.fin_received || stream.reset.is_some() {
             return;
@@ -605,26 +603,52 @@ impl Mux {
         }
     }
 
-    /// Queues `data` (or the part that fits) on stream `id`.
+    /// Queues a copy of `data` (or of the part that fits) on stream `id`.
     pub fn write(&mut self, id: u32, data: &[u8]) -> WriteState {
+        let room = match self.send_room(id) {
+            Ok(room) => room,
+            Err(state) => return state,
+        };
+        let n = room.min(data.len());
+        self.queue(id, Bytes::copy_from_slice(&data[..n]))
+    }
+
+    /// Queues `data` on stream `id` without copying it: takes the part
+    /// that fits off its front (all of it when there is room).
+    pub fn write_chunk(&mut self, id: u32, data: &mut Bytes) -> WriteState {
+        let room = match self.send_room(id) {
+            Ok(room) => room,
+            Err(state) => return state,
+        };
+        let chunk = data.split_to(room.min(data.len()));
+        self.queue(id, chunk)
+    }
+
+    /// Room in stream `id`'s send queue, or why it takes nothing now.
+    fn send_room(&mut self, id: u32) -> Result<usize, WriteState> {
         let send_queue = self.send_cap();
         let Some(stream) = self.streams.get_mut(&id) else {
-            return WriteState::Reset("stream closed".into());
+            return Err(WriteState::Reset("stream closed".into()));
         };
         if let Some(reason) = &stream.reset {
-            return WriteState::Reset(reason.clone());
+            return Err(WriteState::Reset(reason.clone()));
         }
         if stream.fin_queued {
-            return WriteState::Finished;
+            return Err(WriteState::Finished);
         }
         let room = send_queue.saturating_sub(stream.send.len());
         if room == 0 {
             stream.writer_waiting = true;
-            return WriteState::Blocked;
+            return Err(WriteState::Blocked);
         }
-        let n = room.min(data.len());
-        reserve_within(&mut stream.send, n, send_queue);
-        stream.send.extend(&data[..n]);
+        Ok(room)
+    }
+
+    fn queue(&mut self, id: u32, chunk: Bytes) -> WriteState {
+        let n = chunk.len();
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.send.push(chunk);
+        }
         self.schedule(id);
         WriteState::Queued(n)
     }
@@ -667,7 +691,7 @@ impl Mux {
             self.remove(id);
         } else if stream.fin_queued && !stream.fin_sent {
             stream.detached = true;
-            stream.recv = VecDeque::new();
+            stream.recv.clear();
         } else {
             self.remove(id);
             self.push_control(Control::Reset {
@@ -702,7 +726,7 @@ impl Mux {
                 _ if stream.detached => self.remove(id),
                 _ => {
                     stream.reset.get_or_insert_with(|| reason.to_string());
-                    stream.send = VecDeque::new();
+                    stream.send.clear();
                     self.events.push_back(Event::Readable(id));
                     self.events.push_back(Event::Writable(id));
                 }
@@ -720,40 +744,53 @@ impl Mux {
     // === Wire ===
 
     /// Handles one frame from the peer, received at `now`.
+    /// Handles a DATA frame from the peer whose payload the caller already
+    /// copied into a buffer of its own (`data`), received at `now`.
+    pub fn handle_data(&mut self, id: u32, data: Bytes, now: Instant) -> Result<(), ProtocolError> {
+        self.last_received = now;
+        let err = |text: String| Err(ProtocolError(text));
+        if self.close_received.is_some() {
+            return err("frame after the close record".into());
+        }
+        if data.is_empty() || data.len() > MAX_DATA {
+            return err("empty or oversized data frame".into());
+        }
+        self.check_used(id)?;
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        if stream.phase != Phase::Open {
+            return err(format!("data on stream {id} before it was open"));
+        }
+        if stream.fin_received {
+            return err(format!("data on stream {id} after its end"));
+        }
+        if data.len() as u64 > stream.allowance {
+            return err(format!("stream {id} sent beyond its window"));
+        }
+        stream.allowance -= data.len() as u64;
+        self.stats.bytes_received += data.len() as u64;
+        if stream.reset.is_some() || stream.detached {
+            // Nobody will read it.
+            return Ok(());
+        }
+        stream.recv.push(data);
+        self.events.push_back(Event::Readable(id));
+        Ok(())
+    }
+
+    /// Handles one frame from the peer, received at `now`.
     pub fn handle_frame(&mut self, frame: Frame<'_>, now: Instant) -> Result<(), ProtocolError> {
+        if let Frame::Data { id, data } = frame {
+            return self.handle_data(id, Bytes::copy_from_slice(data), now);
+        }
         self.last_received = now;
         let err = |text: String| Err(ProtocolError(text));
         if self.close_received.is_some() {
             return err("frame after the close record".into());
         }
         match frame {
-            Frame::Data { id, data } => {
-                if data.is_empty() || data.len() > MAX_DATA {
-                    return err("empty or oversized data frame".into());
-                }
-                self.check_used(id)?;
-                let Some(stream) = self.streams.get_mut(&id) else {
-                    return Ok(());
-                };
-                if stream.phase != Phase::Open {
-                    return err(format!("data on stream {id} before it was open"));
-                }
-                if stream.fin_received {
-                    return err(format!("data on stream {id} after its end"));
-                }
-                if data.len() as u64 > stream.allowance {
-                    return err(format!("stream {id} sent beyond its window"));
-                }
-                stream.allowance -= data.len() as u64;
-                self.stats.bytes_received += data.len() as u64;
-                if stream.reset.is_some() || stream.detached {
-                    // Nobody will read it.
-                    return Ok(());
-                }
-                reserve_within(&mut stream.recv, data.len(), stream.window as usize);
-                stream.recv.extend(data);
-                self.events.push_back(Event::Readable(id));
-            }
+            Frame::Data { .. } => {}
             Frame::Open {
                 id,
                 window,
@@ -865,7 +902,7 @@ impl Mux {
                 // A pending stream keeps the reset for the gateway to find
                 // when it takes the stream; a scheduled one is skipped.
                 stream.reset = Some(format!("reset by the other gateway: {}", untrusted(reason)));
-                stream.send = VecDeque::new();
+                stream.send.clear();
                 self.events.push_back(Event::Readable(id));
                 self.events.push_back(Event::Writable(id));
             }
@@ -1071,14 +1108,7 @@ impl Mux {
                 .min(stream.credit.min(MAX_DATA as u64) as usize);
             out.push(crate::frame::DATA_TYPE);
             out.extend_from_slice(&id.to_be_bytes());
-            let (a, b) = stream.send.as_slices();
-            let from_a = n.min(a.len());
-            out.extend_from_slice(&a[..from_a]);
-            out.extend_from_slice(&b[..n - from_a]);
-            stream.send.drain(..n);
-            if stream.send.is_empty() && stream.send.capacity() > 64 * 1024 {
-                stream.send = VecDeque::new();
-            }
+            stream.send.copy_out(n, out);
             stream.credit -= n as u64;
             stream.deficit -= n as i64;
             self.stats.bytes_sent += n as u64;
@@ -1150,8 +1180,9 @@ impl Mux {
         self.close_received.as_deref()
     }
 
-    /// Memory held for the link now, by what holds it (capacities, not
-    /// payload lengths: what is allocated is what counts).
+    /// Memory held for the link now, by what holds it. Received data sits
+    /// in buffers of exactly its size; queued data may be a slice of a
+    /// relay's read buffer, which that relay reuses for its next read.
     pub fn memory(&self) -> MuxMemory {
         let mut memory = MuxMemory {
             control: self.control.len(),
@@ -1159,8 +1190,8 @@ impl Mux {
             ..MuxMemory::default()
         };
         for stream in self.streams.values() {
-            memory.received += stream.recv.capacity();
-            memory.queued += stream.send.capacity();
+            memory.received += stream.recv.len();
+            memory.queued += stream.send.len();
         }
         memory
     }
@@ -1239,5 +1270,6 @@ impl Mux {
     }
 }
 
+mod chunks;
 #[cfg(test)]
 mod tests;

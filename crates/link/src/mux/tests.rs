@@ -55,9 +55,10 @@ fn events(mux: &mut Mux) -> Vec<Event> {
 }
 
 fn read_all(mux: &mut Mux, id: u32) -> Vec<u8> {
-    let (a, b) = mux.recv_slices(id);
-    let data = [a, b].concat();
-    mux.consume(id, data.len());
+    let mut data = Vec::new();
+    while let Some(chunk) = mux.read_chunk(id, usize::MAX) {
+        data.extend_from_slice(&chunk);
+    }
     data
 }
 
