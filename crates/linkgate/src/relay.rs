@@ -225,7 +225,13 @@ impl Direction {
         }
         let mut limited = bytes::BufMut::limit(&mut self.spare, allowed);
         let read = tokio_util::io::poll_read_buf(Pin::new(&mut *source), cx, &mut limited);
-        match std::task::ready!(read) {
+        let Poll::Ready(read) = read else {
+            // Nothing to read: let the buffer go (freed once the link sent
+            // what was cut from it), so an idle connection holds none.
+            self.spare = BytesMut::new();
+            return Poll::Pending;
+        };
+        match read {
             Ok(0) => Poll::Ready(Ok(State::ShuttingDown)),
             Ok(_) => Poll::Ready(Ok(State::WritingChunks(VecDeque::from([self
                 .spare
