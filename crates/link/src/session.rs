@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
@@ -779,15 +779,11 @@ async fn run_writer(
                 sealer = Sealer::new(*key);
             }
         }
-        let written = async {
-            transport.write_all(&out).await?;
-            // TLS and WebSocket transports buffer; TCP's flush is free.
-            transport.flush().await
-        };
+        let batch_len = out.len();
         let write_started = Instant::now();
-        let result = tokio::time::timeout(write_timeout, written).await;
+        let result = tokio::time::timeout(write_timeout, transport.write_batch(&mut out)).await;
         let now = Instant::now();
-        budget.wrote(now.into_std(), out.len(), now - write_started);
+        budget.wrote(now.into_std(), batch_len, now - write_started);
         if let Some(socket) = &unsent_limit {
             let limit = budget.unsent_limit();
             if limit != unsent_limit_set {
@@ -807,11 +803,13 @@ async fn run_writer(
         }
         shared
             .wire_sent
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
+            .fetch_add(batch_len as u64, Ordering::Relaxed);
         out.clear();
         if out.capacity() > 4 * MAX_BATCH {
             out.shrink_to(MAX_BATCH + MAX_RECORD + 2);
         }
+        // A message transport took the buffer with the batch.
+        out.reserve(MAX_BATCH + MAX_RECORD + 2);
     }
 }
 

@@ -3,13 +3,66 @@
 //! got (raw TCP, a proxy chain, WebSocket, TLS); a transport only carries
 //! bytes and never decides who is trusted.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::io;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The read half of a transport.
 pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+
 /// The write half of a transport.
-pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+pub enum WriteHalf {
+    /// A byte stream: the writer writes each batch of records from its own
+    /// buffer.
+    Bytes(Box<dyn AsyncWrite + Send + Unpin>),
+    /// A transport that sends whole messages (WebSocket): the writer hands
+    /// each batch over as it is, so it is not copied once more into a
+    /// message of its own.
+    Batches(Box<dyn BatchSink>),
+}
+
+/// The sending side of a message transport (see [`WriteHalf::Batches`]).
+pub trait BatchSink: Send + Unpin {
+    /// Sends `*batch` whole (taking it) and flushes; `Ready(Ok)` once the
+    /// transport took it. Called again with `None` after a `Pending` that
+    /// came after the batch was taken.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        batch: &mut Option<Bytes>,
+    ) -> Poll<io::Result<()>>;
+    /// Ends the sending side cleanly (a close message).
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl WriteHalf {
+    /// Writes `batch` and flushes; a message transport takes the buffer
+    /// (then `batch` is left empty, with no capacity).
+    pub async fn write_batch(&mut self, batch: &mut Vec<u8>) -> io::Result<()> {
+        match self {
+            WriteHalf::Bytes(stream) => {
+                stream.write_all(batch).await?;
+                // TLS transports buffer; TCP's flush is free.
+                stream.flush().await
+            }
+            WriteHalf::Batches(sink) => {
+                let mut message = Some(Bytes::from(std::mem::take(batch)));
+                std::future::poll_fn(|cx| sink.poll_send(cx, &mut message)).await
+            }
+        }
+    }
+
+    /// Ends the sending side cleanly.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            WriteHalf::Bytes(stream) => stream.shutdown().await,
+            WriteHalf::Batches(sink) => std::future::poll_fn(|cx| sink.poll_shutdown(cx)).await,
+        }
+    }
+}
 
 /// An ordered byte stream a session can run over.
 ///
@@ -33,7 +86,7 @@ impl Transport for TcpStream {
         // Records are whole messages: never hold one back for coalescing.
         let _ = self.set_nodelay(true);
         let (read, write) = self.into_split();
-        (Box::new(read), Box::new(write))
+        (Box::new(read), WriteHalf::Bytes(Box::new(write)))
     }
 
     fn tcp_socket(&self) -> Option<socket2::Socket> {
@@ -51,7 +104,7 @@ where
 {
     fn into_halves(self) -> (ReadHalf, WriteHalf) {
         let (read, write) = tokio::io::split(self.0);
-        (Box::new(read), Box::new(write))
+        (Box::new(read), WriteHalf::Bytes(Box::new(write)))
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Anything that carries bytes both ways and can be half-closed.
-pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + IntoBoxed + 'static {
     /// Makes dropping the stream tell the other end that the connection
     /// failed (a TCP reset), instead of ending it cleanly. The default does
     /// nothing: a link stream dropped before it finished is reset anyway.
@@ -19,6 +19,29 @@ pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     /// buffers to it and takes them from it instead of copying.
     fn as_link(&mut self) -> Option<&mut link::session::LinkStream> {
         None
+    }
+
+    /// Splits a stream that carries a link into the session's halves its
+    /// own way (a WebSocket hands whole batches to its messages); `Err`
+    /// gives the stream back for the generic split.
+    #[allow(clippy::type_complexity)]
+    fn into_link_halves(
+        self: Box<Self>,
+    ) -> Result<(link::transport::ReadHalf, link::transport::WriteHalf), Box<dyn ByteStream>> {
+        Err(self.into_boxed())
+    }
+}
+
+/// Boxes a stream as a [`ByteStream`] trait object (what lets a default
+/// method of the trait give its boxed self back).
+pub trait IntoBoxed {
+    /// `self` as a trait object.
+    fn into_boxed(self: Box<Self>) -> Box<dyn ByteStream>;
+}
+
+impl<T: ByteStream> IntoBoxed for T {
+    fn into_boxed(self: Box<Self>) -> Box<dyn ByteStream> {
+        self
     }
 }
 

@@ -207,7 +207,10 @@ impl link::transport::Transport for Stream {
     fn into_halves(self) -> (link::transport::ReadHalf, link::transport::WriteHalf) {
         match self {
             Stream::Tcp(tcp) => tcp.into_halves(),
-            boxed => link::transport::Stream(boxed).into_halves(),
+            Stream::Boxed(boxed) => match boxed.into_link_halves() {
+                Ok(halves) => halves,
+                Err(boxed) => link::transport::Stream(Stream::Boxed(boxed)).into_halves(),
+            },
         }
     }
 

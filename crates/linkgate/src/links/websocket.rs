@@ -9,7 +9,8 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use futures_util::{Sink, Stream as _};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::Sink;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -68,28 +69,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        loop {
-            if !this.pending.is_empty() {
-                let n = this.pending.len().min(buf.remaining());
-                buf.put_slice(&this.pending[..n]);
-                this.pending.advance(n);
-                return Poll::Ready(Ok(()));
+        poll_read_messages(&mut this.inner, &mut this.pending, &mut this.ended, cx, buf)
+    }
+}
+
+/// Reads the bytes of binary messages from `messages`: the rest of the
+/// last one first (`pending`), EOF once a close was seen (`ended`).
+fn poll_read_messages<M>(
+    messages: &mut M,
+    pending: &mut Bytes,
+    ended: &mut bool,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>>
+where
+    M: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    loop {
+        if !pending.is_empty() {
+            let n = pending.len().min(buf.remaining());
+            buf.put_slice(&pending[..n]);
+            pending.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        if *ended {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(Pin::new(&mut *messages).poll_next(cx)) {
+            Some(Ok(Message::Binary(data))) => *pending = data,
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Ok(Message::Close(_))) | None => *ended = true,
+            Some(Ok(Message::Text(_))) => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "WebSocket text message on a link",
+                )))
             }
-            if this.ended {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(Pin::new(&mut this.inner).poll_next(cx)) {
-                Some(Ok(Message::Binary(data))) => this.pending = data,
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(_))) | None => this.ended = true,
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "WebSocket text message on a link",
-                    )))
-                }
-                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
-            }
+            Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
         }
     }
 }
@@ -123,4 +139,79 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> ByteStream for WsBytes<S> {}
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> ByteStream for WsBytes<S> {
+    fn into_link_halves(
+        self: Box<Self>,
+    ) -> Result<(link::transport::ReadHalf, link::transport::WriteHalf), Box<dyn ByteStream>> {
+        let WsBytes {
+            inner,
+            pending,
+            ended,
+        } = *self;
+        let (sink, messages) = futures_util::StreamExt::split(inner);
+        let reader = WsReader {
+            messages,
+            pending,
+            ended,
+        };
+        let writer = WsBatches { sink };
+        Ok((
+            Box::new(reader),
+            link::transport::WriteHalf::Batches(Box::new(writer)),
+        ))
+    }
+}
+
+/// The reading half of a link's WebSocket (see [`WsBytes`]).
+struct WsReader<S> {
+    messages: SplitStream<WebSocketStream<S>>,
+    pending: Bytes,
+    ended: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsReader<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        poll_read_messages(
+            &mut this.messages,
+            &mut this.pending,
+            &mut this.ended,
+            cx,
+            buf,
+        )
+    }
+}
+
+/// The sending half of a link's WebSocket: each batch of records the
+/// session's writer hands over becomes one binary message, uncopied.
+struct WsBatches<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + Unpin> link::transport::BatchSink for WsBatches<S> {
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        batch: &mut Option<Bytes>,
+    ) -> Poll<io::Result<()>> {
+        if batch.is_some() {
+            ready!(Pin::new(&mut self.sink).poll_ready(cx)).map_err(to_io)?;
+            let message = Message::Binary(batch.take().expect("checked"));
+            Pin::new(&mut self.sink)
+                .start_send(message)
+                .map_err(to_io)?;
+        }
+        Pin::new(&mut self.sink).poll_flush(cx).map_err(to_io)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match ready!(Pin::new(&mut self.sink).poll_close(cx)) {
+            Ok(()) | Err(tungstenite::Error::ConnectionClosed) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(to_io(e))),
+        }
+    }
+}
