@@ -12,6 +12,7 @@ mod socks;
 pub mod socks_link_udp;
 mod telnet;
 pub mod udp;
+mod udp_batch;
 
 pub use ftp::{data_stream_name, parse_data_stream_name, LinkDataSlots, Offer};
 

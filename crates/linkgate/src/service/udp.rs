@@ -23,6 +23,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::udp_batch;
 use super::ServiceRuntime;
 use crate::access::Verdict;
 use crate::audit::{Audit, AuditResult};
@@ -118,18 +119,21 @@ enum Outbound {
 }
 
 impl Outbound {
-    /// Sends one datagram now, or drops it (false).
-    fn send(&self, datagram: &[u8]) -> bool {
+    /// Sends `datagrams` now; returns how many went (the rest are dropped).
+    fn send(&self, datagrams: &[&[u8]]) -> usize {
         match self {
-            Outbound::Socket(socket) => send_now(socket, datagram, None).is_ok(),
+            Outbound::Socket(socket) => udp_batch::send(socket, datagrams, None),
             Outbound::Link {
                 links,
                 peer,
                 service,
                 flow,
-            } => links
-                .session(peer)
-                .is_some_and(|s| s.send_datagram(*flow, Some(service), datagram).is_ok()),
+            } => links.session(peer).map_or(0, |s| {
+                datagrams
+                    .iter()
+                    .filter(|d| s.send_datagram(*flow, Some(service), d).is_ok())
+                    .count()
+            }),
         }
     }
 }
@@ -141,19 +145,64 @@ enum Answers {
 }
 
 impl Answers {
-    async fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Waits for answers and takes all that are waiting (at most
+    /// [`udp_batch::BATCH`]) into `batch`.
+    async fn recv(&mut self, batch: &mut AnswerBatch) -> io::Result<()> {
+        batch.clear();
         match self {
-            Answers::Socket(socket) => socket.recv(buf).await,
+            Answers::Socket(socket) => {
+                udp_batch::recv_copied(socket, |answer| batch.push(answer)).await
+            }
             Answers::Link(answers) => {
                 let answer = answers
                     .recv()
                     .await
                     .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "flow closed"))?;
-                let n = answer.len().min(buf.len());
-                buf[..n].copy_from_slice(&answer[..n]);
-                Ok(n)
+                batch.push(&answer);
+                while batch.len() < udp_batch::BATCH {
+                    let Ok(answer) = answers.try_recv() else {
+                        break;
+                    };
+                    batch.push(&answer);
+                }
+                Ok(())
             }
         }
+    }
+}
+
+/// The answers one wake-up of a flow found, one after the other in one
+/// buffer.
+#[derive(Default)]
+struct AnswerBatch {
+    arena: Vec<u8>,
+    ends: Vec<(usize, usize)>,
+}
+
+impl AnswerBatch {
+    fn clear(&mut self) {
+        self.arena.clear();
+        self.ends.clear();
+        // A burst of large answers should not stay allocated.
+        if self.arena.capacity() > 4 * (MAX_DATAGRAM + 1) {
+            self.arena = Vec::new();
+        }
+    }
+
+    fn push(&mut self, datagram: &[u8]) {
+        let start = self.arena.len();
+        self.arena.extend_from_slice(datagram);
+        self.ends.push((start, self.arena.len()));
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn datagrams(&self) -> impl Iterator<Item = &[u8]> {
+        self.ends
+            .iter()
+            .map(|&(start, end)| &self.arena[start..end])
     }
 }
 
@@ -174,12 +223,16 @@ enum Client {
 }
 
 impl Client {
-    fn send(&self, datagram: &[u8]) -> bool {
+    /// Sends `datagrams` now; returns how many went (the rest are dropped).
+    fn send(&self, datagrams: &[&[u8]]) -> usize {
         match self {
-            Client::Socket { listener, addr } => send_now(listener, datagram, Some(*addr)).is_ok(),
-            Client::Link { links, peer, flow } => links
-                .session(peer)
-                .is_some_and(|s| s.send_datagram(*flow, None, datagram).is_ok()),
+            Client::Socket { listener, addr } => udp_batch::send(listener, datagrams, Some(*addr)),
+            Client::Link { links, peer, flow } => links.session(peer).map_or(0, |s| {
+                datagrams
+                    .iter()
+                    .filter(|d| s.send_datagram(*flow, None, d).is_ok())
+                    .count()
+            }),
         }
     }
 }
@@ -210,63 +263,85 @@ pub async fn serve_socket(
     let flows: Flows = Arc::default();
     let tasks = TaskTracker::new();
     let refused: RefusalMemory<SocketAddr> = RefusalMemory::default();
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut batch = udp_batch::RecvBatch::default();
     loop {
         let received = tokio::select! {
             () = stop.cancelled() => break,
-            received = socket.recv_from(&mut buf) => received,
+            received = batch.recv(&socket) => received,
         };
-        let (n, client) = match received {
-            Ok(received) => received,
-            Err(e) => {
-                tracing::warn!(service = &*service.name, error = %e, "receiving a datagram failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Err(e) = received {
+            tracing::warn!(service = &*service.name, error = %e, "receiving a datagram failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        // Consecutive datagrams of one flow in a batch go out together.
+        let mut run: Vec<&[u8]> = Vec::with_capacity(udp_batch::BATCH);
+        let mut current: Option<(SocketAddr, Arc<Flow>)> = None;
+        for (datagram, client) in batch.datagrams() {
+            if current.as_ref().is_some_and(|(addr, _)| *addr == client) {
+                run.push(datagram);
                 continue;
             }
-        };
-        let existing = flows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&client)
-            .cloned();
-        let flow = match existing {
-            Some(flow) => flow,
-            None => {
-                if refused.seen_lately(&client) {
-                    continue;
-                }
-                match open_flow(&service, &socket, client, &flows, &tasks, &stop).await {
-                    Some(flow) => {
-                        refused.forget(&client);
-                        flow
-                    }
-                    None => continue,
-                }
+            if let Some((_, flow)) = current.take() {
+                forward(&flow, &run);
             }
-        };
-        forward(&flow, &buf[..n]);
+            run.clear();
+            let existing = flows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&client)
+                .cloned();
+            let flow = match existing {
+                Some(flow) => flow,
+                None => {
+                    if refused.seen_lately(&client) {
+                        continue;
+                    }
+                    match open_flow(&service, &socket, client, &flows, &tasks, &stop).await {
+                        Some(flow) => {
+                            refused.forget(&client);
+                            flow
+                        }
+                        None => continue,
+                    }
+                }
+            };
+            run.push(datagram);
+            current = Some((client, flow));
+        }
+        if let Some((_, flow)) = current.take() {
+            forward(&flow, &run);
+        }
     }
     tasks.close();
     tasks.wait().await;
 }
 
-/// Counts and sends one datagram from the client towards the target, or
-/// drops it (over a cap, a full socket buffer, a link that is down).
-fn forward(flow: &Flow, datagram: &[u8]) {
-    let n = datagram.len();
-    if !flow.caps.is_empty() {
-        if flow.caps.allowance(Way::Up, Instant::now(), n).is_err() {
-            flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+/// Counts and sends datagrams from the client towards the target, or
+/// drops them (over a cap, a full socket buffer, a link that is down).
+fn forward(flow: &Flow, datagrams: &[&[u8]]) {
+    let mut allowed: Vec<&[u8]> = Vec::with_capacity(datagrams.len());
+    for &datagram in datagrams {
+        let n = datagram.len();
+        if !flow.caps.is_empty() {
+            if flow.caps.allowance(Way::Up, Instant::now(), n).is_err() {
+                flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            flow.caps.consume(Way::Up, Instant::now(), n);
         }
-        flow.caps.consume(Way::Up, Instant::now(), n);
+        flow.counters.count(Way::Up, n, flow.started);
+        if let Some(live) = &flow.live {
+            live.add(true, n as u64);
+        }
+        allowed.push(datagram);
     }
-    flow.counters.count(Way::Up, n, flow.started);
-    if let Some(live) = &flow.live {
-        live.add(true, n as u64);
-    }
-    if !flow.outbound.send(datagram) {
-        flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
+    let sent = flow.outbound.send(&allowed);
+    let dropped = allowed.len() - sent;
+    if dropped > 0 {
+        flow.counters
+            .dropped
+            .fetch_add(dropped as u64, Ordering::Relaxed);
     }
 }
 
@@ -288,7 +363,7 @@ pub fn serve_link_datagram(
         .get(&key)
         .cloned();
     if let Some(flow) = existing {
-        return forward(&flow, &datagram.payload);
+        return forward(&flow, &[&datagram.payload]);
     }
     // Until the flow is set up below, its datagrams are dropped here too.
     if service.udp_link_flows.refused.seen_lately(&key) {
@@ -325,7 +400,7 @@ pub fn serve_link_datagram(
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone(), flow.clone());
         service.udp_link_flows.refused.forget(&key);
-        forward(&flow, &datagram.payload);
+        forward(&flow, &[&datagram.payload]);
         run_flow(
             service, client, answers, flow, forget, audit, admitted, stop,
         )
@@ -421,17 +496,6 @@ async fn admit_flow(
     Some((flow, answers, audit, admitted))
 }
 
-/// Sends one datagram without waiting (to `to`, or where the socket is
-/// connected): straight to the kernel, since tokio's `try_send` refuses
-/// until the reactor has seen the socket writable once.
-fn send_now(socket: &UdpSocket, datagram: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
-    let socket = socket2::SockRef::from(socket);
-    match to {
-        Some(to) => socket.send_to(datagram, &to.into()),
-        None => socket.send(datagram),
-    }
-}
-
 /// The way to the service's target: a socket connected to it (its first
 /// address), or a flow over the link to the peer that serves it.
 async fn connect_target(service: &ServiceRuntime) -> Result<(Outbound, Answers), String> {
@@ -493,7 +557,7 @@ async fn run_flow(
 ) {
     let _active = service.metrics.active();
     let idle = service.config.idle_timeout;
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut batch = AnswerBatch::default();
     let (result, reason) = loop {
         let last = Duration::from_millis(flow.counters.last_ms.load(Ordering::Relaxed));
         let quiet_until = flow.started + last + idle.0;
@@ -505,21 +569,27 @@ async fn run_flow(
                     break (AuditResult::Ok, format!("idle timeout ({idle})"));
                 }
             }
-            received = answers.recv(&mut buf) => match received {
-                Ok(n) => {
-                    if !flow.caps.is_empty() {
-                        if flow.caps.allowance(Way::Down, Instant::now(), n).is_err() {
-                            flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                            continue;
+            received = answers.recv(&mut batch) => match received {
+                Ok(()) => {
+                    let mut allowed: Vec<&[u8]> = Vec::with_capacity(batch.len());
+                    for answer in batch.datagrams() {
+                        let n = answer.len();
+                        if !flow.caps.is_empty() {
+                            if flow.caps.allowance(Way::Down, Instant::now(), n).is_err() {
+                                flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            flow.caps.consume(Way::Down, Instant::now(), n);
                         }
-                        flow.caps.consume(Way::Down, Instant::now(), n);
+                        flow.counters.count(Way::Down, n, flow.started);
+                        if let Some(live) = &flow.live {
+                            live.add(false, n as u64);
+                        }
+                        allowed.push(answer);
                     }
-                    flow.counters.count(Way::Down, n, flow.started);
-                    if let Some(live) = &flow.live {
-                        live.add(false, n as u64);
-                    }
-                    if !client.send(&buf[..n]) {
-                        flow.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    let dropped = allowed.len() - client.send(&allowed);
+                    if dropped > 0 {
+                        flow.counters.dropped.fetch_add(dropped as u64, Ordering::Relaxed);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
