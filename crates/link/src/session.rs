@@ -136,6 +136,9 @@ pub struct SessionStats {
     pub wire_received: u64,
     /// Fresh key exchanges completed since the link came up.
     pub key_exchanges: u64,
+    /// Datagrams that arrived and were dropped because whoever takes them
+    /// fell behind (see [`Session::take_datagrams`]).
+    pub datagrams_dropped: u64,
 }
 
 /// Bytes read from the transport at a time.
@@ -663,6 +666,7 @@ impl Session {
             key_exchanges: state.kex.as_ref().map_or(0, |kex| kex.chain.completed()),
             wire_sent: self.shared.wire_sent.load(Ordering::Relaxed),
             wire_received: self.shared.wire_received.load(Ordering::Relaxed),
+            datagrams_dropped: self.shared.datagrams_dropped.load(Ordering::Relaxed),
         }
     }
 }

@@ -91,6 +91,10 @@ pub struct ServiceMetrics {
     /// in milliseconds.
     durations: [AtomicU64; DURATION_BUCKETS.len() + 1],
     duration_ms_sum: AtomicU64,
+    /// Datagrams relayed (udp services, SOCKS UDP), up and down, and
+    /// dropped (caps, full socket buffers, busy or down links).
+    datagrams: [AtomicU64; 2],
+    datagrams_dropped: AtomicU64,
 }
 
 /// Every service's counters, by service name, for the gateway's whole life:
@@ -137,6 +141,16 @@ pub struct MetricsSnapshot {
     /// Sum of finished connections' durations, seconds.
     #[serde(default)]
     pub duration_sum_s: f64,
+    /// Client → target datagrams relayed so far.
+    #[serde(default)]
+    pub datagrams_up: u64,
+    /// Target → client datagrams relayed so far.
+    #[serde(default)]
+    pub datagrams_down: u64,
+    /// Datagrams dropped so far (over a cap, a full socket buffer, a link
+    /// that was busy or down), as UDP drops them.
+    #[serde(default)]
+    pub datagrams_dropped: u64,
 }
 
 /// Counts a connection as active until dropped.
@@ -162,6 +176,17 @@ impl ServiceMetrics {
         }
         if down > 0 {
             self.bytes_down.fetch_add(down, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts datagrams as they are relayed (`up`: client → target) and
+    /// those dropped on the way.
+    pub fn add_datagrams(&self, up: bool, relayed: u64, dropped: u64) {
+        if relayed > 0 {
+            self.datagrams[usize::from(!up)].fetch_add(relayed, Ordering::Relaxed);
+        }
+        if dropped > 0 {
+            self.datagrams_dropped.fetch_add(dropped, Ordering::Relaxed);
         }
     }
 
@@ -207,6 +232,9 @@ impl ServiceMetrics {
                 .map(|d| d.load(Ordering::Relaxed))
                 .collect(),
             duration_sum_s: self.duration_ms_sum.load(Ordering::Relaxed) as f64 / 1000.0,
+            datagrams_up: self.datagrams[0].load(Ordering::Relaxed),
+            datagrams_down: self.datagrams[1].load(Ordering::Relaxed),
+            datagrams_dropped: self.datagrams_dropped.load(Ordering::Relaxed),
         }
     }
 }

@@ -443,3 +443,49 @@ fn socks_udp_associate_through_a_down_link_is_refused_in_the_protocol() {
     assert_eq!(audit["result"], "error");
     assert_eq!(audit["reason"], "via link://hub/out: the link is down");
 }
+
+/// `GET path` from the admin endpoint, the body as text.
+fn admin_get(gateway: &RunningGateway, path: &str) -> String {
+    use std::io::{Read, Write};
+    let admin = gateway
+        .records()
+        .iter()
+        .find(|r| r["message"] == "admin listening")
+        .and_then(|r| r["listen"].as_str().map(str::to_string))
+        .expect("admin address in the log");
+    let mut http = std::net::TcpStream::connect(admin).unwrap();
+    write!(
+        http,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn metrics_count_the_datagrams_a_udp_service_relayed() {
+    let echo = echo_server();
+    let gateway = RunningGateway::start(
+        &udp_service(echo, "").replace("shutdown_grace", "admin = \"127.0.0.1:0\"\nshutdown_grace"),
+    );
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(gateway.addr("dns")).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    for i in 0..20u8 {
+        client.send(&[i; 10]).unwrap();
+        assert_eq!(client.recv(&mut buf).unwrap(), 10);
+    }
+    let metrics = admin_get(&gateway, "/metrics");
+    for line in [
+        "linkgate_datagrams_total{service=\"dns\",direction=\"up\"} 20",
+        "linkgate_datagrams_total{service=\"dns\",direction=\"down\"} 20",
+        "linkgate_datagrams_dropped_total{service=\"dns\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
+}

@@ -155,6 +155,10 @@ pub struct LinkStatus {
     /// While up: fresh key exchanges done on the link so far.
     #[serde(default)]
     pub key_exchanges: u64,
+    /// While up: datagrams that arrived on this session and were dropped
+    /// because the gateway's datagram queue was full.
+    #[serde(default)]
+    pub datagrams_dropped: u64,
     /// While up: the smoothed round-trip time in milliseconds.
     #[serde(default)]
     pub rtt_ms: Option<f64>,
@@ -237,6 +241,7 @@ impl AdminState {
                     bytes_sent: stats.as_ref().map_or(0, |s| s.wire_sent),
                     bytes_received: stats.as_ref().map_or(0, |s| s.wire_received),
                     streams: stats.as_ref().map_or(0, |s| s.mux.streams),
+                    datagrams_dropped: stats.as_ref().map_or(0, |s| s.datagrams_dropped),
                     since: history.since.map(unix_seconds),
                     last_end: history.last_end,
                     reconnects: history.sessions.saturating_sub(1),

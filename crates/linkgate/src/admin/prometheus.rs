@@ -44,6 +44,27 @@ pub fn render(status: &Status) -> String {
             s.name, s.counters.bytes_down
         );
     }
+    out.push_str("# HELP linkgate_datagrams_total Datagrams relayed by udp services and SOCKS UDP.\n# TYPE linkgate_datagrams_total counter\n");
+    let carries_datagrams = |s: &&super::ServiceStatus| {
+        s.kind == "udp"
+            || s.kind == "socks"
+            || s.counters.datagrams_up + s.counters.datagrams_down > 0
+    };
+    for s in status.services.iter().filter(carries_datagrams) {
+        let _ = writeln!(
+            out,
+            "linkgate_datagrams_total{{service=\"{}\",direction=\"up\"}} {}\nlinkgate_datagrams_total{{service=\"{}\",direction=\"down\"}} {}",
+            s.name, s.counters.datagrams_up, s.name, s.counters.datagrams_down
+        );
+    }
+    out.push_str("# HELP linkgate_datagrams_dropped_total Datagrams dropped (caps, full socket buffers, busy or down links).\n# TYPE linkgate_datagrams_dropped_total counter\n");
+    for s in status.services.iter().filter(carries_datagrams) {
+        let _ = writeln!(
+            out,
+            "linkgate_datagrams_dropped_total{{service=\"{}\"}} {}",
+            s.name, s.counters.datagrams_dropped
+        );
+    }
     out.push_str("# HELP linkgate_connection_duration_seconds Duration of finished connections.\n# TYPE linkgate_connection_duration_seconds histogram\n");
     for s in &status.services {
         let c = &s.counters;
@@ -151,6 +172,14 @@ pub fn render(status: &Status) -> String {
                 rtt / 1000.0
             );
         }
+    }
+    out.push_str("# HELP linkgate_link_datagrams_dropped Datagrams that arrived on the link's current session and were dropped (the gateway's queue was full).\n# TYPE linkgate_link_datagrams_dropped gauge\n");
+    for l in status.links.iter().filter(|l| l.state == "up") {
+        let _ = writeln!(
+            out,
+            "linkgate_link_datagrams_dropped{{peer=\"{}\"}} {}",
+            l.peer, l.datagrams_dropped
+        );
     }
     out.push_str("# HELP linkgate_link_streams Streams open on a link.\n# TYPE linkgate_link_streams gauge\n");
     for l in status.links.iter().filter(|l| l.state == "up") {

@@ -644,7 +644,10 @@ async fn udp_associate(
                 }
                 client_udp = Some(from);
                 if association.forward(service, &from_client[..n]).await {
+                    service.metrics.add_datagrams(true, 1, 0);
                     sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                } else {
+                    service.metrics.add_datagrams(true, 0, 1);
                 }
             }
             received = association.recv_from_target(&mut from_target) => {
@@ -658,7 +661,10 @@ async fn udp_associate(
                     datagram.extend_from_slice(&from_target[..n]);
                     if client_side.send_to(&datagram, client).await.is_ok() {
                         association.down += n as u64;
+                        service.metrics.add_datagrams(false, 1, 0);
                         sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                    } else {
+                        service.metrics.add_datagrams(false, 0, 1);
                     }
                 }
             }

@@ -103,7 +103,10 @@ pub(super) async fn associate_over_link(
                 }
                 if link.send(datagram) {
                     up += (n - offset) as u64;
+                    service.metrics.add_datagrams(true, 1, 0);
                     sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                } else {
+                    service.metrics.add_datagrams(true, 0, 1);
                 }
             }
             answer = link.answers.recv() => {
@@ -112,7 +115,10 @@ pub(super) async fn associate_over_link(
                 let Ok((_, offset)) = socks::parse_udp_header(&answer) else { continue };
                 if client_side.send_to(&answer, client).await.is_ok() {
                     down += (answer.len() - offset) as u64;
+                    service.metrics.add_datagrams(false, 1, 0);
                     sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                } else {
+                    service.metrics.add_datagrams(false, 0, 1);
                 }
             }
             read = inbound.stream.read(&mut control) => match read {

@@ -100,6 +100,8 @@ impl FlowCounters {
 
 struct Flow {
     outbound: Outbound,
+    /// The service's counters (datagrams relayed and dropped).
+    metrics: Arc<crate::metrics::ServiceMetrics>,
     counters: Arc<FlowCounters>,
     started: Instant,
     live: Option<Arc<crate::connections::Registered>>,
@@ -337,12 +339,16 @@ fn forward(flow: &Flow, datagrams: &[&[u8]]) {
         allowed.push(datagram);
     }
     let sent = flow.outbound.send(&allowed);
-    let dropped = allowed.len() - sent;
-    if dropped > 0 {
+    let dropped = datagrams.len() - sent;
+    // Datagrams over a cap were counted as dropped already.
+    let unsent = allowed.len() - sent;
+    if unsent > 0 {
         flow.counters
             .dropped
-            .fetch_add(dropped as u64, Ordering::Relaxed);
+            .fetch_add(unsent as u64, Ordering::Relaxed);
     }
+    flow.metrics
+        .add_datagrams(true, sent as u64, dropped as u64);
 }
 
 /// A datagram of a flow that `peer` opened over a link to `service`:
@@ -488,6 +494,7 @@ async fn admit_flow(
     audit.live = Some(live.clone());
     let flow = Arc::new(Flow {
         outbound,
+        metrics: service.metrics.clone(),
         counters: Arc::default(),
         started: Instant::now(),
         live: Some(live),
@@ -587,10 +594,13 @@ async fn run_flow(
                         }
                         allowed.push(answer);
                     }
-                    let dropped = allowed.len() - client.send(&allowed);
-                    if dropped > 0 {
-                        flow.counters.dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+                    let sent = client.send(&allowed);
+                    let unsent = allowed.len() - sent;
+                    if unsent > 0 {
+                        flow.counters.dropped.fetch_add(unsent as u64, Ordering::Relaxed);
                     }
+                    let dropped = batch.len() - sent;
+                    flow.metrics.add_datagrams(false, sent as u64, dropped as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     break (
