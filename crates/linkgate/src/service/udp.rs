@@ -239,7 +239,19 @@ impl Client {
     }
 }
 
-type Flows = Arc<Mutex<HashMap<SocketAddr, Arc<Flow>>>>;
+/// The flows of one listening socket, by client address.
+type Flows = Arc<Mutex<HashMap<SocketAddr, Slot>>>;
+
+/// A client's flow, or the datagrams it sent while its flow is being set
+/// up (admission, the target's name resolved, a socket opened): the socket's
+/// receive loop never waits for that.
+enum Slot {
+    Ready(Arc<Flow>),
+    Opening(Vec<Vec<u8>>),
+}
+
+/// Datagrams kept for a flow being set up, at most; later ones are dropped.
+const EARLY_DATAGRAMS: usize = 64;
 
 /// The flows peers opened to a udp service over links, by peer and flow.
 #[derive(Default)]
@@ -264,7 +276,7 @@ pub async fn serve_socket(
     let socket = Arc::new(socket);
     let flows: Flows = Arc::default();
     let tasks = TaskTracker::new();
-    let refused: RefusalMemory<SocketAddr> = RefusalMemory::default();
+    let refused: Arc<RefusalMemory<SocketAddr>> = Arc::default();
     let mut batch = udp_batch::RecvBatch::default();
     loop {
         let received = tokio::select! {
@@ -288,28 +300,34 @@ pub async fn serve_socket(
                 forward(&flow, &run);
             }
             run.clear();
-            let existing = flows
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&client)
-                .cloned();
-            let flow = match existing {
-                Some(flow) => flow,
-                None => {
-                    if refused.seen_lately(&client) {
-                        continue;
-                    }
-                    match open_flow(&service, &socket, client, &flows, &tasks, &stop).await {
-                        Some(flow) => {
-                            refused.forget(&client);
-                            flow
-                        }
-                        None => continue,
+            let mut table = flows.lock().unwrap_or_else(|p| p.into_inner());
+            match table.get_mut(&client) {
+                Some(Slot::Ready(flow)) => {
+                    run.push(datagram);
+                    current = Some((client, flow.clone()));
+                }
+                Some(Slot::Opening(early)) => {
+                    if early.len() < EARLY_DATAGRAMS {
+                        early.push(datagram.to_vec());
+                    } else {
+                        service.metrics.add_datagrams(true, 0, 1);
                     }
                 }
-            };
-            run.push(datagram);
-            current = Some((client, flow));
+                // Refused lately (or being set up): dropped unrecorded.
+                None if refused.seen_lately(&client) => {}
+                None => {
+                    table.insert(client, Slot::Opening(vec![datagram.to_vec()]));
+                    let setup = FlowSetup {
+                        service: service.clone(),
+                        listener: socket.clone(),
+                        client,
+                        flows: flows.clone(),
+                        refused: refused.clone(),
+                        stop: stop.clone(),
+                    };
+                    tasks.spawn(setup.run());
+                }
+            }
         }
         if let Some((_, flow)) = current.take() {
             forward(&flow, &run);
@@ -414,45 +432,62 @@ pub fn serve_link_datagram(
     });
 }
 
-/// Admits `client` and sets up its flow; `None` (after writing the audit
-/// record) when it is refused or the target cannot be reached.
-async fn open_flow(
-    service: &Arc<ServiceRuntime>,
-    listener: &Arc<UdpSocket>,
+/// Sets up the flow of a client new to a listening socket, then serves it.
+struct FlowSetup {
+    service: Arc<ServiceRuntime>,
+    listener: Arc<UdpSocket>,
     client: SocketAddr,
-    flows: &Flows,
-    tasks: &TaskTracker,
-    stop: &CancellationToken,
-) -> Option<Arc<Flow>> {
-    let (flow, answers, audit, admitted) = admit_flow(service, &ClientId::Addr(client)).await?;
-    flows
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(client, flow.clone());
-    let forget = {
-        let flows = flows.clone();
-        move || {
-            flows
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&client);
+    flows: Flows,
+    refused: Arc<RefusalMemory<SocketAddr>>,
+    stop: CancellationToken,
+}
+
+impl FlowSetup {
+    /// Admits the client and opens its way to the target (a refusal or a
+    /// target that cannot be reached is audited, and the client's datagrams
+    /// are dropped unrecorded for a while); sends what it sent meanwhile,
+    /// then carries the flow until it ends.
+    async fn run(self) {
+        let FlowSetup {
+            service,
+            listener,
+            client,
+            flows,
+            refused,
+            stop,
+        } = self;
+        let forget = {
+            let flows = flows.clone();
+            move || {
+                flows
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&client);
+            }
+        };
+        let Some((flow, answers, audit, admitted)) =
+            admit_flow(&service, &ClientId::Addr(client)).await
+        else {
+            return forget();
+        };
+        let early = flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(client, Slot::Ready(flow.clone()));
+        refused.forget(&client);
+        if let Some(Slot::Opening(early)) = early {
+            let early: Vec<&[u8]> = early.iter().map(Vec::as_slice).collect();
+            forward(&flow, &early);
         }
-    };
-    let to_client = Client::Socket {
-        listener: listener.clone(),
-        addr: client,
-    };
-    tasks.spawn(run_flow(
-        service.clone(),
-        to_client,
-        answers,
-        flow.clone(),
-        forget,
-        audit,
-        admitted,
-        stop.clone(),
-    ));
-    Some(flow)
+        let to_client = Client::Socket {
+            listener,
+            addr: client,
+        };
+        run_flow(
+            service, to_client, answers, flow, forget, audit, admitted, stop,
+        )
+        .await;
+    }
 }
 
 /// The admission of a new flow from `id` and its way to the target.
