@@ -26,4 +26,21 @@ if command -v systemd-analyze >/dev/null; then
     > "$root/linkgate.service"
   systemd-analyze verify "$root/linkgate.service"
 fi
+if command -v lintian >/dev/null; then
+  # Errors and warnings fail; deliberate deviations are in
+  # packaging/debian/lintian-overrides (installed with the package).
+  lintian --fail-on error,warning "$deb" || { echo "lintian found problems"; exit 1; }
+fi
+# In CI's throwaway container (LINKGATE_DEB_INSTALL=1, as root): install it
+# for real, so that the maintainer script runs, then purge it.
+if [ "${LINKGATE_DEB_INSTALL:-}" = 1 ]; then
+  dpkg -i "$deb"
+  getent passwd linkgate >/dev/null || { echo "postinst made no linkgate user"; exit 1; }
+  [ "$(stat -c %G /etc/linkgate/linkgate.toml)" = linkgate ] || { echo "config not in group linkgate"; exit 1; }
+  [ "$(stat -c %U:%a /var/lib/linkgate)" = linkgate:700 ] || { echo "no private state directory"; exit 1; }
+  /usr/bin/linkgate check -c /etc/linkgate/linkgate.toml
+  dpkg --purge linkgate
+  [ ! -e /usr/bin/linkgate ] && [ ! -e /etc/linkgate/linkgate.toml ] && [ ! -e /var/lib/linkgate ] \
+    || { echo "purge left files"; exit 1; }
+fi
 echo "package ok: $deb ($(dpkg-deb -c "$deb" | wc -l) entries)"
