@@ -65,6 +65,8 @@ pub struct Gateway {
     /// Live connections and services' counters (kept across reloads).
     connections: Arc<crate::connections::Registry>,
     metrics: Arc<crate::metrics::MetricsBook>,
+    /// `[[user]] bandwidth` caps (a reload keeps those whose rate stays).
+    user_caps: Arc<crate::limits::UserCaps>,
     /// The running services, by name; shared with the link dispatcher.
     services: ServiceTable,
     /// Services the last reload could not start.
@@ -167,6 +169,7 @@ impl Gateway {
             ftp_data,
             connections,
             metrics,
+            user_caps: shared.user_caps.clone(),
             services,
             failed: Default::default(),
             listeners,
@@ -229,8 +232,13 @@ impl Gateway {
             ftp_data: self.ftp_data.clone(),
             connections: self.connections.clone(),
             metrics: self.metrics.clone(),
-            user_caps: Arc::new(crate::limits::UserCaps::new(&new.user)),
+            user_caps: if users_changed {
+                Arc::new(self.user_caps.updated(&new.user))
+            } else {
+                self.user_caps.clone()
+            },
         };
+        self.user_caps = shared.user_caps.clone();
         let unchanged = |service: &crate::config::ServiceConfig| {
             let old = self
                 .config
@@ -253,20 +261,28 @@ impl Gateway {
             .filter(|name| !keep.contains(name))
             .cloned()
             .collect();
+        let mut previous = HashMap::new();
         for name in &stopping {
             if let Some(old) = self.listeners.remove(name) {
                 old.stop.cancel();
                 old.loops.wait().await;
             }
-            self.services
+            let old = self
+                .services
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(name);
+            if let Some(old) = old {
+                previous.insert(name.clone(), old);
+            }
         }
         let (mut started, mut failed) = (0, 0);
         let mut failures = HashMap::new();
         for service in new.service.iter().filter(|s| !keep.contains(&s.name)) {
-            let runtime = ServiceRuntime::new(service.clone(), &shared);
+            let runtime = match previous.get(&service.name) {
+                Some(old) => ServiceRuntime::succeeding(service.clone(), &shared, old),
+                None => ServiceRuntime::new(service.clone(), &shared),
+            };
             match bind_service(service).await {
                 Ok(sockets) => {
                     let accepting = start_accepting(&runtime, sockets, &self.shutdown);

@@ -173,7 +173,10 @@ impl CapTable {
     pub fn get(&self, key: &str, name: impl FnOnce() -> String, rate: Bandwidth) -> Arc<Cap> {
         let mut caps = self.caps.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cap) = caps.get(key).and_then(Weak::upgrade) {
-            return cap;
+            // A reload that changed the rate starts a cap of the new rate.
+            if cap.rate == rate {
+                return cap;
+            }
         }
         if caps.len() >= 64 && caps.len().is_power_of_two() {
             caps.retain(|_, cap| cap.strong_count() > 0);
@@ -194,7 +197,7 @@ impl CapTable {
 #[derive(Debug, Default)]
 pub struct UserCaps {
     rates: HashMap<String, Bandwidth>,
-    table: CapTable,
+    table: Arc<CapTable>,
 }
 
 impl UserCaps {
@@ -205,7 +208,16 @@ impl UserCaps {
                 .iter()
                 .filter_map(|u| Some((u.name.clone(), u.bandwidth?)))
                 .collect(),
-            table: CapTable::default(),
+            table: Arc::default(),
+        }
+    }
+
+    /// The caps of `users` after a reload: a user whose rate did not change
+    /// keeps the cap its live connections hold.
+    pub fn updated(&self, users: &[crate::config::UserConfig]) -> Self {
+        UserCaps {
+            table: self.table.clone(),
+            ..UserCaps::new(users)
         }
     }
 

@@ -118,6 +118,51 @@ fn a_capped_service_holds_curl_to_its_rate_and_the_console_shows_it() {
 }
 
 #[test]
+fn a_reload_that_restarts_a_capped_service_keeps_its_cap_in_use() {
+    let (_dir, origin, sha) = served_file("big.bin", 4_000_000);
+    // A port of our own: the restarted service must come back on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = |idle: &str| {
+        format!(
+            "[gateway]\nlog = \"json\"\n\n\
+             [[service]]\nname = \"web\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:{port}\"\n\
+             target = \"{}\"\nbandwidth = \"16Mbit/s\"\nidle_timeout = \"{idle}\"\n",
+            origin.addr
+        )
+    };
+    let gateway = RunningGateway::start(&config("5m"));
+    let url = format!("http://127.0.0.1:{port}/big.bin");
+    let (first_out, second_out) = (
+        gateway.dir.path().join("first.bin"),
+        gateway.dir.path().join("second.bin"),
+    );
+    let first = curl(&[], &url, &first_out);
+    std::thread::sleep(Duration::from_millis(500));
+    // A change that restarts the service while the first download runs.
+    std::fs::write(gateway.dir.path().join("linkgate.toml"), config("6m")).unwrap();
+    gateway.signal("HUP");
+    gateway.wait_for_line(
+        |l| l.contains("configuration reloaded"),
+        Duration::from_secs(30),
+    );
+    let second = curl(&[], &url, &second_out);
+    let second_rate = finish(second, &second_out, &sha);
+    finish(first, &first_out, &sha);
+    // Sharing the 2 MB/s cap with the first download for most of its time,
+    // the second averages about 1.2 MB/s; with a fresh cap of its own it
+    // would take the whole 2 MB/s.
+    assert!(
+        second_rate < 1.6 * MB,
+        "the second download took {:.2} MB/s beside the first: the reload gave it a cap of its own",
+        second_rate / MB
+    );
+}
+
+#[test]
 fn client_bandwidth_gives_each_source_address_its_own_share() {
     let (_dir, origin, sha) = served_file("part.bin", 1_500_000);
     let config = format!(

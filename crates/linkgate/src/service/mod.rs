@@ -58,7 +58,7 @@ pub struct ServiceRuntime {
     /// `bandwidth`: one cap for all the service's clients.
     service_cap: Option<Arc<crate::limits::Cap>>,
     /// `client_bandwidth`: a cap per client, while it has connections.
-    client_caps: crate::limits::CapTable,
+    client_caps: Arc<crate::limits::CapTable>,
     /// `[[user]] bandwidth`, gateway-wide.
     user_caps: Arc<crate::limits::UserCaps>,
     /// Live links: udp flows to `link://` targets.
@@ -129,6 +129,48 @@ pub struct SharedContext {
 impl ServiceRuntime {
     /// Builds the runtime of one validated service configuration.
     pub fn new(config: ServiceConfig, shared: &SharedContext) -> Arc<Self> {
+        Self::build(config, shared, None)
+    }
+
+    /// The runtime of a service restarted by a reload with `config`. What
+    /// its live connections count against carries over from `previous`
+    /// where the setting did not change — the `bandwidth` cap, the
+    /// per-client caps, the connection slots — so that a reload hands no
+    /// one a fresh allowance beside the one still in use.
+    pub fn succeeding(
+        config: ServiceConfig,
+        shared: &SharedContext,
+        previous: &ServiceRuntime,
+    ) -> Arc<Self> {
+        Self::build(config, shared, Some(previous))
+    }
+
+    fn build(
+        config: ServiceConfig,
+        shared: &SharedContext,
+        previous: Option<&ServiceRuntime>,
+    ) -> Arc<Self> {
+        let same = |setting: fn(&ServiceConfig) -> String| {
+            previous.filter(|p| setting(&p.config) == setting(&config))
+        };
+        let slots = same(|c| c.max_connections.to_string()).map_or_else(
+            || Arc::new(Semaphore::new(config.max_connections as usize)),
+            |p| p.slots.clone(),
+        );
+        let per_client = same(|c| format!("{:?}", c.max_connections_per_client))
+            .map_or_else(Arc::default, |p| p.per_client.clone());
+        let service_cap = match same(|c| format!("{:?}", c.bandwidth)) {
+            Some(p) => p.service_cap.clone(),
+            None => config.bandwidth.map(|rate| {
+                crate::limits::Cap::new(
+                    format!("service {}", config.name),
+                    rate,
+                    std::time::Instant::now(),
+                )
+            }),
+        };
+        // The table makes a new cap for a client whose rate changed.
+        let client_caps = previous.map_or_else(Arc::default, |p| p.client_caps.clone());
         let connector = Connector::for_service(&config, shared.links.clone());
         Arc::new(ServiceRuntime {
             name: config.name.as_str().into(),
@@ -140,16 +182,10 @@ impl ServiceRuntime {
             metrics: shared.metrics.for_service(&config.name),
             connections: shared.connections.clone(),
             ftp_data: shared.ftp_data.clone(),
-            slots: Arc::new(Semaphore::new(config.max_connections as usize)),
-            per_client: Arc::default(),
-            service_cap: config.bandwidth.map(|rate| {
-                crate::limits::Cap::new(
-                    format!("service {}", config.name),
-                    rate,
-                    std::time::Instant::now(),
-                )
-            }),
-            client_caps: crate::limits::CapTable::default(),
+            slots,
+            per_client,
+            service_cap,
+            client_caps,
             user_caps: shared.user_caps.clone(),
             links: shared.links.clone(),
             udp_link_flows: udp::LinkFlows::default(),
