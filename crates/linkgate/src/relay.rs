@@ -298,15 +298,7 @@ impl Direction {
                 State::WritingChunks(chunks) => {
                     let n = std::task::ready!(poll_write_chunks(cx, sink, chunks))
                         .map_err(Failure::Write)?;
-                    if n == 0 {
-                        return Poll::Ready(Err(Failure::Write(io::ErrorKind::WriteZero.into())));
-                    }
-                    self.bytes += n as u64;
-                    if let Some((live, up)) = live {
-                        live.add(up, n as u64);
-                    }
-                    self.unflushed = true;
-                    *moved = true;
+                    count_written(&mut self.bytes, &mut self.unflushed, n, live, moved)?;
                     if chunks.is_empty() {
                         self.state = State::Reading;
                     }
@@ -315,16 +307,8 @@ impl Direction {
                     let n =
                         std::task::ready!(Pin::new(&mut *sink).poll_write(cx, &buf[*pos..*end]))
                             .map_err(Failure::Write)?;
-                    if n == 0 {
-                        return Poll::Ready(Err(Failure::Write(io::ErrorKind::WriteZero.into())));
-                    }
+                    count_written(&mut self.bytes, &mut self.unflushed, n, live, moved)?;
                     *pos += n;
-                    self.bytes += n as u64;
-                    if let Some((live, up)) = live {
-                        live.add(up, n as u64);
-                    }
-                    self.unflushed = true;
-                    *moved = true;
                     if *pos == *end {
                         self.state = State::Reading;
                     }
@@ -338,6 +322,27 @@ impl Direction {
             }
         }
     }
+}
+
+/// Counts `n` bytes a direction wrote to its sink into its byte count
+/// and the connection's live entry; a write of none is an error.
+fn count_written(
+    bytes: &mut u64,
+    unflushed: &mut bool,
+    n: usize,
+    live: Option<(&crate::connections::LiveConnection, bool)>,
+    moved: &mut bool,
+) -> Result<(), Failure> {
+    if n == 0 {
+        return Err(Failure::Write(io::ErrorKind::WriteZero.into()));
+    }
+    *bytes += n as u64;
+    if let Some((live, up)) = live {
+        live.add(up, n as u64);
+    }
+    *unflushed = true;
+    *moved = true;
+    Ok(())
 }
 
 /// Most buffers given to one vectored write.
