@@ -79,7 +79,7 @@ pub struct MuxConfig {
 impl Default for MuxConfig {
     fn default() -> Self {
         MuxConfig {
-            window: 1024 * 1024,
+            window: 2 * 1024 * 1024,
             recv_budget: 32 * 1024 * 1024,
             max_streams: 256,
             send_queue: 256 * 1024,
