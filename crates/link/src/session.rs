@@ -1078,7 +1078,12 @@ impl AsyncRead for LinkStream {
         let mut state = this.shared.lock();
         match state.mux.read_state(this.id) {
             ReadState::Data => {
-                let n = state.mux.read_into(this.id, buf.initialize_unfilled());
+                // Only the part that will be filled is initialised: a
+                // caller's uninitialised buffer is not zeroed whole.
+                let want = state.mux.buffered(this.id).min(buf.remaining());
+                let n = state
+                    .mux
+                    .read_into(this.id, buf.initialize_unfilled_to(want));
                 buf.advance(n);
                 this.shared.settle(&mut state);
                 Poll::Ready(Ok(()))

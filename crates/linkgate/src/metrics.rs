@@ -190,6 +190,11 @@ impl ServiceMetrics {
         }
     }
 
+    /// Counts one datagram, relayed or dropped (`up`: client → target).
+    pub fn add_datagram(&self, up: bool, relayed: bool) {
+        self.add_datagrams(up, u64::from(relayed), u64::from(!relayed));
+    }
+
     /// Counts one finished record; `bytes_up`/`bytes_down` are the bytes not
     /// already counted live.
     pub fn record(&self, result: AuditResult, bytes_up: u64, bytes_down: u64) {

@@ -556,6 +556,11 @@ impl Mux {
         }
     }
 
+    /// Bytes buffered on stream `id`, not yet read.
+    pub fn buffered(&self, id: u32) -> usize {
+        self.streams.get(&id).map_or(0, |stream| stream.recv.len())
+    }
+
     /// Copies buffered bytes of stream `id` into `dst` (as many as fit)
     /// and marks them read; returns how many.
     pub fn read_into(&mut self, id: u32, dst: &mut [u8]) -> usize {

@@ -643,11 +643,10 @@ async fn udp_associate(
                     continue; // not our client: dropped
                 }
                 client_udp = Some(from);
-                if association.forward(service, &from_client[..n]).await {
-                    service.metrics.add_datagrams(true, 1, 0);
+                let relayed = association.forward(service, &from_client[..n]).await;
+                service.metrics.add_datagram(true, relayed);
+                if relayed {
                     sleep.as_mut().reset(tokio::time::Instant::now() + idle);
-                } else {
-                    service.metrics.add_datagrams(true, 0, 1);
                 }
             }
             received = association.recv_from_target(&mut from_target) => {
@@ -659,12 +658,11 @@ async fn udp_associate(
                 let mut datagram = Vec::with_capacity(n + 22);
                 if socks::encode_udp_header(&Address::Ip(from), &mut datagram).is_ok() {
                     datagram.extend_from_slice(&from_target[..n]);
-                    if client_side.send_to(&datagram, client).await.is_ok() {
+                    let relayed = client_side.send_to(&datagram, client).await.is_ok();
+                    service.metrics.add_datagram(false, relayed);
+                    if relayed {
                         association.down += n as u64;
-                        service.metrics.add_datagrams(false, 1, 0);
                         sleep.as_mut().reset(tokio::time::Instant::now() + idle);
-                    } else {
-                        service.metrics.add_datagrams(false, 0, 1);
                     }
                 }
             }

@@ -101,24 +101,22 @@ pub(super) async fn associate_over_link(
                 {
                     continue;
                 }
-                if link.send(datagram) {
+                let relayed = link.send(datagram);
+                service.metrics.add_datagram(true, relayed);
+                if relayed {
                     up += (n - offset) as u64;
-                    service.metrics.add_datagrams(true, 1, 0);
                     sleep.as_mut().reset(tokio::time::Instant::now() + idle);
-                } else {
-                    service.metrics.add_datagrams(true, 0, 1);
                 }
             }
             answer = link.answers.recv() => {
                 let Some(answer) = answer else { break "the link flow ended".to_string() };
                 let Some(client) = client_udp else { continue };
                 let Ok((_, offset)) = socks::parse_udp_header(&answer) else { continue };
-                if client_side.send_to(&answer, client).await.is_ok() {
+                let relayed = client_side.send_to(&answer, client).await.is_ok();
+                service.metrics.add_datagram(false, relayed);
+                if relayed {
                     down += (answer.len() - offset) as u64;
-                    service.metrics.add_datagrams(false, 1, 0);
                     sleep.as_mut().reset(tokio::time::Instant::now() + idle);
-                } else {
-                    service.metrics.add_datagrams(false, 0, 1);
                 }
             }
             read = inbound.stream.read(&mut control) => match read {
