@@ -991,6 +991,12 @@ fn broken(reason: &str) -> io::Error {
 }
 
 impl LinkStream {
+    /// The stream's number on its session, the same at both ends: a
+    /// service at one end can name, to the other, the stream it serves.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
     /// Takes received chunks, `max` bytes at most, without copying them:
     /// appends them to `chunks` and returns how many bytes; `Ok(0)` at the
     /// end of the stream. For relays, which write the chunks on as they are.

@@ -92,6 +92,8 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 struct GatewayDispatch {
     services: ServiceTable,
     ftp_data: Arc<LinkDataSlots>,
+    /// For peers' requests about our own streams (SOCKS UDP relays).
+    links: Arc<Links>,
     shutdown: Shutdown,
 }
 
@@ -146,6 +148,7 @@ impl Gateway {
         let dispatch: Arc<dyn StreamDispatch> = Arc::new(GatewayDispatch {
             services: services.clone(),
             ftp_data: ftp_data.clone(),
+            links: links.clone(),
             shutdown: shutdown.clone(),
         });
         let stop_links = CancellationToken::new();
@@ -485,8 +488,13 @@ async fn accept_loop(
 }
 
 /// A new audit record for a client of `service`, numbered gateway-wide.
+/// A new number for a connection's log and audit records.
+pub(crate) fn next_conn_id() -> u64 {
+    NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 pub(crate) fn new_audit(service: &ServiceRuntime, client: &ClientId) -> Audit {
-    let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let conn_id = next_conn_id();
     let mut audit = Audit::start(
         service.name.clone(),
         conn_id,
@@ -603,7 +611,7 @@ impl StreamDispatch for GatewayDispatch {
                 if service.config.kind == crate::config::ServiceKind::Socks
                     && service.config.listen.contains(&Listen::Link) =>
             {
-                crate::service::socks_link_udp::serve_link_datagram(
+                crate::service::socks::link_udp::serve_link_datagram(
                     &service,
                     peer,
                     datagram.payload,
@@ -622,6 +630,17 @@ impl StreamDispatch for GatewayDispatch {
     fn dispatch(&self, peer: &str, request: IncomingStream) {
         if let Some((service, ticket)) = parse_data_stream_name(&request.service) {
             return self.dispatch_ftp_data(peer, service.to_string(), ticket, request);
+        }
+        if let Some(asked) = crate::service::socks::relay::parse_relay_stream_name(&request.service)
+        {
+            return crate::service::socks::relay::serve_relay_request(
+                &self.links,
+                peer,
+                asked,
+                request,
+                &self.shutdown.tracker,
+                self.shutdown.close_all.clone(),
+            );
         }
         let client = ClientId::Peer(peer.to_string());
         let service = self
@@ -778,6 +797,7 @@ mod tests {
         let dispatch = Arc::new(GatewayDispatch {
             services: ServiceTable::default(),
             ftp_data: ftp_data.clone(),
+            links: Arc::new(Links::default()),
             shutdown: Shutdown {
                 stop_accepting: CancellationToken::new(),
                 close_all: CancellationToken::new(),
@@ -821,5 +841,54 @@ mod tests {
         let again = crate::service::data_stream_name("ftp", ticket);
         assert!(spoke.open(&again).await.is_err());
         hub.abort();
+    }
+
+    /// A peer may ask for a UDP relay only next to the client of a stream
+    /// this gateway opened to it, once: any other request is refused.
+    #[tokio::test]
+    async fn udp_relays_are_only_for_our_own_streams_clients() {
+        use crate::links::StreamClients;
+        use crate::service::socks::relay::{relay_stream_name, RelayRequest};
+        let links = Arc::new(Links::default());
+        let dispatch = Arc::new(GatewayDispatch {
+            services: ServiceTable::default(),
+            ftp_data: Arc::new(LinkDataSlots::default()),
+            links: links.clone(),
+            shutdown: Shutdown {
+                stop_accepting: CancellationToken::new(),
+                close_all: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            },
+        });
+        let (hub, _spoke_session, mut incoming) = session_pair().await;
+        let spoke = {
+            let dispatch = dispatch.clone();
+            tokio::spawn(async move {
+                while let Some(request) = incoming.recv().await {
+                    dispatch.dispatch("hub", request);
+                }
+            })
+        };
+        let client = "127.0.0.1:40000".parse().unwrap();
+        let local = "127.0.0.1:1080".parse().unwrap();
+        let _guard = StreamClients::register(&links, "hub", 5, "socks".into(), client, local);
+        let ask = |stream| {
+            relay_stream_name(RelayRequest {
+                stream,
+                flow: 2,
+                port: 0,
+            })
+        };
+        let refused = hub.open(&ask(6)).await.err().expect("refused");
+        assert!(
+            refused.to_string().contains("carries no client"),
+            "{refused}"
+        );
+        // The right stream; this test's gateway has no live link to set the
+        // relay up on, but the stream's one relay is spent.
+        assert!(hub.open(&ask(5)).await.is_err());
+        let again = hub.open(&ask(5)).await.err().expect("refused");
+        assert!(again.to_string().contains("carries no client"), "{again}");
+        spoke.abort();
     }
 }

@@ -415,6 +415,71 @@ fn socks_udp_associate_goes_through_a_link_via() {
     );
 }
 
+/// SOCKS5 UDP ASSOCIATE for a client that reaches the main office's socks
+/// service through the branch's mapping to `link://hub/socks` (PySocks as
+/// the client): the branch gateway keeps the UDP relay next to the client,
+/// 200 datagrams of 1 byte to 8 KB come back intact (hashed) from their
+/// sender, and both gateways audit the association with its datagrams.
+#[test]
+fn socks_udp_associate_works_for_a_client_that_came_over_a_link() {
+    let echo = echo_server();
+    let hub_services = "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"link\"\nallow = \"peer:spoke\"\n";
+    let spoke_services =
+        "[[service]]\nname = \"socks\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/socks\"\n";
+    let (hub, spoke) = common::pair::start_pair(hub_services, spoke_services, None);
+    let proxy = spoke.addr("socks");
+    let script = format!(
+        "import socks, socket, hashlib, random\n\
+         random.seed(7)\n\
+         s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.set_proxy(socks.SOCKS5, '{}', {})\n\
+         s.settimeout(10)\n\
+         sent, back = hashlib.sha256(), hashlib.sha256()\n\
+         for i in range(200):\n\
+         \x20   data = random.randbytes(random.randint(1, 8000))\n\
+         \x20   sent.update(data)\n\
+         \x20   s.sendto(data, ('{}', {}))\n\
+         \x20   answer, addr = s.recvfrom(65535)\n\
+         \x20   back.update(answer)\n\
+         \x20   assert addr[1] == {}, addr\n\
+         s.close()\n\
+         print(sent.hexdigest(), back.hexdigest())\n",
+        proxy.ip(),
+        proxy.port(),
+        echo.ip(),
+        echo.port(),
+        echo.port()
+    );
+    let out = python(&script);
+    let hashes: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(hashes.len(), 2, "{out}");
+    assert_eq!(hashes[0], hashes[1], "the datagrams came back changed");
+    let hub_audit = &hub.wait_for_audits(1, WAIT)[0];
+    assert_eq!(hub_audit["service"], "socks");
+    assert_eq!(hub_audit["client"], "peer:spoke");
+    assert_eq!(hub_audit["result"], "ok", "{hub_audit}");
+    assert_eq!(hub_audit["datagrams_up"], 200, "{hub_audit}");
+    assert_eq!(hub_audit["datagrams_down"], 200, "{hub_audit}");
+    assert_eq!(
+        hub_audit["bytes_up"], hub_audit["bytes_down"],
+        "{hub_audit}"
+    );
+    let spoke_audits = spoke.wait_for_audits(2, WAIT);
+    let relay = spoke_audits
+        .iter()
+        .find(|a| a["target"] == "UDP ASSOCIATE relay")
+        .unwrap_or_else(|| panic!("no relay record: {spoke_audits:?}"));
+    assert_eq!(relay["service"], "socks");
+    assert_eq!(relay["via"], "link://hub");
+    assert_eq!(relay["result"], "ok", "{relay}");
+    assert_eq!(relay["datagrams_up"], 200, "{relay}");
+    assert_eq!(relay["datagrams_down"], 200, "{relay}");
+    assert!(
+        relay["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{relay}"
+    );
+}
+
 /// UDP ASSOCIATE through a `link://` via while the link is down: refused
 /// in SOCKS5 ("network unreachable"), never a "succeeded" that leads
 /// nowhere, and audited as an error.

@@ -6,6 +6,7 @@ mod acceptor;
 mod dialer;
 pub mod identity;
 mod start;
+mod stream_clients;
 pub mod throttle;
 pub mod transport;
 mod websocket;
@@ -13,11 +14,12 @@ mod websocket;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use link::session::{IncomingStream, Session};
+use link::session::{Datagram, IncomingStream, Session};
 
 pub use acceptor::{handshake_failures, run_acceptor, AcceptContext};
 pub use dialer::{run_dialer, DialCredential, DialTarget};
 pub use start::start;
+pub use stream_clients::{StreamClient, StreamClientGuard, StreamClients};
 
 /// Receives the streams a peer opens towards this gateway's services.
 pub trait StreamDispatch: Send + Sync + 'static {
@@ -70,6 +72,7 @@ pub struct Links {
     /// The next flow id per peer, kept across sessions so that a flow that
     /// outlived a reconnect never shares its id with a new one.
     next_flow: Mutex<HashMap<String, u32>>,
+    stream_clients: StreamClients,
 }
 
 impl std::fmt::Debug for Links {
@@ -141,6 +144,26 @@ impl Links {
         Some((flow, rx))
     }
 
+    /// Takes flow `flow`, which `peer` opened, for a task of ours: its
+    /// datagrams go to the returned receiver instead of to a service by
+    /// name (a SOCKS UDP relay, which the peer asked for over a stream).
+    /// `None` if the flow is taken already; [`Links::close_flow`] lets it go.
+    pub fn adopt_flow(
+        &self,
+        peer: &str,
+        flow: u32,
+    ) -> Option<tokio::sync::mpsc::Receiver<Vec<u8>>> {
+        let mut flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        match flows.entry((peer.to_string(), flow)) {
+            std::collections::hash_map::Entry::Occupied(_) => None,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(FLOW_BACKLOG);
+                slot.insert(tx);
+                Some(rx)
+            }
+        }
+    }
+
     /// Forgets flow `flow` to `peer`.
     pub fn close_flow(&self, peer: &str, flow: u32) {
         self.flows
@@ -149,18 +172,29 @@ impl Links {
             .remove(&(peer.to_string(), flow));
     }
 
-    /// Hands an answer on one of our flows to its task (dropped when the
-    /// flow is gone or behind).
-    fn answer(&self, peer: &str, flow: u32, payload: Vec<u8>) {
+    /// Hands a datagram of one of our flows (opened or adopted) to its task
+    /// (dropped when the task is behind); gives it back when no task of
+    /// ours has that flow.
+    fn deliver(&self, peer: &str, datagram: Datagram) -> Option<Datagram> {
         let sender = self
             .flows
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&(peer.to_string(), flow))
+            .get(&(peer.to_string(), datagram.flow))
             .cloned();
-        if let Some(sender) = sender {
-            let _ = sender.try_send(payload);
+        match sender {
+            Some(sender) => {
+                let _ = sender.try_send(datagram.payload);
+                None
+            }
+            None => Some(datagram),
         }
+    }
+
+    /// Which client each of our link streams carries (see
+    /// [`StreamClients`]).
+    pub fn stream_clients(&self) -> &StreamClients {
+        &self.stream_clients
     }
 
     /// Names of peers whose link is up.
@@ -283,10 +317,13 @@ async fn serve_session(
         );
         tokio::spawn(async move {
             while let Some(datagram) = datagrams.recv().await {
-                if session.peer_flow(datagram.flow) {
-                    dispatch.datagram(&peer, datagram);
-                } else {
-                    links.answer(&peer, datagram.flow, datagram.payload);
+                // A flow a task of ours holds first; then a flow the peer
+                // opens names its service. An answer to a flow we no
+                // longer have is dropped.
+                if let Some(datagram) = links.deliver(&peer, datagram) {
+                    if session.peer_flow(datagram.flow) {
+                        dispatch.datagram(&peer, datagram);
+                    }
                 }
             }
         })

@@ -5,8 +5,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::ServiceRuntime;
 use crate::audit::{Audit, AuditResult};
-use crate::inbound::Inbound;
+use crate::config::Hop;
+use crate::inbound::{ClientId, Inbound};
+use crate::links::{StreamClientGuard, StreamClients};
 use crate::relay::relay_and_record;
+use crate::stream::Stream;
 
 /// Connects `inbound` to the service's target and relays until done.
 pub async fn serve(
@@ -29,6 +32,8 @@ pub async fn serve(
             return;
         }
     };
+    // A peer's socks service may ask for a UDP relay next to this client.
+    let _client_of_stream = register_client_of_stream(service, target, &inbound, &mut upstream);
     let idle = service.config.idle_timeout;
     relay_and_record(
         &mut inbound.stream,
@@ -40,4 +45,32 @@ pub async fn serve(
         "closed",
     )
     .await;
+}
+
+/// Registers the client of a stream straight to `link://PEER/SERVICE`
+/// (see [`crate::links::StreamClients`]) while the guard lives.
+fn register_client_of_stream(
+    service: &ServiceRuntime,
+    target: &Hop,
+    inbound: &Inbound,
+    upstream: &mut Stream,
+) -> Option<StreamClientGuard> {
+    let Hop::Link { peer, .. } = target else {
+        return None;
+    };
+    let (ClientId::Addr(client), Some(local)) = (&inbound.client, inbound.local_addr()) else {
+        return None;
+    };
+    if !service.config.via.is_empty() {
+        return None;
+    }
+    let stream = upstream.as_link()?.id();
+    Some(StreamClients::register(
+        &service.links,
+        peer,
+        stream,
+        service.name.clone(),
+        *client,
+        local,
+    ))
 }

@@ -8,8 +8,7 @@ mod ftp;
 mod http_proxy;
 mod lockstep;
 mod mapping;
-mod socks;
-pub mod socks_link_udp;
+pub mod socks;
 mod telnet;
 pub mod udp;
 mod udp_batch;
@@ -66,7 +65,7 @@ pub struct ServiceRuntime {
     /// udp: the flows peers opened to this service over links.
     pub udp_link_flows: udp::LinkFlows,
     /// socks: the UDP associations peers opened over links.
-    pub socks_link_flows: socks_link_udp::SocksLinkFlows,
+    pub socks_link_flows: socks::link_udp::SocksLinkFlows,
     /// Cancelled when the service stops (reload, shutdown); set once it
     /// starts. Ends its udp flows that came over links.
     stopped: std::sync::OnceLock<CancellationToken>,
@@ -189,7 +188,7 @@ impl ServiceRuntime {
             user_caps: shared.user_caps.clone(),
             links: shared.links.clone(),
             udp_link_flows: udp::LinkFlows::default(),
-            socks_link_flows: socks_link_udp::SocksLinkFlows::default(),
+            socks_link_flows: socks::link_udp::SocksLinkFlows::default(),
             stopped: std::sync::OnceLock::new(),
             config,
         })

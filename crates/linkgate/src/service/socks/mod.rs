@@ -2,16 +2,18 @@
 //! by the first byte; no-auth and RFC 1929 username/password; CONNECT, BIND
 //! and UDP ASSOCIATE; reply codes that say what happened.
 
-use std::collections::{HashMap, HashSet};
+pub mod link_udp;
+pub mod relay;
+mod udp;
+
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use proto::socks::{
     self, v5consts as c, Address, Command, Greeting, PasswordAuth, Reply, Request, Socks4Reply,
     Socks4Request, SocksError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::ServiceRuntime;
@@ -130,7 +132,7 @@ pub async fn serve(
         Command::Connect => connect(service, inbound, negotiated, audit, stop).await,
         Command::Bind => Box::pin(bind(service, inbound, negotiated, audit, stop)).await,
         Command::UdpAssociate => {
-            Box::pin(udp_associate(service, inbound, negotiated, audit, stop)).await
+            Box::pin(udp::associate(service, inbound, negotiated, audit, stop)).await
         }
     }
 }
@@ -300,10 +302,7 @@ async fn login(
 }
 
 /// The `destinations` rules, for a SOCKS address.
-pub(super) async fn check_destination(
-    service: &ServiceRuntime,
-    destination: &Address,
-) -> Result<(), String> {
+async fn check_destination(service: &ServiceRuntime, destination: &Address) -> Result<(), String> {
     let (host, port) = host_of(destination);
     super::check_destination(service, &HostPort { host, port })
         .await
@@ -525,294 +524,4 @@ async fn bind(
         "closed",
     )
     .await;
-}
-
-// === UDP ASSOCIATE ===
-
-/// Targets a client may have sent to and hear back from, bounded.
-const MAX_UDP_PEERS: usize = 4096;
-
-async fn udp_associate(
-    service: &ServiceRuntime,
-    mut inbound: Inbound,
-    negotiated: Negotiated,
-    audit: &mut Audit,
-    stop: &CancellationToken,
-) {
-    let version = negotiated.version;
-    let (Some(local), ClientId::Addr(client_tcp)) = (inbound.local_addr(), inbound.client.clone())
-    else {
-        return refuse(
-            &mut inbound.stream,
-            version,
-            c::REPLY_COMMAND_NOT_SUPPORTED,
-            audit,
-            AuditResult::Error,
-            "UDP ASSOCIATE needs a direct TCP client",
-        )
-        .await;
-    };
-    let over_link = match service.config.via.as_slice() {
-        [] => None,
-        [Hop::Link {
-            peer,
-            service: name,
-        }] => match super::socks_link_udp::LinkLeg::open(&service.links, peer, name) {
-            Some(link) => Some(link),
-            // Refused in the protocol before any "succeeded": the client
-            // must not wait on a relay that cannot work.
-            None => {
-                return refuse(
-                    &mut inbound.stream,
-                    version,
-                    c::REPLY_NETWORK_UNREACHABLE,
-                    audit,
-                    AuditResult::Error,
-                    format!("via link://{peer}/{name}: the link is down"),
-                )
-                .await;
-            }
-        },
-        _ => {
-            return refuse(
-                &mut inbound.stream,
-                version,
-                c::REPLY_COMMAND_NOT_SUPPORTED,
-                audit,
-                AuditResult::Error,
-                "UDP ASSOCIATE goes through a via of one link:// hop only",
-            )
-            .await;
-        }
-    };
-    let client_side = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
-        Ok(socket) => socket,
-        Err(e) => {
-            return refuse(
-                &mut inbound.stream,
-                version,
-                c::REPLY_GENERAL_FAILURE,
-                audit,
-                AuditResult::Error,
-                format!("cannot open a UDP socket: {e}"),
-            )
-            .await;
-        }
-    };
-    send_reply(
-        &mut inbound.stream,
-        version,
-        c::REPLY_SUCCEEDED,
-        client_side.local_addr().ok(),
-    )
-    .await;
-    // The client's UDP address: as announced, or learned from its first
-    // datagram (which must come from the control connection's host).
-    let client_ip = crate::access::canonical(client_tcp.ip());
-    let mut client_udp = match &negotiated.destination {
-        Address::Ip(addr) if !addr.ip().is_unspecified() && addr.port() != 0 => Some(*addr),
-        _ => None,
-    };
-    if let Some(link) = over_link {
-        let reason = super::socks_link_udp::associate_over_link(
-            service,
-            &mut inbound,
-            &client_side,
-            client_udp,
-            client_ip,
-            link,
-            audit,
-            stop,
-        )
-        .await;
-        return audit.finish(association_result(&reason), reason);
-    }
-    let mut association = UdpAssociation::new();
-    let mut from_client = vec![0u8; 65536];
-    let mut from_target = vec![0u8; 65536];
-    let mut control = [0u8; 64];
-    let idle = service.config.idle_timeout.0;
-    let sleep = tokio::time::sleep(idle);
-    tokio::pin!(sleep);
-    let reason = loop {
-        tokio::select! {
-            received = client_side.recv_from(&mut from_client) => {
-                let Ok((n, from)) = received else { continue };
-                let expected = client_udp.map_or(crate::access::canonical(from.ip()) == client_ip, |c| c == from);
-                if !expected {
-                    continue; // not our client: dropped
-                }
-                client_udp = Some(from);
-                let relayed = association.forward(service, &from_client[..n]).await;
-                service.metrics.add_datagram(true, relayed);
-                if relayed {
-                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
-                }
-            }
-            received = association.recv_from_target(&mut from_target) => {
-                let Ok((n, from)) = received else { continue };
-                let Some(client) = client_udp else { continue };
-                if !association.peers.contains(&from) {
-                    continue; // nobody the client talked to: dropped
-                }
-                let mut datagram = Vec::with_capacity(n + 22);
-                if socks::encode_udp_header(&Address::Ip(from), &mut datagram).is_ok() {
-                    datagram.extend_from_slice(&from_target[..n]);
-                    let relayed = client_side.send_to(&datagram, client).await.is_ok();
-                    service.metrics.add_datagram(false, relayed);
-                    if relayed {
-                        association.down += n as u64;
-                        sleep.as_mut().reset(tokio::time::Instant::now() + idle);
-                    }
-                }
-            }
-            read = inbound.stream.read(&mut control) => match read {
-                Ok(0) => break "control connection closed".to_string(),
-                Ok(_) => continue,
-                Err(e) => break format!("control connection: {e}"),
-            },
-            () = &mut sleep => break format!("idle timeout ({})", service.config.idle_timeout),
-            () = stop.cancelled() => break "gateway shutting down: grace period over".to_string(),
-        }
-    };
-    audit.bytes_up = association.up;
-    audit.bytes_down = association.down;
-    audit.finish(association_result(&reason), reason);
-}
-
-/// How an association's end is audited: the client closing its control
-/// connection or going quiet is a normal end; the gateway cutting it (the
-/// grace period over, the link's flow gone) is an error.
-fn association_result(reason: &str) -> AuditResult {
-    if reason.starts_with("gateway") || reason.starts_with("the link") {
-        AuditResult::Error
-    } else {
-        AuditResult::Ok
-    }
-}
-
-pub(super) struct UdpAssociation {
-    out: Option<UdpSocket>,
-    /// Where the client sent datagrams: only these may answer.
-    peers: HashSet<SocketAddr>,
-    /// Names already resolved for this association.
-    resolved: HashMap<String, Option<IpAddr>>,
-    up: u64,
-    down: u64,
-}
-
-impl UdpAssociation {
-    /// A new association with nothing sent yet.
-    pub(super) fn new() -> Self {
-        UdpAssociation {
-            out: None,
-            peers: HashSet::new(),
-            resolved: HashMap::new(),
-            up: 0,
-            down: 0,
-        }
-    }
-
-    /// Bytes (payload) sent for the client and received for it so far.
-    pub(super) fn bytes(&self) -> (u64, u64) {
-        (self.up, self.down)
-    }
-
-    /// Counts `n` payload bytes delivered to the client.
-    pub(super) fn delivered(&mut self, n: usize) {
-        self.down += n as u64;
-    }
-
-    /// Forwards one datagram from the client; false if it was dropped.
-    pub(super) async fn forward(&mut self, service: &ServiceRuntime, datagram: &[u8]) -> bool {
-        let Ok((header, offset)) = socks::parse_udp_header(datagram) else {
-            return false;
-        };
-        if header.fragment != 0 || check_destination(service, &header.address).await.is_err() {
-            return false;
-        }
-        let target = match &header.address {
-            Address::Ip(addr) => *addr,
-            Address::Domain(name, port) => {
-                if !self.resolved.contains_key(name) {
-                    let ip = tokio::net::lookup_host((name.as_str(), *port))
-                        .await
-                        .ok()
-                        .and_then(|mut addrs| addrs.next())
-                        .map(|a| a.ip());
-                    if self.resolved.len() >= MAX_UDP_PEERS {
-                        self.resolved.clear();
-                    }
-                    self.resolved.insert(name.clone(), ip);
-                }
-                match self.resolved.get(name).copied().flatten() {
-                    Some(ip) => SocketAddr::new(ip, *port),
-                    None => return false,
-                }
-            }
-        };
-        let (socket, wire_target) = match self.socket_for(target).await {
-            Ok(found) => found,
-            Err(_) => return false,
-        };
-        let payload = &datagram[offset..];
-        if socket.send_to(payload, wire_target).await.is_err() {
-            return false;
-        }
-        let target = SocketAddr::new(crate::access::canonical(target.ip()), target.port());
-        if self.peers.len() >= MAX_UDP_PEERS {
-            self.peers.clear();
-        }
-        self.peers.insert(target);
-        self.up += payload.len() as u64;
-        true
-    }
-
-    /// The outbound socket: one dual-stack IPv6 socket reaches IPv4 targets
-    /// too (as mapped addresses); an IPv4-only host gets an IPv4 socket.
-    async fn socket_for(&mut self, target: SocketAddr) -> io::Result<(&UdpSocket, SocketAddr)> {
-        if self.out.is_none() {
-            self.out = Some(outbound_udp_socket()?);
-        }
-        let socket = self.out.as_ref().expect("just set");
-        let target = match (socket.local_addr()?.is_ipv6(), target) {
-            (true, SocketAddr::V4(v4)) => {
-                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-            }
-            (_, other) => other,
-        };
-        Ok((socket, target))
-    }
-
-    pub(super) async fn recv_from_target(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        match &self.out {
-            Some(socket) => {
-                let (n, from) = socket.recv_from(buf).await?;
-                Ok((
-                    n,
-                    SocketAddr::new(crate::access::canonical(from.ip()), from.port()),
-                ))
-            }
-            None => std::future::pending().await,
-        }
-    }
-}
-
-fn outbound_udp_socket() -> io::Result<UdpSocket> {
-    use socket2::{Domain, Socket, Type};
-    let dual_stack = Socket::new(Domain::IPV6, Type::DGRAM, None).and_then(|socket| {
-        socket.set_only_v6(false)?;
-        socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
-        Ok(socket)
-    });
-    let socket = match dual_stack {
-        Ok(socket) => socket,
-        Err(_) => {
-            let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
-            socket
-        }
-    };
-    socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket.into())
 }

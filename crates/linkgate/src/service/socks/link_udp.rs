@@ -11,22 +11,20 @@
 //! datagrams, with one audit record.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use proto::socks::{self, Address};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::socks::UdpAssociation;
-use super::ServiceRuntime;
+use super::udp::UdpAssociation;
 use crate::access::Verdict;
 use crate::audit::{Audit, AuditResult};
 use crate::config::AuthMode;
-use crate::inbound::{ClientId, Inbound};
+use crate::inbound::ClientId;
 use crate::links::Links;
+use crate::service::ServiceRuntime;
 
 /// The client's side of a flow to a peer's SOCKS service.
 pub(super) struct LinkLeg {
@@ -50,7 +48,13 @@ impl LinkLeg {
         })
     }
 
-    fn send(&self, datagram: &[u8]) -> bool {
+    /// The next answer on the flow, `None` once the flow is gone.
+    pub(super) async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.answers.recv().await
+    }
+
+    /// Sends one datagram, SOCKS header and all; false if it was dropped.
+    pub(super) fn send(&self, datagram: &[u8]) -> bool {
         self.links.session(&self.peer).is_some_and(|s| {
             s.send_datagram(self.flow, Some(&self.service), datagram)
                 .is_ok()
@@ -64,80 +68,11 @@ impl Drop for LinkLeg {
     }
 }
 
-/// Relays an association's datagrams between the client's UDP socket and
-/// the flow over the link until the control connection ends; returns why.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn associate_over_link(
-    service: &ServiceRuntime,
-    inbound: &mut Inbound,
-    client_side: &UdpSocket,
-    mut client_udp: Option<SocketAddr>,
-    client_ip: IpAddr,
-    mut link: LinkLeg,
-    audit: &mut Audit,
-    stop: &CancellationToken,
-) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut from_client = vec![0u8; 65536];
-    let mut control = [0u8; 64];
-    let (mut up, mut down) = (0u64, 0u64);
-    let idle = service.config.idle_timeout.0;
-    let sleep = tokio::time::sleep(idle);
-    tokio::pin!(sleep);
-    let reason = loop {
-        tokio::select! {
-            received = client_side.recv_from(&mut from_client) => {
-                let Ok((n, from)) = received else { continue };
-                let expected = client_udp
-                    .map_or(crate::access::canonical(from.ip()) == client_ip, |c| c == from);
-                if !expected {
-                    continue; // not our client: dropped
-                }
-                client_udp = Some(from);
-                let datagram = &from_client[..n];
-                let Ok((header, offset)) = socks::parse_udp_header(datagram) else { continue };
-                if header.fragment != 0
-                    || super::socks::check_destination(service, &header.address).await.is_err()
-                {
-                    continue;
-                }
-                let relayed = link.send(datagram);
-                service.metrics.add_datagram(true, relayed);
-                if relayed {
-                    up += (n - offset) as u64;
-                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
-                }
-            }
-            answer = link.answers.recv() => {
-                let Some(answer) = answer else { break "the link flow ended".to_string() };
-                let Some(client) = client_udp else { continue };
-                let Ok((_, offset)) = socks::parse_udp_header(&answer) else { continue };
-                let relayed = client_side.send_to(&answer, client).await.is_ok();
-                service.metrics.add_datagram(false, relayed);
-                if relayed {
-                    down += (answer.len() - offset) as u64;
-                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
-                }
-            }
-            read = inbound.stream.read(&mut control) => match read {
-                Ok(0) => break "control connection closed".to_string(),
-                Ok(_) => continue,
-                Err(e) => break format!("control connection: {e}"),
-            },
-            () = &mut sleep => break format!("idle timeout ({})", service.config.idle_timeout),
-            () = stop.cancelled() => break "gateway shutting down: grace period over".to_string(),
-        }
-    };
-    audit.bytes_up = up;
-    audit.bytes_down = down;
-    reason
-}
-
 /// The flows peers opened to a SOCKS service's UDP relay, by peer and flow.
 #[derive(Default)]
 pub struct SocksLinkFlows {
     flows: Mutex<HashMap<FlowKey, mpsc::Sender<Vec<u8>>>>,
-    refused: super::udp::RefusalMemory<FlowKey>,
+    refused: crate::service::udp::RefusalMemory<FlowKey>,
 }
 
 /// A flow a peer opened: the peer's name and the flow's id.
@@ -227,7 +162,7 @@ async fn run_flow(
     key: (String, u32),
     mut datagrams: mpsc::Receiver<Vec<u8>>,
     mut audit: Audit,
-    admitted: super::Admitted,
+    admitted: crate::service::Admitted,
     stop: CancellationToken,
 ) {
     let _active = service.metrics.active();
@@ -241,13 +176,16 @@ async fn run_flow(
         tokio::select! {
             datagram = datagrams.recv() => {
                 let Some(datagram) = datagram else { break "flow closed".to_string() };
-                if association.forward(&service, &datagram).await {
+                if association.forward(&service, &datagram).await.is_some() {
                     sent += 1;
                     sleep.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
             }
             received = association.recv_from_target(&mut from_target) => {
                 let Ok((n, from)) = received else { continue };
+                if !association.knows(&from) {
+                    continue; // nobody the client talked to: dropped
+                }
                 let mut answer = Vec::with_capacity(n + 22);
                 if socks::encode_udp_header(&Address::Ip(from), &mut answer).is_err() {
                     continue;
