@@ -32,8 +32,19 @@ struct Dnsmasq {
 }
 
 impl Dnsmasq {
+    /// Starts dnsmasq on a free port. It binds TCP as well as UDP there, and
+    /// a port free a moment ago may be taken meanwhile (tests run in
+    /// parallel): a dnsmasq that exits at once is started again elsewhere.
     fn start() -> Dnsmasq {
-        let port = free_udp_port();
+        for _ in 0..5 {
+            if let Some(server) = Self::try_start(free_udp_and_tcp_port()) {
+                return server;
+            }
+        }
+        panic!("dnsmasq did not start on any of five ports");
+    }
+
+    fn try_start(port: u16) -> Option<Dnsmasq> {
         let child = Command::new("dnsmasq")
             .args([
                 "--keep-in-foreground",
@@ -52,14 +63,28 @@ impl Dnsmasq {
             .stderr(Stdio::null())
             .spawn()
             .expect("dnsmasq is needed for this test (Debian: dnsmasq-base)");
-        let server = Dnsmasq { child, port };
+        let mut server = Dnsmasq { child, port };
         // Ready once it answers.
         let deadline = Instant::now() + WAIT;
         while dig(port, "printer.office.test") != "10.1.2.3" {
+            if server.child.try_wait().ok().flatten().is_some() {
+                return None; // could not bind: its port was taken
+            }
             assert!(Instant::now() < deadline, "dnsmasq did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
-        server
+        Some(server)
+    }
+}
+
+/// A port free for both UDP and TCP on 127.0.0.1 just now.
+fn free_udp_and_tcp_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
     }
 }
 
