@@ -505,6 +505,52 @@ fn socks_udp_associate_works_for_a_client_that_came_over_a_link() {
     );
 }
 
+/// The same for a socks service that wants a login: the association
+/// belongs to the client's logged-in control connection, and the hub's
+/// record names the user.
+#[test]
+fn socks_udp_associate_for_a_link_client_logs_in_first() {
+    let echo = echo_server();
+    let hub_services = "[[user]]\nname = \"alice\"\npassword = \"wonderland\"\n\n\
+         [[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"link\"\nauth = \"password\"\nallow = \"peer:spoke\"\n";
+    let spoke_services =
+        "[[service]]\nname = \"socks\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/socks\"\n";
+    let (hub, _spoke) = common::pair::start_pair(hub_services, spoke_services, None);
+    let proxy = _spoke.addr("socks");
+    let script = format!(
+        "import socks, socket\n\
+         def ping(password):\n\
+         \x20   s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.set_proxy(socks.SOCKS5, '{}', {}, username='alice', password=password)\n\
+         \x20   s.settimeout(10)\n\
+         \x20   try:\n\
+         \x20       s.sendto(b'logged in', ('{}', {}))\n\
+         \x20       return s.recvfrom(2048)[0].decode()\n\
+         \x20   except socks.ProxyError as e:\n\
+         \x20       return 'refused'\n\
+         \x20   finally:\n\
+         \x20       s.close()\n\
+         print(ping('wonderland'), ping('wrong'))\n",
+        proxy.ip(),
+        proxy.port(),
+        echo.ip(),
+        echo.port()
+    );
+    assert_eq!(python(&script).trim(), "logged in refused");
+    let audits = hub.wait_for_audits(2, WAIT);
+    let served = audits
+        .iter()
+        .find(|a| a["result"] == "ok")
+        .unwrap_or_else(|| panic!("no association: {audits:?}"));
+    assert_eq!(served["user"], "alice", "{served}");
+    assert_eq!(served["datagrams_up"], 1, "{served}");
+    assert_eq!(served["datagrams_down"], 1, "{served}");
+    assert!(
+        audits.iter().any(|a| a["result"] == "auth_failed"),
+        "{audits:?}"
+    );
+}
+
 /// UDP ASSOCIATE through a `link://` via while the link is down: refused
 /// in SOCKS5 ("network unreachable"), never a "succeeded" that leads
 /// nowhere, and audited as an error.

@@ -198,10 +198,7 @@ async fn negotiate(
                 AuthMode::None => c::METHOD_NONE,
             };
             if !greeting.methods.contains(&wanted) {
-                let _ = stream.write_all(&[5, c::METHOD_UNACCEPTABLE]).await;
-                // Over a link, a stream dropped unfinished is reset, and the
-                // reset would overtake the answer: finish it first.
-                let _ = stream.shutdown().await;
+                refusal_sent(stream, &[5, c::METHOD_UNACCEPTABLE]).await;
                 let (result, reason) = match (service.config.auth, &inbound.client) {
                     // A peer's `via = "link://..."` hop never logs in.
                     (AuthMode::Password, crate::inbound::ClientId::Peer(peer)) => (
@@ -286,7 +283,7 @@ async fn login(
         .verify(&credentials.user, &credentials.password)
         .await
     {
-        let _ = stream.write_all(&[1, 1]).await;
+        refusal_sent(stream, &[1, 1]).await;
         audit.finish(
             AuditResult::AuthFailed,
             format!("{failure} for user {:?}", credentials.user),
@@ -294,7 +291,7 @@ async fn login(
         return Err(Ended);
     }
     if let Verdict::Deny(why) = service.access.check(client, Some(&credentials.user)) {
-        let _ = stream.write_all(&[1, 1]).await;
+        refusal_sent(stream, &[1, 1]).await;
         audit.finish(AuditResult::Denied, why);
         return Err(Ended);
     }
@@ -350,7 +347,16 @@ async fn refuse(
     reason: impl Into<String>,
 ) {
     send_reply(stream, version, code, None).await;
+    let _ = stream.shutdown().await;
     audit.finish(result, reason);
+}
+
+/// Sends a refusal the connection ends with, and finishes the stream: over
+/// a link, a stream dropped unfinished is reset, and the reset would
+/// overtake the answer.
+async fn refusal_sent(stream: &mut Stream, answer: &[u8]) {
+    let _ = stream.write_all(answer).await;
+    let _ = stream.shutdown().await;
 }
 
 /// The SOCKS5 reply code for a failed outbound connection.
