@@ -278,3 +278,30 @@ async fn bytes_typed_ahead_of_the_connection_reach_the_destination() {
     assert_eq!(audits[0]["result"], "ok");
     assert_eq!(sha256_hex(&seen.lock().unwrap()), sha256_hex(&data));
 }
+
+/// Over a link too, the last refusal line reaches the client and the
+/// connection then ends cleanly (a stream dropped unfinished is reset, and
+/// the reset used to overtake the line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_link_the_last_refusal_arrives_before_a_clean_close() {
+    let hub_services = "[[service]]\nname = \"tn\"\ntype = \"telnet\"\nlisten = \"link\"\n\
+         allow = \"peer:spoke\"\ndestinations = [\"127.0.0.1\"]\n";
+    let spoke_services = "[[service]]\nname = \"tn\"\ntype = \"mapping\"\n\
+         listen = \"127.0.0.1:0\"\ntarget = \"link://hub/tn\"\n";
+    let (_hub, spoke) = common::pair::start_pair(hub_services, spoke_services, None);
+    let mut client = TcpStream::connect(spoke.addr("tn")).await.unwrap();
+    for _ in 0..3 {
+        read_until(&mut client, PROMPT).await;
+        client.write_all(b"10.9.9.9 23\r\n").await.unwrap();
+    }
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, client.read_to_end(&mut rest))
+        .await
+        .expect("the connection stays open");
+    let text = String::from_utf8_lossy(&rest).to_string();
+    assert!(
+        ended.is_ok(),
+        "reset instead of a clean close: {ended:?} after {text:?}"
+    );
+    assert!(text.contains("too many tries; closing"), "{text}");
+}

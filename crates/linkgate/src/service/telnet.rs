@@ -46,7 +46,7 @@ pub async fn serve(
             Ok(Err(why)) => return audit.finish(AuditResult::Error, why),
             Err(_) => {
                 let reason = format!("no destination given within {timeout}");
-                let _ = tell(&mut inbound.stream, &reason).await;
+                let _ = tell_last(&mut inbound.stream, &reason).await;
                 return audit.finish(AuditResult::Error, reason);
             }
         };
@@ -66,7 +66,7 @@ pub async fn serve(
         last_refusal = (result, reason);
     }
     let (result, reason) = last_refusal;
-    let _ = tell(&mut inbound.stream, "too many tries; closing").await;
+    let _ = tell_last(&mut inbound.stream, "too many tries; closing").await;
     audit.finish(result, format!("{reason} ({TRIES} tries)"));
 }
 
@@ -142,6 +142,14 @@ impl Prompt {
     fn leftover(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.pending)
     }
+}
+
+/// Sends the line the connection ends with, and finishes the stream: over
+/// a link, a stream dropped unfinished is reset, and the reset would
+/// overtake the line.
+async fn tell_last(client: &mut Stream, text: &str) -> std::io::Result<()> {
+    tell(client, text).await?;
+    client.shutdown().await
 }
 
 /// Sends one line of explanation to the client.
