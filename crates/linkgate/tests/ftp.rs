@@ -473,3 +473,29 @@ async fn refusals_and_bad_input() {
     assert!(idle.reply().await.starts_with("220 "));
     assert!(idle.reply().await.starts_with("421 "));
 }
+
+/// Over a link, the reply that ends a login (here the login deadline's
+/// 421) reaches the client, and the connection then closes cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_link_the_reply_that_ends_a_login_arrives_before_a_clean_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub_services = "[[service]]\nname = \"ftp\"\ntype = \"ftp\"\nlisten = \"link\"\n\
+         allow = \"peer:spoke\"\nhandshake_timeout = \"1s\"\n";
+    let spoke_services = "[[service]]\nname = \"ftp\"\ntype = \"mapping\"\n\
+         listen = \"127.0.0.1:0\"\ntarget = \"link://hub/ftp\"\n";
+    let (_hub, spoke) = common::pair::start_pair(hub_services, spoke_services, None);
+    let mut client = tokio::net::TcpStream::connect(spoke.addr("ftp"))
+        .await
+        .unwrap();
+    client.write_all(b"NOOP\r\n").await.unwrap();
+    let mut received = Vec::new();
+    let ended = tokio::time::timeout(WAIT, client.read_to_end(&mut received))
+        .await
+        .expect("the connection stays open");
+    let text = String::from_utf8_lossy(&received).to_string();
+    assert!(
+        ended.is_ok(),
+        "reset instead of a clean close: {ended:?} after {text:?}"
+    );
+    assert!(text.contains("\r\n421 "), "{text}");
+}

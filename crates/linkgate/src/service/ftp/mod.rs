@@ -65,9 +65,10 @@ pub async fn serve(
     .await;
     let (mut server, server_side, pending) = match login {
         Ok(Ok(reached)) => reached,
-        Ok(Err(Ended)) => return,
+        Ok(Err(Ended)) => return finish_refused(&mut client).await,
         Err(_) => {
             let _ = client.send(b"421 Login not finished in time\r\n").await;
+            finish_refused(&mut client).await;
             return audit.finish(
                 AuditResult::Error,
                 format!("login not finished within {timeout}"),
@@ -110,3 +111,10 @@ pub async fn serve(
 
 /// The session ended before relaying began; `audit` says why.
 struct Ended;
+
+/// Ends a client's control connection after the reply that refused its
+/// login: finished, not dropped, so that over a link the reply is not
+/// overtaken by the stream's reset.
+async fn finish_refused(client: &mut Conn) {
+    let _ = tokio::time::timeout(DATA_DRAIN, client.stream.shutdown()).await;
+}
