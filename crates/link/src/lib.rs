@@ -22,3 +22,4 @@ pub mod record;
 pub mod send_budget;
 pub mod session;
 pub mod transport;
+mod unsent;

@@ -17,6 +17,9 @@ use crate::pacing::TokenBucket;
 pub const MAX_BATCH: usize = 256 * 1024;
 /// The smallest batch (and record) a slow path gets.
 pub const MIN_BATCH: usize = 16 * 1024;
+/// The smallest unsent-bytes limit a slow path gets: 3 ms at 20 Mbit/s,
+/// slack enough for a writer woken late.
+pub const MIN_UNSENT: usize = 16 * 1024;
 /// How much drain time one batch may hold: a record due on another stream
 /// waits at most about this long behind what was handed over before it.
 const BATCH_TIME: Duration = Duration::from_millis(4);
@@ -73,11 +76,23 @@ impl SendBudget {
         self.batch
     }
 
-    /// The kernel's unsent-bytes limit to ask for (`TCP_NOTSENT_LOWAT`):
-    /// about one batch, so that what waits in the kernel is bounded by
-    /// drain time, not by the socket's buffer size.
+    /// The kernel's unsent-bytes limit to ask for (`TCP_NOTSENT_LOWAT`),
+    /// so that what waits in the kernel is bounded by drain time, not by
+    /// the socket's buffer size: a batch on a fast path, half a batch
+    /// (about 2 ms of drain, at least [`MIN_UNSENT`]) on a slower one.
     pub fn unsent_limit(&self) -> u32 {
-        self.batch as u32
+        match self.unsent_gate() {
+            Some(limit) => limit as u32,
+            None => self.batch as u32,
+        }
+    }
+
+    /// On a slower path (batches below the largest), the unsent bytes
+    /// under which the writer hands the kernel its next piece, and the
+    /// piece's size; `None` on a fast path, where the kernel's queue drains
+    /// as it fills.
+    pub fn unsent_gate(&self) -> Option<usize> {
+        (self.batch < MAX_BATCH).then(|| (self.batch / 2).max(MIN_UNSENT))
     }
 
     /// Records that `bytes` were handed to the transport at `now`, the
@@ -119,7 +134,8 @@ mod tests {
         // 256 KiB took 100 ms: about 20 Mbit/s.
         budget.wrote(now, MAX_BATCH, Duration::from_millis(100));
         assert_eq!(budget.frame_limit(), MIN_BATCH);
-        assert_eq!(budget.unsent_limit(), MIN_BATCH as u32);
+        assert_eq!(budget.unsent_limit(), MIN_UNSENT as u32);
+        assert_eq!(budget.unsent_gate(), Some(MIN_UNSENT));
         // A few writes taken at once do not undo the measurement: the
         // kernel had room because the limit kept its queue short.
         for _ in 0..3 {
@@ -131,6 +147,7 @@ mod tests {
             budget.wrote(now, MIN_BATCH, Duration::from_micros(5));
         }
         assert_eq!(budget.allowance(now), Ok(MAX_BATCH));
+        assert_eq!(budget.unsent_gate(), None);
     }
 
     #[test]
