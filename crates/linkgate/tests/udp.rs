@@ -503,6 +503,9 @@ fn socks_udp_associate_works_for_a_client_that_came_over_a_link() {
         relay["client"].as_str().unwrap().starts_with("127.0.0.1:"),
         "{relay}"
     );
+    // Both count the datagrams' payloads, without SOCKS headers.
+    assert_eq!(relay["bytes_up"], hub_audit["bytes_up"], "{relay}");
+    assert_eq!(relay["bytes_down"], hub_audit["bytes_down"], "{relay}");
 }
 
 /// The same for a socks service that wants a login: the association

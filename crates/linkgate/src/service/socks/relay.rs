@@ -386,7 +386,7 @@ impl ClientRelay {
                     self.client_udp = Some(from);
                     if self.session.send_datagram(self.flow.id, None, &buf[..n]).is_ok() {
                         datagrams[0] += 1;
-                        audit.bytes_up += n as u64;
+                        audit.bytes_up += payload_len(&buf[..n]);
                     }
                 }
                 answer = self.answers.recv() => {
@@ -396,7 +396,7 @@ impl ClientRelay {
                     let Some(to) = self.client_udp else { continue };
                     if self.socket.send_to(&answer, to).await.is_ok() {
                         datagrams[1] += 1;
-                        audit.bytes_down += answer.len() as u64;
+                        audit.bytes_down += payload_len(&answer);
                     }
                 }
                 read = self.control.read(&mut probe) => match read {
@@ -417,6 +417,13 @@ impl ClientRelay {
         audit.datagrams = Some(datagrams);
         end
     }
+}
+
+/// A datagram's payload without its SOCKS header, as the association at the
+/// peer counts it (0 for one that has no valid header: the peer drops it).
+fn payload_len(datagram: &[u8]) -> u64 {
+    proto::socks::parse_udp_header(datagram)
+        .map_or(0, |(_, offset)| (datagram.len() - offset) as u64)
 }
 
 #[cfg(test)]
