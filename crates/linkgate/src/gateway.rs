@@ -788,31 +788,42 @@ mod tests {
         (dialer, acceptor, incoming)
     }
 
+    /// A dispatcher with no services, for the link-level request tests.
+    fn test_dispatch(ftp_data: Arc<LinkDataSlots>, links: Arc<Links>) -> Arc<GatewayDispatch> {
+        Arc::new(GatewayDispatch {
+            services: ServiceTable::default(),
+            ftp_data,
+            links,
+            shutdown: Shutdown {
+                stop_accepting: CancellationToken::new(),
+                close_all: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            },
+        })
+    }
+
+    /// Hands every stream `peer` opens to `dispatch`, until aborted.
+    fn serve_requests(
+        dispatch: Arc<GatewayDispatch>,
+        peer: &'static str,
+        mut incoming: tokio::sync::mpsc::Receiver<IncomingStream>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(request) = incoming.recv().await {
+                dispatch.dispatch(peer, request);
+            }
+        })
+    }
+
     /// An FTP data stream is handed over only for a ticket offered to that
     /// very peer; any other is refused (and audited).
     #[tokio::test]
     async fn ftp_data_streams_need_a_ticket_offered_to_that_peer() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let ftp_data = Arc::new(LinkDataSlots::default());
-        let dispatch = Arc::new(GatewayDispatch {
-            services: ServiceTable::default(),
-            ftp_data: ftp_data.clone(),
-            links: Arc::new(Links::default()),
-            shutdown: Shutdown {
-                stop_accepting: CancellationToken::new(),
-                close_all: CancellationToken::new(),
-                tracker: TaskTracker::new(),
-            },
-        });
-        let (spoke, _hub_session, mut incoming) = session_pair().await;
-        let hub = {
-            let dispatch = dispatch.clone();
-            tokio::spawn(async move {
-                while let Some(request) = incoming.recv().await {
-                    dispatch.dispatch("spoke", request);
-                }
-            })
-        };
+        let dispatch = test_dispatch(ftp_data.clone(), Arc::new(Links::default()));
+        let (spoke, _hub_session, incoming) = session_pair().await;
+        let hub = serve_requests(dispatch, "spoke", incoming);
         let offer = ftp_data.offer("spoke", "ftp").unwrap();
         let ticket = offer.ticket;
         // Another ticket, and the offered ticket for another peer: refused.
@@ -850,25 +861,9 @@ mod tests {
         use crate::links::StreamClients;
         use crate::service::socks::relay::{relay_stream_name, RelayRequest};
         let links = Arc::new(Links::default());
-        let dispatch = Arc::new(GatewayDispatch {
-            services: ServiceTable::default(),
-            ftp_data: Arc::new(LinkDataSlots::default()),
-            links: links.clone(),
-            shutdown: Shutdown {
-                stop_accepting: CancellationToken::new(),
-                close_all: CancellationToken::new(),
-                tracker: TaskTracker::new(),
-            },
-        });
-        let (hub, _spoke_session, mut incoming) = session_pair().await;
-        let spoke = {
-            let dispatch = dispatch.clone();
-            tokio::spawn(async move {
-                while let Some(request) = incoming.recv().await {
-                    dispatch.dispatch("hub", request);
-                }
-            })
-        };
+        let dispatch = test_dispatch(Arc::new(LinkDataSlots::default()), links.clone());
+        let (hub, _spoke_session, incoming) = session_pair().await;
+        let spoke = serve_requests(dispatch, "hub", incoming);
         let client = "127.0.0.1:40000".parse().unwrap();
         let local = "127.0.0.1:1080".parse().unwrap();
         let _guard = StreamClients::register(&links, "hub", 5, "socks".into(), client, local);

@@ -45,40 +45,25 @@ pub(super) async fn associate(
     stop: &CancellationToken,
 ) {
     let version = negotiated.version;
-    // Both sides are set up before any "succeeded": a client must not
-    // wait on a relay that cannot work.
-    let mut far = match FarSide::open(service) {
-        Ok(far) => far,
-        Err((code, reason)) => {
-            return refuse(
-                &mut inbound.stream,
-                version,
-                code,
-                audit,
-                AuditResult::Error,
-                reason,
-            )
-            .await
-        }
-    };
     // The client's UDP address as announced; else learned from its first
     // datagram (which must come from the control connection's host).
     let announced = match &negotiated.destination {
         Address::Ip(addr) if !addr.ip().is_unspecified() && addr.port() != 0 => Some(*addr),
         _ => None,
     };
-    let mut client = match ClientSide::open(service, &mut inbound, announced).await {
-        Ok(client) => client,
+    // Both sides are set up before any "succeeded": a client must not
+    // wait on a relay that cannot work.
+    let opened = async {
+        let far = FarSide::open(service)?;
+        let client = ClientSide::open(service, &mut inbound, announced).await?;
+        Ok::<_, Refusal>((far, client))
+    }
+    .await;
+    let (mut far, mut client) = match opened {
+        Ok(sides) => sides,
         Err((code, reason)) => {
-            return refuse(
-                &mut inbound.stream,
-                version,
-                code,
-                audit,
-                AuditResult::Error,
-                reason,
-            )
-            .await
+            let stream = &mut inbound.stream;
+            return refuse(stream, version, code, audit, AuditResult::Error, reason).await;
         }
     };
     send_reply(
@@ -97,8 +82,9 @@ pub(super) async fn associate(
         stop,
     )
     .await;
-    client.finish().await;
-    audit.finish(association_result(&reason), reason);
+    let result = association_result(&reason);
+    client.finish(result == AuditResult::Ok).await;
+    audit.finish(result, reason);
 }
 
 /// Relays datagrams both ways until the association ends; returns why.
@@ -288,9 +274,10 @@ impl ClientSide {
         }
     }
 
-    /// Ends this side cleanly (a peer's relay is told, not reset).
-    async fn finish(self) {
-        if let ClientSide::Relay(relay) = self {
+    /// Ends this side: a peer's relay is told cleanly when the association
+    /// ended normally (`clean`), and reset when it was cut.
+    async fn finish(self, clean: bool) {
+        if let (ClientSide::Relay(relay), true) = (self, clean) {
             relay.finish().await;
         }
     }
