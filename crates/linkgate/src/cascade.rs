@@ -38,7 +38,11 @@ pub async fn through(
                 Hop::Socks5(_, credentials) => credentials.as_ref(),
                 _ => None,
             };
-            socks5(&mut stream, credentials, next)
+            let request = Request {
+                command: Command::Connect,
+                destination: address_of(next),
+            };
+            socks5(&mut stream, credentials, request)
                 .await
                 .map_err(|e| match e {
                     HopFailure::Io(e) => io(e),
@@ -97,7 +101,7 @@ impl From<io::Error> for HopFailure {
     }
 }
 
-fn address_of(target: &HostPort) -> Address {
+pub(crate) fn address_of(target: &HostPort) -> Address {
     match &target.host {
         Host::Ip(ip) => Address::Ip(SocketAddr::new(*ip, target.port)),
         Host::Name(name) => Address::Domain(name.clone(), target.port),
@@ -142,11 +146,38 @@ async fn read_message<T>(
     }
 }
 
+/// Asks the SOCKS5 proxy `hop` (already connected as `control`) for a UDP
+/// relay (UDP ASSOCIATE, RFC 1928 §7) and returns the relay's address as
+/// the proxy states it (an unspecified address means the proxy's own). The
+/// association lasts as long as `control` stays open.
+pub async fn udp_associate(hop: &Hop, control: &mut Stream) -> Result<Address, ConnectError> {
+    let refused = |reason: String| ConnectError::Proxy(hop.to_string(), reason);
+    let credentials = match hop {
+        Hop::Socks5(_, credentials) => credentials.as_ref(),
+        _ => return Err(refused("only a socks5:// hop relays UDP".into())),
+    };
+    let request = Request {
+        command: Command::UdpAssociate,
+        // The datagrams come from wherever the previous hop sends them.
+        destination: Address::Ip(SocketAddr::from(([0, 0, 0, 0], 0))),
+    };
+    socks5(control, credentials, request)
+        .await
+        .map_err(|e| match e {
+            HopFailure::Io(e) => {
+                ConnectError::Proxy(hop.to_string(), format!("connection failed: {e}"))
+            }
+            HopFailure::Refused(reason) => refused(reason),
+        })
+}
+
+/// Logs in to a SOCKS5 proxy and sends it `request`; returns the address
+/// its success reply binds.
 async fn socks5(
     stream: &mut Stream,
     credentials: Option<&HopCredentials>,
-    next: &HostPort,
-) -> Result<(), HopFailure> {
+    request: Request,
+) -> Result<Address, HopFailure> {
     use proto::socks::v5consts as c;
     let methods = match credentials {
         Some(_) => vec![c::METHOD_NONE, c::METHOD_PASSWORD],
@@ -194,23 +225,23 @@ async fn socks5(
             ))
         }
     }
-    let request = Request {
-        command: Command::Connect,
-        destination: address_of(next),
-    };
     let bytes = request
         .encode()
         .map_err(|e| HopFailure::Refused(e.to_string()))?;
     stream.write_all(&bytes).await?;
     let reply = read_message(stream, Reply::parse).await?;
     if reply.code != c::REPLY_SUCCEEDED {
+        let asked = match request.command {
+            Command::UdpAssociate => "UDP ASSOCIATE".to_string(),
+            _ => format!("CONNECT to {}", request.destination),
+        };
         return Err(HopFailure::Refused(format!(
-            "refused CONNECT to {next}: {} (SOCKS5 reply {})",
+            "refused {asked}: {} (SOCKS5 reply {})",
             proto::socks::v5_reply_text(reply.code),
             reply.code
         )));
     }
-    Ok(())
+    Ok(reply.bound)
 }
 
 async fn http_connect(

@@ -112,6 +112,11 @@ fn dig(port: u16, name: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A gateway's config: JSON logs, a short grace period, and `services`.
+fn gateway_config(services: &str) -> String {
+    format!("[gateway]\nlog = \"json\"\nshutdown_grace = \"1s\"\n\n{services}")
+}
+
 fn udp_service(target: SocketAddr, extra: &str) -> String {
     format!(
         "[gateway]\nlog = \"json\"\nshutdown_grace = \"1s\"\n\n[[service]]\nname = \"dns\"\ntype = \"udp\"\n\
@@ -551,6 +556,181 @@ fn socks_udp_associate_for_a_link_client_logs_in_first() {
     assert!(
         audits.iter().any(|a| a["result"] == "auth_failed"),
         "{audits:?}"
+    );
+}
+
+/// A PySocks script that sends `count` datagrams of random sizes (1 byte
+/// to 8 KB) through the SOCKS5 proxy at `proxy` to `echo`, checks each
+/// answer names the echo's port, and prints the hashes of what it sent and
+/// what came back.
+fn pysocks_echo_script(proxy: SocketAddr, echo: SocketAddr, count: usize) -> String {
+    format!(
+        "import socks, socket, hashlib, random\n\
+         random.seed(11)\n\
+         s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.set_proxy(socks.SOCKS5, '{}', {})\n\
+         s.settimeout(10)\n\
+         sent, back = hashlib.sha256(), hashlib.sha256()\n\
+         for i in range({count}):\n\
+         \x20   data = random.randbytes(random.randint(1, 8000))\n\
+         \x20   sent.update(data)\n\
+         \x20   s.sendto(data, ('{}', {}))\n\
+         \x20   answer, addr = s.recvfrom(65535)\n\
+         \x20   back.update(answer)\n\
+         \x20   assert addr[1] == {}, addr\n\
+         s.close()\n\
+         print(sent.hexdigest(), back.hexdigest())\n",
+        proxy.ip(),
+        proxy.port(),
+        echo.ip(),
+        echo.port(),
+        echo.port()
+    )
+}
+
+/// Asserts that the script printed two equal hashes.
+fn assert_same_hashes(out: &str) {
+    let hashes: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(hashes.len(), 2, "{out}");
+    assert_eq!(hashes[0], hashes[1], "the datagrams came back changed");
+}
+
+/// SOCKS5 UDP ASSOCIATE through `via = ["link://hub/out", "socks5://DANTE"]`:
+/// the branch's gateway asks Dante (a SOCKS5 proxy in the main office,
+/// reached over the link) for a UDP relay, and the datagrams cross the
+/// link to the hub, go from there to Dante's relay and from Dante to the
+/// echo server; 200 datagrams of 1 byte to 8 KB come back intact (hashed)
+/// from the echo's address, and the branch's record counts them.
+#[test]
+fn socks_udp_associate_goes_through_a_link_and_then_a_socks5_proxy() {
+    let echo = echo_server();
+    let dante = common::proxies::dante();
+    let hub_services =
+        "[[service]]\nname = \"out\"\ntype = \"socks\"\nlisten = \"link\"\nallow = \"peer:spoke\"\nidle_timeout = \"1s\"\n";
+    let spoke_services = format!(
+        "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\n\
+         via = [\"link://hub/out\", \"socks5://{}\"]\n",
+        dante.addr
+    );
+    let (hub, spoke) = common::pair::start_pair(hub_services, &spoke_services, None);
+    assert_same_hashes(&python(&pysocks_echo_script(
+        spoke.addr("socks"),
+        echo,
+        200,
+    )));
+    let audit = &spoke.wait_for_audits(1, WAIT)[0];
+    assert_eq!(
+        audit["via"],
+        format!("link://hub/out,socks5://{}", dante.addr),
+        "{audit}"
+    );
+    assert_eq!(audit["result"], "ok", "{audit}");
+    assert_eq!(audit["datagrams_up"], 200, "{audit}");
+    assert_eq!(audit["datagrams_down"], 200, "{audit}");
+    assert_eq!(audit["bytes_up"], audit["bytes_down"], "{audit}");
+    // The hub relayed the control connection to Dante and the datagrams
+    // to Dante's relay, not to the echo server.
+    let hub_audits = hub.wait_for_audits(2, WAIT);
+    assert!(
+        hub_audits
+            .iter()
+            .any(|a| a["target"] == dante.addr.to_string()),
+        "{hub_audits:?}"
+    );
+    let association = hub_audits
+        .iter()
+        .find(|a| a["target"] == "UDP ASSOCIATE")
+        .unwrap_or_else(|| panic!("{hub_audits:?}"));
+    assert_eq!(association["datagrams_up"], 200, "{association}");
+    assert!(
+        association["bytes_up"].as_u64() > audit["bytes_up"].as_u64(),
+        "the hub sends Dante's header with each datagram: {association}"
+    );
+}
+
+/// The same without a link: `via = "socks5://DANTE"` from this gateway.
+#[test]
+fn socks_udp_associate_goes_through_a_socks5_proxy() {
+    let echo = echo_server();
+    let dante = common::proxies::dante();
+    let gateway = RunningGateway::start(&gateway_config(&format!(
+        "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\n\
+         via = \"socks5://{}\"\n",
+        dante.addr
+    )));
+    assert_same_hashes(&python(&pysocks_echo_script(
+        gateway.addr("socks"),
+        echo,
+        50,
+    )));
+    let audit = &gateway.wait_for_audits(1, WAIT)[0];
+    assert_eq!(audit["result"], "ok", "{audit}");
+    assert_eq!(audit["datagrams_up"], 50, "{audit}");
+    assert_eq!(audit["datagrams_down"], 50, "{audit}");
+}
+
+/// An association through a SOCKS5 proxy ends when the proxy goes away
+/// (here another gateway's socks service, stopped): the client's control
+/// connection is closed and the record says why, as an error.
+#[test]
+fn socks_udp_associate_ends_when_the_proxy_on_the_way_goes_away() {
+    use std::io::{Read, Write};
+    let proxy = RunningGateway::start(&gateway_config(
+        "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\n",
+    ));
+    let gateway = RunningGateway::start(&gateway_config(&format!(
+        "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\n\
+         via = \"socks5://{}\"\n",
+        proxy.addr("socks")
+    )));
+    let mut control = std::net::TcpStream::connect(gateway.addr("socks")).unwrap();
+    control
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    control.write_all(&[5, 1, 0]).unwrap();
+    let mut choice = [0u8; 2];
+    control.read_exact(&mut choice).unwrap();
+    control.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[1], 0, "reply {reply:?}");
+    drop(proxy);
+    let audit = &gateway.wait_for_audits(1, WAIT)[0];
+    assert_eq!(audit["result"], "error", "{audit}");
+    let reason = audit["reason"].as_str().unwrap();
+    assert!(reason.starts_with("the proxy socks5://"), "{reason}");
+    let mut rest = [0u8; 16];
+    assert!(matches!(control.read(&mut rest), Ok(0) | Err(_)));
+}
+
+/// A via whose hops cannot carry datagrams (an HTTP CONNECT proxy) is
+/// refused in SOCKS5 ("command not supported"), with the reason audited.
+#[test]
+fn socks_udp_associate_through_an_http_proxy_is_refused_in_the_protocol() {
+    use std::io::{Read, Write};
+    let gateway = RunningGateway::start(&gateway_config(
+        "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\n\
+         via = \"http://127.0.0.1:9\"\n",
+    ));
+    let mut control = std::net::TcpStream::connect(gateway.addr("socks")).unwrap();
+    control
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    control.write_all(&[5, 1, 0]).unwrap();
+    let mut choice = [0u8; 2];
+    control.read_exact(&mut choice).unwrap();
+    control.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        reply[1], 7,
+        "reply {reply:?}: command not supported expected"
+    );
+    let audit = &gateway.wait_for_audits(1, WAIT)[0];
+    assert_eq!(audit["result"], "error");
+    assert_eq!(
+        audit["reason"],
+        "UDP ASSOCIATE cannot go through http://127.0.0.1:9: only socks5:// hops relay UDP"
     );
 }
 

@@ -1,6 +1,6 @@
 //! Third-party servers the link transport tests put between two gateways:
 //! squid (an office's forward proxy, with Basic auth), nginx (TLS in
-//! front of a hub's ws:// listener), microsocks (SOCKS5), and a test CA
+//! front of a hub's ws:// listener), microsocks and Dante (SOCKS5), and a test CA
 //! with a certificate for 127.0.0.1 and localhost. Each server is started
 //! by the test on a free loopback port and stopped by its PID when dropped.
 
@@ -58,6 +58,9 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Its log (stderr).
     pub log: PathBuf,
+    /// Stopped with SIGTERM first: a server whose worker processes
+    /// outlive a killed parent (Dante's keep relaying).
+    terminate: bool,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -69,6 +72,18 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if self.terminate {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -121,6 +136,7 @@ pub fn squid(user: &str, password: &str) -> Server {
         child,
         addr,
         log,
+        terminate: false,
         _dir: Some(dir),
     }
 }
@@ -149,6 +165,44 @@ pub fn microsocks(user: &str, password: &str) -> Server {
         child,
         addr,
         log,
+        terminate: false,
+        _dir: Some(dir),
+    }
+}
+
+/// Dante (danted, SOCKS5) on a free port without a login, relaying TCP and
+/// UDP (UDP ASSOCIATE) for loopback clients, sending from 127.0.0.1.
+pub fn dante() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("danted.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "logoutput: stderr\ninternal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\n\
+             clientmethod: none\nsocksmethod: none\n\
+             client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n\
+             socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply }}\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("danted.log");
+    let pid_file = dir.path().join("danted.pid");
+    let mut child = spawn(
+        Command::new("danted")
+            .arg("-f")
+            .arg(&config)
+            .args(["-N", "1", "-p"])
+            .arg(&pid_file),
+        &log,
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr, "danted", &mut child, &log);
+    Server {
+        child,
+        addr,
+        log,
+        terminate: true,
         _dir: Some(dir),
     }
 }
@@ -263,6 +317,7 @@ pub fn nginx_tls_to_ws(certs: &TestCerts, path: &str, upstream: SocketAddr) -> S
         child,
         addr,
         log,
+        terminate: false,
         _dir: Some(dir),
     }
 }

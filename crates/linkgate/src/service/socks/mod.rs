@@ -3,6 +3,7 @@
 //! and UDP ASSOCIATE; reply codes that say what happened.
 
 pub mod link_udp;
+mod proxy_udp;
 pub mod relay;
 mod udp;
 

@@ -9,8 +9,10 @@
 //!   client, or the relay that the gateway a link client came through keeps
 //!   next to that client ([`super::relay`]);
 //! - the far side ([`FarSide`]): datagrams sent from here, or a flow to a
-//!   peer's socks service when `via` is one `link://` hop
-//!   ([`super::link_udp`]), so that they leave from the other office.
+//!   peer's socks service when `via` starts with a `link://` hop
+//!   ([`super::link_udp`]), so that they leave from the other office; and
+//!   through the UDP relays of the `socks5://` hops after that, if any
+//!   ([`super::proxy_udp`]).
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -22,6 +24,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::link_udp::LinkLeg;
+use super::proxy_udp::{self, ProxyRelays};
 use super::relay::PeerRelay;
 use super::{check_destination, refuse, send_reply, Negotiated};
 use crate::audit::{Audit, AuditResult};
@@ -54,7 +57,7 @@ pub(super) async fn associate(
     // Both sides are set up before any "succeeded": a client must not
     // wait on a relay that cannot work.
     let opened = async {
-        let far = FarSide::open(service)?;
+        let far = FarSide::open(service).await?;
         let client = ClientSide::open(service, &mut inbound, announced).await?;
         Ok::<_, Refusal>((far, client))
     }
@@ -145,9 +148,13 @@ async fn relay(
 
 /// How an association's end is audited: the client closing its control
 /// connection or going quiet is a normal end; the gateway cutting it (the
-/// grace period over, the link's flow gone) is an error.
+/// grace period over, the link's flow gone) or a proxy on the way ending
+/// its relay is an error.
 fn association_result(reason: &str) -> AuditResult {
-    if reason.starts_with("gateway") || reason.starts_with("the link") {
+    if reason.starts_with("gateway")
+        || reason.starts_with("the link")
+        || reason.starts_with("the proxy")
+    {
         AuditResult::Error
     } else {
         AuditResult::Ok
@@ -155,7 +162,7 @@ fn association_result(reason: &str) -> AuditResult {
 }
 
 /// A refusal before the association starts: the SOCKS5 reply code and why.
-type Refusal = (u8, String);
+pub(super) type Refusal = (u8, String);
 
 // === The client's side ===
 
@@ -285,8 +292,15 @@ impl ClientSide {
 
 // === The far side ===
 
-/// Where the client's datagrams go out.
-enum FarSide {
+/// Where the client's datagrams go out: an exit, and the SOCKS5 proxies
+/// after it, if `via` has any.
+struct FarSide {
+    exit: Exit,
+    proxies: ProxyRelays,
+}
+
+/// Where datagrams leave for their destinations (or the first proxy).
+enum Exit {
     /// From this gateway.
     Here(UdpAssociation),
     /// From a peer's socks service, over a link.
@@ -294,50 +308,103 @@ enum FarSide {
 }
 
 impl FarSide {
-    fn open(service: &ServiceRuntime) -> Result<FarSide, Refusal> {
-        match service.config.via.as_slice() {
-            [] => Ok(FarSide::Here(UdpAssociation::new())),
-            [Hop::Link {
+    /// Sets up the exit (`via`'s first hop, if a `link://` one) and the
+    /// proxies after it.
+    async fn open(service: &ServiceRuntime) -> Result<FarSide, Refusal> {
+        let via = service.config.via.as_slice();
+        let (exit, proxies_from) = match via.first() {
+            Some(Hop::Link {
                 peer,
                 service: name,
-            }] => LinkLeg::open(&service.links, peer, name)
-                .map(FarSide::Link)
-                .ok_or_else(|| {
+            }) => {
+                let leg = LinkLeg::open(&service.links, peer, name).ok_or_else(|| {
                     (
                         c::REPLY_NETWORK_UNREACHABLE,
                         format!("via link://{peer}/{name}: the link is down"),
                     )
-                }),
-            _ => Err((
-                c::REPLY_COMMAND_NOT_SUPPORTED,
-                "UDP ASSOCIATE goes through a via of one link:// hop only".into(),
-            )),
-        }
+                })?;
+                (Exit::Link(leg), 1)
+            }
+            _ => (Exit::Here(UdpAssociation::new()), 0),
+        };
+        let proxies = ProxyRelays::open(service, via, proxies_from).await?;
+        Ok(FarSide { exit, proxies })
     }
 
     /// Sends one of the client's datagrams on; its payload's length, or
     /// `None` if it was dropped (malformed, fragmented, a destination the
     /// rules refuse, or no way out).
     async fn forward(&mut self, service: &ServiceRuntime, datagram: &[u8]) -> Option<usize> {
-        match self {
-            FarSide::Here(association) => association.forward(service, datagram).await,
-            FarSide::Link(link) => {
-                let (header, offset) = socks::parse_udp_header(datagram).ok()?;
-                if header.fragment != 0
-                    || check_destination(service, &header.address).await.is_err()
-                {
-                    return None;
-                }
-                link.send(datagram).then_some(datagram.len() - offset)
-            }
+        let (header, offset) = socks::parse_udp_header(datagram).ok()?;
+        if header.fragment != 0 || check_destination(service, &header.address).await.is_err() {
+            return None;
         }
+        let payload = datagram.len() - offset;
+        let sent = match (&mut self.exit, self.proxies.first_relay()) {
+            (Exit::Here(association), None) => {
+                association
+                    .send_to(&header.address, &datagram[offset..])
+                    .await
+            }
+            (Exit::Link(link), None) => link.send(datagram),
+            // To the first proxy's relay, wrapped for the proxies after it.
+            (exit, Some(relay)) => {
+                let inner = self.proxies.wrap(datagram)?;
+                match exit {
+                    Exit::Here(association) => association.send_to(relay, &inner).await,
+                    Exit::Link(link) => {
+                        let mut framed = Vec::with_capacity(inner.len() + 22);
+                        socks::encode_udp_header(relay, &mut framed).ok()?;
+                        framed.extend_from_slice(&inner);
+                        link.send(&framed)
+                    }
+                }
+            }
+        };
+        sent.then_some(payload)
     }
 
     /// The next answer for the client, wrapped in the header that names its
     /// sender, and its payload's length; `Err` when this side ended.
     async fn answer(&mut self, buf: &mut [u8]) -> Result<(Vec<u8>, usize), String> {
+        loop {
+            let answer = tokio::select! {
+                answer = self.exit.answer(buf) => answer?,
+                reason = self.proxies.closed() => return Err(reason),
+            };
+            let Some(start) = self.unwrap(&answer) else {
+                continue; // not from the relay it should be: dropped
+            };
+            let answer = match start {
+                0 => answer,
+                start => answer[start..].to_vec(),
+            };
+            if let Ok((_, offset)) = socks::parse_udp_header(&answer) {
+                let payload = answer.len() - offset;
+                return Ok((answer, payload));
+            }
+        }
+    }
+
+    /// Where the client's datagram starts in what the exit received: after
+    /// the headers of the proxies' relays, each checked.
+    fn unwrap(&self, answer: &[u8]) -> Option<usize> {
+        let Some(relay) = self.proxies.first_relay() else {
+            return Some(0);
+        };
+        let (header, len) = socks::parse_udp_header(answer).ok()?;
+        if !proxy_udp::same_address(&header.address, relay) {
+            return None;
+        }
+        Some(len + self.proxies.unwrap(&answer[len..])?)
+    }
+}
+
+impl Exit {
+    /// The next datagram the exit received, in a header naming its sender.
+    async fn answer(&mut self, buf: &mut [u8]) -> Result<Vec<u8>, String> {
         match self {
-            FarSide::Here(association) => loop {
+            Exit::Here(association) => loop {
                 let Ok((n, from)) = association.recv_from_target(buf).await else {
                     continue;
                 };
@@ -347,18 +414,13 @@ impl FarSide {
                 let mut answer = Vec::with_capacity(n + 22);
                 if socks::encode_udp_header(&Address::Ip(from), &mut answer).is_ok() {
                     answer.extend_from_slice(&buf[..n]);
-                    return Ok((answer, n));
+                    return Ok(answer);
                 }
             },
-            FarSide::Link(link) => loop {
-                let Some(answer) = link.recv().await else {
-                    return Err("the link flow ended".into());
-                };
-                if let Ok((_, offset)) = socks::parse_udp_header(&answer) {
-                    let payload = answer.len() - offset;
-                    return Ok((answer, payload));
-                }
-            },
+            Exit::Link(link) => link
+                .recv()
+                .await
+                .ok_or_else(|| "the link flow ended".into()),
         }
     }
 }
@@ -408,7 +470,16 @@ impl UdpAssociation {
         if header.fragment != 0 || check_destination(service, &header.address).await.is_err() {
             return None;
         }
-        let target = match &header.address {
+        let payload = &datagram[offset..];
+        self.send_to(&header.address, payload)
+            .await
+            .then_some(payload.len())
+    }
+
+    /// Sends `payload` to `to` (resolving a name once per association);
+    /// false if it could not go out.
+    pub(super) async fn send_to(&mut self, to: &Address, payload: &[u8]) -> bool {
+        let target = match to {
             Address::Ip(addr) => *addr,
             Address::Domain(name, port) => {
                 if !self.resolved.contains_key(name) {
@@ -422,19 +493,25 @@ impl UdpAssociation {
                     }
                     self.resolved.insert(name.clone(), ip);
                 }
-                SocketAddr::new(self.resolved.get(name).copied().flatten()?, *port)
+                let Some(ip) = self.resolved.get(name).copied().flatten() else {
+                    return false;
+                };
+                SocketAddr::new(ip, *port)
             }
         };
-        let (socket, wire_target) = self.socket_for(target).await.ok()?;
-        let payload = &datagram[offset..];
-        socket.send_to(payload, wire_target).await.ok()?;
+        let Ok((socket, wire_target)) = self.socket_for(target).await else {
+            return false;
+        };
+        if socket.send_to(payload, wire_target).await.is_err() {
+            return false;
+        }
         let target = SocketAddr::new(crate::access::canonical(target.ip()), target.port());
         if self.peers.len() >= MAX_UDP_PEERS {
             self.peers.clear();
         }
         self.peers.insert(target);
         self.up += payload.len() as u64;
-        Some(payload.len())
+        true
     }
 
     /// Whether `from` is someone the client sent to.
