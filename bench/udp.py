@@ -153,6 +153,9 @@ def main():
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--loss-rate", type=float, default=0, help="offered datagrams/s for the loss test "
                         "(default: 80%% of nginx's max)")
+    parser.add_argument("--only", default="", help="comma-separated relay names to run (default: all); "
+                        "keep \"nginx stream\" for the default loss rate")
+    parser.add_argument("--rounds", type=int, default=1, help="run the relays this many times, interleaved")
     args = parser.parse_args()
     require_release_build(loadgen=True)
     relays = [("direct", None), ("nginx stream", nginx), ("linkgate", linkgate_local), ("socat", socat),
@@ -161,6 +164,10 @@ def main():
         relays.append(("rathole noise", rathole))
     else:
         print("rathole not on PATH: skipped (cargo install rathole)")
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",")]
+        relays = [relay for relay in relays if relay[0] in wanted]
+    relays = relays * args.rounds
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         echo_file = os.path.join(tmp, "echo.port")
@@ -176,7 +183,8 @@ def main():
                     wait_udp(port)
                     peak = load(port, args.flows, args.seconds, 0, args.size)
                     latency = load(port, 1, args.seconds, 1000, args.size)
-                    results[name] = {"port": port, "peak": peak, "latency": latency}
+                    results.setdefault(name, [])
+                    results[name].append({"port": port, "peak": peak, "latency": latency})
                     if name == "nginx stream" and not args.loss_rate:
                         args.loss_rate = 0.8 * peak["received_per_s"]
                     print(f"{name:16s} max {peak['received_per_s']:9.0f} datagrams/s (loss {peak['loss']:.3%})  "
@@ -184,7 +192,7 @@ def main():
                           flush=True)
                     if args.loss_rate:
                         fixed = load(port, args.flows, args.seconds, args.loss_rate, args.size)
-                        results[name]["fixed"] = fixed
+                        results[name][-1]["fixed"] = fixed
                         print(f"{'':16s} at {args.loss_rate:.0f}/s offered: loss {fixed['loss']:.3%}", flush=True)
                 finally:
                     procs.stop()

@@ -16,8 +16,22 @@ type Error = Box<dyn std::error::Error>;
 /// Datagrams in flight per flow in the as-fast-as-possible mode.
 const WINDOW: u64 = 32;
 
-pub fn echo(port_file: &str) -> Result<(), Error> {
+/// The receive buffer the echo server and each flow's socket ask for: a
+/// relay hands datagrams over in bursts (a batch per system call), and the
+/// ceiling must not be what loses them (the default ~200 KB holds a few
+/// hundred small datagrams).
+const RECV_BUFFER: usize = 4 << 20;
+
+/// A loopback UDP socket on a free port with a large receive buffer.
+fn bind_loopback() -> std::io::Result<UdpSocket> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RECV_BUFFER);
+    Ok(socket)
+}
+
+pub fn echo(port_file: &str) -> Result<(), Error> {
+    let socket = bind_loopback()?;
     std::fs::write(port_file, socket.local_addr()?.port().to_string())?;
     let mut buf = vec![0u8; 65536];
     loop {
@@ -43,7 +57,7 @@ pub fn load(args: &[String]) -> Result<(), Error> {
     let start = Instant::now();
     let mut all: Vec<Flow> = (0..flows)
         .map(|_| {
-            let socket = UdpSocket::bind("127.0.0.1:0")?;
+            let socket = bind_loopback()?;
             socket.connect(target)?;
             socket.set_nonblocking(true)?;
             Ok(Flow {

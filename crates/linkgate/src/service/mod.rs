@@ -11,7 +11,7 @@ mod mapping;
 pub mod socks;
 mod telnet;
 pub mod udp;
-mod udp_batch;
+pub mod udp_batch;
 
 pub use ftp::{data_stream_name, parse_data_stream_name, LinkDataSlots, Offer};
 

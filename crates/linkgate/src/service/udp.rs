@@ -19,11 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::udp_batch;
+use super::udp_batch::{self, DatagramSocket};
 use super::ServiceRuntime;
 use crate::access::Verdict;
 use crate::audit::{Audit, AuditResult};
@@ -111,7 +110,7 @@ struct Flow {
 /// Where a flow's datagrams go: a socket connected to the target, or a
 /// flow over the link to the gateway whose udp service is the target.
 enum Outbound {
-    Socket(Arc<UdpSocket>),
+    Socket(Arc<DatagramSocket>),
     Link {
         links: Arc<crate::links::Links>,
         peer: String,
@@ -142,7 +141,7 @@ impl Outbound {
 
 /// Where a flow's answers come from.
 enum Answers {
-    Socket(Arc<UdpSocket>),
+    Socket(Arc<DatagramSocket>),
     Link(tokio::sync::mpsc::Receiver<Vec<u8>>),
 }
 
@@ -212,7 +211,7 @@ impl AnswerBatch {
 /// service's socket, or back over the link the flow came in on.
 enum Client {
     Socket {
-        listener: Arc<UdpSocket>,
+        listener: Arc<DatagramSocket>,
         addr: SocketAddr,
     },
     /// Over whatever session is up to `peer` now: a flow outlives a
@@ -269,7 +268,7 @@ impl std::fmt::Debug for LinkFlows {
 /// Serves the datagrams arriving on `socket` until `stop` is cancelled;
 /// then ends every flow (each writes its audit record) and returns.
 pub async fn serve_socket(
-    socket: UdpSocket,
+    socket: DatagramSocket,
     service: Arc<ServiceRuntime>,
     stop: CancellationToken,
 ) {
@@ -435,7 +434,7 @@ pub fn serve_link_datagram(
 /// Sets up the flow of a client new to a listening socket, then serves it.
 struct FlowSetup {
     service: Arc<ServiceRuntime>,
-    listener: Arc<UdpSocket>,
+    listener: Arc<DatagramSocket>,
     client: SocketAddr,
     flows: Flows,
     refused: Arc<RefusalMemory<SocketAddr>>,
@@ -573,14 +572,15 @@ async fn connect_target(service: &ServiceRuntime) -> Result<(Outbound, Answers),
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
-    let socket = UdpSocket::bind(local)
-        .await
+    let socket = std::net::UdpSocket::bind(local)
         .map_err(|e| format!("cannot open a socket to {addr}: {e}"))?;
+    // Never blocks: a UDP socket's connect only sets its peer.
     socket
         .connect(addr)
-        .await
         .map_err(|e| format!("cannot send to {addr}: {e}"))?;
-    let socket = Arc::new(socket);
+    let socket = DatagramSocket::new(socket)
+        .map(Arc::new)
+        .map_err(|e| format!("cannot open a socket to {addr}: {e}"))?;
     Ok((Outbound::Socket(socket.clone()), Answers::Socket(socket)))
 }
 

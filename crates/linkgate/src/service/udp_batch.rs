@@ -2,14 +2,84 @@
 //! socket (up to [`BATCH`]), one `sendmmsg` sends several. Under load a
 //! udp service then makes a fraction of a system call per datagram instead
 //! of one per datagram each way; when idle a batch is a single datagram.
+//!
+//! The sockets ([`DatagramSocket`]) wait for reading only: sends never
+//! wait (a full socket buffer drops, as UDP does), and a socket registered
+//! for writing too gets a wake-up for every datagram the kernel frees
+//! after sending it (`sock_wfree` → `EPOLLOUT`), which woke a parked
+//! worker thread for nothing several times per batch.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    recvmmsg, sendmmsg, sendmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+};
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+
+/// A non-blocking UDP socket that the runtime watches for datagrams (and
+/// queued errors) only.
+pub struct DatagramSocket(AsyncFd<UdpSocket>, AtomicBool);
+
+impl DatagramSocket {
+    /// Takes `socket` over (made non-blocking); needs a runtime.
+    pub fn new(socket: UdpSocket) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        let interest = Interest::READABLE.add(Interest::ERROR);
+        // SAFETY: a `UdpSocket` owns its file descriptor, closes it only
+        // when dropped and returns the same one from every `as_raw_fd`;
+        // the `AsyncFd` owns the socket and never hands it out by value,
+        // so the descriptor stays open and the same while registered.
+        let registered = unsafe { AsyncFd::register_with_interest(socket, interest) };
+        registered
+            .map(|fd| Self(fd, AtomicBool::new(true)))
+            .map_err(io::Error::from)
+    }
+
+    /// Takes over a socket the runtime already watches.
+    pub fn from_tokio(socket: tokio::net::UdpSocket) -> io::Result<Self> {
+        Self::new(socket.into_std()?)
+    }
+
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+
+    /// The socket itself.
+    pub fn get_ref(&self) -> &UdpSocket {
+        self.0.get_ref()
+    }
+
+    /// Waits until `interest` is ready and `take` (one `recvmmsg`) got
+    /// something or failed. A batch short of [`BATCH`] emptied the queue,
+    /// so the readiness is cleared then and there rather than by one more
+    /// call that would only say "would block" (a datagram arriving
+    /// meanwhile is a new event, which clearing does not lose).
+    async fn receive(
+        &self,
+        interest: Interest,
+        mut take: impl FnMut(&UdpSocket) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        loop {
+            let mut guard = self.0.ready(interest).await?;
+            match take(self.0.get_ref()) {
+                Ok(arrived) => {
+                    if arrived < BATCH {
+                        guard.clear_ready();
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
 
 /// Most datagrams taken or sent by one system call.
 pub const BATCH: usize = 16;
@@ -37,13 +107,13 @@ impl Default for RecvBatch {
 impl RecvBatch {
     /// Waits for datagrams on `socket` and takes all that are waiting (at
     /// most [`BATCH`], one system call).
-    pub async fn recv(&mut self, socket: &UdpSocket) -> io::Result<()> {
-        socket
-            .async_io(Interest::READABLE, || self.take(socket))
-            .await
+    pub async fn recv(&mut self, socket: &DatagramSocket) -> io::Result<()> {
+        socket.receive(Interest::READABLE, |s| self.take(s)).await
     }
 
-    fn take(&mut self, socket: &UdpSocket) -> io::Result<()> {
+    /// Takes the datagrams waiting on `socket`; how many arrived (those
+    /// from no address we can answer are not kept).
+    fn take(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         self.received.clear();
         let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
         let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
@@ -59,14 +129,16 @@ impl RecvBatch {
             None,
         )
         .map_err(io::Error::from)?;
+        let mut arrived = 0;
         for message in results {
+            arrived += 1;
             let from = message.address.as_ref().and_then(to_std);
             // A datagram from no address we can answer is dropped.
             if let Some(from) = from {
                 self.received.push((message.bytes, from));
             }
         }
-        Ok(())
+        Ok(arrived)
     }
 
     /// The datagrams of the last batch, with their senders, in order.
@@ -88,19 +160,17 @@ thread_local! {
 /// Waits for datagrams on `socket`, or an error queued on it (ICMP port
 /// unreachable on a connected socket, then returned), takes all that are
 /// waiting (at most [`BATCH`], one system call) and hands each to `each`.
-pub async fn recv_copied(socket: &UdpSocket, mut each: impl FnMut(&[u8])) -> io::Result<()> {
-    // `async_io`, not `ready` + `try_io`: tokio's `try_io` sees no
-    // readiness at all for an interest of more than one kind.
+pub async fn recv_copied(socket: &DatagramSocket, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     let receive = Interest::READABLE.add(Interest::ERROR);
     socket
-        .async_io(receive, || {
+        .receive(receive, |socket| {
             SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
-                scratch.take(socket)?;
+                let arrived = scratch.take(socket)?;
                 for (datagram, _) in scratch.datagrams() {
                     each(datagram);
                 }
-                Ok(())
+                Ok(arrived)
             })
         })
         .await
@@ -118,15 +188,18 @@ fn to_std(address: &SockaddrStorage) -> Option<SocketAddr> {
 /// Sends `datagrams` on `socket` now, without waiting (to `to`, or where
 /// the socket is connected), [`BATCH`] per system call; returns how many
 /// were sent: the rest are dropped, as a full socket buffer drops them.
-pub fn send(socket: &UdpSocket, datagrams: &[&[u8]], to: Option<SocketAddr>) -> usize {
+pub fn send(socket: &DatagramSocket, datagrams: &[&[u8]], to: Option<SocketAddr>) -> usize {
     let address = to.map(SockaddrStorage::from);
+    if let Some(sent) = send_segmented(socket, datagrams, address.as_ref()) {
+        return sent;
+    }
     let mut sent = 0;
     for group in datagrams.chunks(BATCH) {
         let slices: Vec<[IoSlice<'_>; 1]> = group.iter().map(|d| [IoSlice::new(d)]).collect();
         let addresses = vec![address; group.len()];
         let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(group.len(), None);
         let result = sendmmsg(
-            socket.as_raw_fd(),
+            socket.get_ref().as_raw_fd(),
             &mut headers,
             &slices,
             &addresses,
@@ -145,4 +218,107 @@ pub fn send(socket: &UdpSocket, datagrams: &[&[u8]], to: Option<SocketAddr>) -> 
         }
     }
     sent
+}
+
+/// Largest datagram sent as a segment of a larger one: one fits a 1,500
+/// byte path (IPv6 and a tunnel's headers included); the kernel refuses
+/// segments larger than the route's MTU.
+const MAX_SEGMENT: usize = 1200;
+
+/// Sends several small datagrams of one size (the last may be shorter) to
+/// one address as one buffer that the kernel cuts into them (UDP GSO,
+/// `UDP_SEGMENT`): one trip through the IP stack instead of one each.
+/// `None` when they do not qualify or the socket's route cannot segment
+/// (then never tried on that socket again): send them one by one.
+fn send_segmented(
+    socket: &DatagramSocket,
+    datagrams: &[&[u8]],
+    to: Option<&SockaddrStorage>,
+) -> Option<usize> {
+    let (first, rest) = datagrams.split_first()?;
+    let segment = first.len();
+    let uniform = !rest.is_empty()
+        && (1..=MAX_SEGMENT).contains(&segment)
+        && rest
+            .iter()
+            .enumerate()
+            .all(|(i, d)| match i + 1 == rest.len() {
+                true => !d.is_empty() && d.len() <= segment,
+                false => d.len() == segment,
+            });
+    if !uniform || datagrams.len() > BATCH || !socket.1.load(Ordering::Relaxed) {
+        return None;
+    }
+    let slices: Vec<IoSlice<'_>> = datagrams.iter().map(|d| IoSlice::new(d)).collect();
+    let segment = segment as u16;
+    let control = [ControlMessage::UdpGsoSegments(&segment)];
+    let fd = socket.get_ref().as_raw_fd();
+    match sendmsg(fd, &slices, &control, MsgFlags::MSG_DONTWAIT, to) {
+        Ok(_) => Some(datagrams.len()),
+        // A full socket buffer drops them, as for one by one.
+        Err(Errno::EAGAIN) => Some(0),
+        // No segmentation on this route (EIO: the device cannot; EINVAL,
+        // ENOPROTOOPT, EOPNOTSUPP: an older kernel or a larger MTU needed).
+        Err(Errno::EIO | Errno::EINVAL | Errno::ENOPROTOOPT | Errno::EOPNOTSUPP) => {
+            socket.1.store(false, Ordering::Relaxed);
+            None
+        }
+        // Anything else (an ICMP error reported on a connected socket):
+        // one by one, as before.
+        Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (DatagramSocket, UdpSocket) {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.connect(receiver.local_addr().unwrap()).unwrap();
+        (DatagramSocket::new(sender).unwrap(), receiver)
+    }
+
+    fn received(receiver: &UdpSocket, count: usize) -> Vec<Vec<u8>> {
+        receiver
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = vec![0u8; 65536];
+        (0..count)
+            .map(|_| {
+                let n = receiver.recv(&mut buf).unwrap();
+                buf[..n].to_vec()
+            })
+            .collect()
+    }
+
+    /// Equal-sized datagrams sent as one segmented buffer arrive as the
+    /// datagrams they were, the shorter last one included.
+    #[tokio::test]
+    async fn segmented_datagrams_arrive_one_by_one_and_whole() {
+        let (sender, receiver) = pair();
+        let datagrams: Vec<Vec<u8>> = (0..BATCH as u8)
+            .map(|i| vec![i; if i as usize == BATCH - 1 { 37 } else { 300 }])
+            .collect();
+        let slices: Vec<&[u8]> = datagrams.iter().map(|d| d.as_slice()).collect();
+        assert_eq!(send(&sender, &slices, None), BATCH);
+        assert!(
+            sender.1.load(Ordering::Relaxed),
+            "loopback segments UDP: the segmented path was taken"
+        );
+        assert_eq!(received(&receiver, BATCH), datagrams);
+    }
+
+    /// Datagrams of mixed sizes, or too large to be segments, go one by one.
+    #[tokio::test]
+    async fn mixed_or_large_datagrams_go_one_by_one() {
+        let (sender, receiver) = pair();
+        let datagrams = [vec![1u8; 10], vec![2u8; 20], vec![3u8; 10], vec![4u8; 5000]];
+        let slices: Vec<&[u8]> = datagrams.iter().map(|d| d.as_slice()).collect();
+        assert!(send_segmented(&sender, &slices, None).is_none());
+        assert!(send_segmented(&sender, &[&datagrams[3], &datagrams[3]], None).is_none());
+        assert_eq!(send(&sender, &slices, None), 4);
+        assert_eq!(received(&receiver, 4), datagrams);
+    }
 }
