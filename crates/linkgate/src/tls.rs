@@ -13,8 +13,18 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
+/// ring's suites with AES-128-GCM first: TLS here only wraps records the
+/// link already seals with AES-256-GCM end to end (and a TLS-terminating
+/// proxy in front sees only those), so the outer layer takes the cipher
+/// with 10 rounds instead of 14. Peers that want another suite still get
+/// it: every default suite stays offered.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    let aes_128 = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != aes_128);
+    Arc::new(provider)
 }
 
 /// Reads a PEM file of certificates (at least one).
@@ -145,5 +155,22 @@ impl ServerCertVerifier for NoVerification {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The outer TLS layer prefers AES-128-GCM and still offers the rest.
+    #[test]
+    fn tls_prefers_aes_128_gcm_and_keeps_every_default_suite() {
+        let suites = &super::provider().cipher_suites;
+        assert_eq!(
+            suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        assert_eq!(
+            suites.len(),
+            rustls::crypto::ring::default_provider().cipher_suites.len()
+        );
     }
 }
