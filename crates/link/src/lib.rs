@@ -11,6 +11,7 @@
 //!
 //! The protocol is written down in docs/link-protocol.md.
 
+mod auto_pace;
 pub mod frame;
 pub mod handshake;
 pub mod io;

@@ -11,6 +11,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::auto_pace::AutoPace;
 use crate::pacing::TokenBucket;
 
 /// The largest batch: what a fast path (loopback, LAN) writes at once.
@@ -36,6 +37,8 @@ const PACE_BURST: Duration = Duration::from_millis(4);
 #[derive(Debug)]
 pub struct SendBudget {
     pacer: Option<TokenBucket>,
+    /// Pacing without a configured rate ([`AutoPace`]); unused with one.
+    auto: AutoPace,
     batch: usize,
     /// Bytes and write time since the last measurement.
     measured_bytes: usize,
@@ -51,6 +54,7 @@ impl SendBudget {
         });
         let mut budget = SendBudget {
             pacer,
+            auto: AutoPace::default(),
             batch: MAX_BATCH,
             measured_bytes: 0,
             measured_time: Duration::ZERO,
@@ -64,10 +68,27 @@ impl SendBudget {
     /// The bytes the next batch may hold at `now`, or when the pacer
     /// allows the next one.
     pub fn allowance(&mut self, now: Instant) -> Result<usize, Instant> {
-        match &mut self.pacer {
+        let slow = self.batch < MAX_BATCH;
+        let pacer = match &mut self.pacer {
+            Some(pacer) => Some(pacer),
+            None => self.auto.bucket(now, slow),
+        };
+        match pacer {
             None => Ok(self.batch),
             Some(pacer) => pacer.available(now, self.batch),
         }
+    }
+
+    /// Interactive data went out beside bulk data at `now` (see
+    /// [`AutoPace`]).
+    pub fn interactive(&mut self, now: Instant) {
+        self.auto.interactive(now);
+    }
+
+    /// The rate the writer paces itself to without a configured one, while
+    /// it does.
+    pub fn auto_pace(&self) -> Option<u64> {
+        self.auto.pace()
     }
 
     /// The largest record payload to make now: a batch's worth, so that a
@@ -98,7 +119,12 @@ impl SendBudget {
     /// Records that `bytes` were handed to the transport at `now`, the
     /// write having taken `elapsed`.
     pub fn wrote(&mut self, now: Instant, bytes: usize, elapsed: Duration) {
-        if let Some(pacer) = &mut self.pacer {
+        let slow = self.batch < MAX_BATCH;
+        let pacer = match &mut self.pacer {
+            Some(pacer) => Some(pacer),
+            None => self.auto.bucket(now, slow),
+        };
+        if let Some(pacer) = pacer {
             pacer.consume(now, bytes);
         }
         self.measured_bytes += bytes;
@@ -107,10 +133,17 @@ impl SendBudget {
             return;
         }
         let rate = self.measured_bytes as f64 / self.measured_time.as_secs_f64().max(1e-6);
-        let ceiling = self
-            .pacer
-            .as_ref()
-            .map_or(MAX_BATCH, |p| batch_for_rate(p.rate() as f64));
+        let pace = match &self.pacer {
+            Some(pacer) => Some(pacer.rate()),
+            None => {
+                match self.auto.pace().is_none() && batch_for_rate(rate) == MAX_BATCH {
+                    true => self.auto.fast_path(),
+                    false => self.auto.measured(now, rate),
+                }
+                self.auto.pace()
+            }
+        };
+        let ceiling = pace.map_or(MAX_BATCH, |rate| batch_for_rate(rate as f64));
         self.batch = batch_for_rate(rate).min(ceiling);
         self.measured_bytes = 0;
         self.measured_time = Duration::ZERO;

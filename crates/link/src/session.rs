@@ -739,6 +739,21 @@ async fn run_writer(
                 continue;
             }
         };
+        // On a slower path the batch is put together only once the kernel
+        // will take it: a record that becomes due meanwhile (a keystroke)
+        // is then scheduled into it ahead of bulk data, instead of waiting
+        // behind a bulk batch sealed earlier.
+        let batch_started = Instant::now();
+        if let Some(gate) = unsent_limit.as_ref().zip(budget.unsent_gate()) {
+            if tokio::time::timeout(write_timeout, below_unsent_limit(gate))
+                .await
+                .is_err()
+            {
+                return Err(LinkEnd::Failed(format!(
+                    "the other gateway has not taken data for {write_timeout:?}"
+                )));
+            }
+        }
         let (close_sent, ended) = {
             let mut state = shared.lock();
             let now = Instant::now().into_std();
@@ -763,6 +778,9 @@ async fn run_writer(
                 out.extend_from_slice(&[0; TAG_LEN]);
                 records.push((start, out.len(), next_key));
             }
+            if state.mux.take_sparse_beside_bulk() {
+                budget.interactive(now);
+            }
             shared.settle(&mut state);
             if throttled && state.mux.wants_read() {
                 shared.reader_wake.notify_one();
@@ -784,7 +802,9 @@ async fn run_writer(
             }
         }
         let batch_len = out.len();
-        let write_started = Instant::now();
+        // Waiting for the kernel before the batch was put together is part
+        // of what writing it took: the path's rate is measured from both.
+        let write_started = batch_started;
         let gate = unsent_limit.as_ref().zip(budget.unsent_gate());
         let result =
             tokio::time::timeout(write_timeout, write_out(&mut transport, &mut out, gate)).await;
@@ -834,29 +854,31 @@ async fn write_out(
     out: &mut Vec<u8>,
     gate: Option<(&socket2::Socket, usize)>,
 ) -> io::Result<()> {
-    let Some((socket, limit)) = gate else {
+    let Some(gate @ (_, limit)) = gate else {
         return transport.write_batch(out).await;
-    };
-    let below_limit = || async {
-        // An error (no such ioctl) opens the gate: the kernel's own limit
-        // still holds for new segments.
-        while crate::unsent::unsent_bytes(socket).is_ok_and(|unsent| unsent >= limit) {
-            tokio::time::sleep(UNSENT_POLL).await;
-        }
     };
     match transport {
         WriteHalf::Bytes(stream) => {
             use tokio::io::AsyncWriteExt;
             for piece in out.chunks(limit) {
-                below_limit().await;
+                below_unsent_limit(gate).await;
                 stream.write_all(piece).await?;
             }
             stream.flush().await
         }
         WriteHalf::Batches(_) => {
-            below_limit().await;
+            below_unsent_limit(gate).await;
             transport.write_batch(out).await
         }
+    }
+}
+
+/// Waits until the kernel holds fewer unsent bytes on `socket` than the
+/// limit. An error (no such ioctl) opens the gate: the kernel's own limit
+/// still holds for new segments.
+async fn below_unsent_limit((socket, limit): (&socket2::Socket, usize)) {
+    while crate::unsent::unsent_bytes(socket).is_ok_and(|unsent| unsent >= limit) {
+        tokio::time::sleep(UNSENT_POLL).await;
     }
 }
 

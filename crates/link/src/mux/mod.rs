@@ -331,6 +331,9 @@ pub struct Mux {
     window_updates: VecDeque<u32>,
     new_flows: VecDeque<u32>,
     old_flows: VecDeque<u32>,
+    /// A sparse stream's data went out while a bulk one had data waiting
+    /// (see [`Mux::take_sparse_beside_bulk`]).
+    sparse_beside_bulk: bool,
     events: VecDeque<Event>,
     /// Our CLOSE: queued (with its reason) and whether it went out.
     close: Option<String>,
@@ -382,6 +385,7 @@ impl Mux {
             key_exchange: None,
             window_updates: VecDeque::new(),
             new_flows: VecDeque::new(),
+            sparse_beside_bulk: false,
             old_flows: VecDeque::new(),
             events: VecDeque::new(),
             close: None,
@@ -1055,6 +1059,14 @@ impl Mux {
         self.transmit_datagram(out)
     }
 
+    /// Whether, since the last call, a sparse stream's data (one that had
+    /// sent little lately: keystrokes, requests) went out while a bulk
+    /// stream had data waiting: what the writer paces for (DESIGN §5
+    /// "Fair links").
+    pub fn take_sparse_beside_bulk(&mut self) -> bool {
+        std::mem::take(&mut self.sparse_beside_bulk)
+    }
+
     /// Deficit round robin: new flows first, then old ones.
     fn transmit_data(&mut self, out: &mut Vec<u8>) -> bool {
         let send_queue = self.send_cap();
@@ -1116,6 +1128,9 @@ impl Mux {
             stream.send.copy_out(n, out);
             stream.credit -= n as u64;
             stream.deficit -= n as i64;
+            if list == List::New && !self.old_flows.is_empty() {
+                self.sparse_beside_bulk = true;
+            }
             self.stats.bytes_sent += n as u64;
             if stream.writer_waiting && stream.send.len() <= send_queue / 2 {
                 stream.writer_waiting = false;

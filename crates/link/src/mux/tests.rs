@@ -140,6 +140,41 @@ fn a_sparse_stream_is_sent_before_a_backlogged_one() {
     assert_eq!(data_stream(&out), Some(keys));
 }
 
+/// What the writer paces for: a sparse stream's data beside a backlogged
+/// bulk stream is told, bulk alone is not.
+#[test]
+fn sparse_data_beside_bulk_is_told_and_bulk_alone_is_not() {
+    let now = Instant::now();
+    let mut a = Mux::new(Role::Dialer, config(), now);
+    let mut b = Mux::new(Role::Acceptor, config(), now);
+    let bulk = a.open("bulk").unwrap();
+    let keys = a.open("keys").unwrap();
+    pump(&mut a, &mut b, now);
+    b.accept(bulk);
+    b.accept(keys);
+    pump(&mut a, &mut b, now);
+    let _ = a.take_sparse_beside_bulk();
+    assert_eq!(
+        a.write(bulk, &[7; 128 * 1024]),
+        WriteState::Queued(128 * 1024)
+    );
+    // Small records: the fifth is from the bulk list, with credit left.
+    a.set_frame_limit(4096);
+    let mut out = Vec::new();
+    for _ in 0..5 {
+        out.clear();
+        assert!(a.poll_transmit(now, &mut out));
+        assert_eq!(data_stream(&out), Some(bulk));
+    }
+    assert!(!a.take_sparse_beside_bulk(), "bulk alone");
+    assert_eq!(a.write(keys, b"x"), WriteState::Queued(1));
+    out.clear();
+    assert!(a.poll_transmit(now, &mut out));
+    assert_eq!(data_stream(&out), Some(keys));
+    assert!(a.take_sparse_beside_bulk());
+    assert!(!a.take_sparse_beside_bulk(), "told once");
+}
+
 #[test]
 fn control_frames_go_before_queued_data_and_pongs_do_not_pile_up() {
     let now = Instant::now();
