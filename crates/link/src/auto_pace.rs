@@ -4,8 +4,8 @@
 //! that the WAN's queue stays empty and a keystroke waits only behind what
 //! the link's own scheduler put before it (as `bandwidth` does, the way SQM
 //! shapes under the bottleneck). Now and then it stops pacing for a moment
-//! to measure the path again (the rate may have changed); and it lowers the
-//! pace at once when the path drains slower than the pace.
+//! to measure the path again (the rate may have changed), and at once when
+//! the path keeps draining slower than the pace.
 //!
 //! Bulk alone, or a fast path, is never paced: there is nobody whose wait
 //! pacing would shorten, and pacing costs a share of the rate.
@@ -25,9 +25,12 @@ const CRUISE: Duration = Duration::from_secs(10);
 const PROBE: Duration = Duration::from_millis(300);
 /// What the pacer may send at once: the same as a configured pace.
 const BURST: Duration = Duration::from_millis(4);
-/// A paced write that drained slower than this share of the pace means
-/// the path got slower: the pace follows at once.
+/// Paced writes that drained slower than this share of the pace, twice in
+/// a row, mean the path may have got slower: it is measured again at once.
+/// (Not taken as the new rate: a stall of this machine's CPU reads as a
+/// slow path too, and would hold the link down until the next measurement.)
 const SLOWER: f64 = 0.8;
+const SLOWER_TIMES: u32 = 2;
 
 /// Unpaced measurements the path's rate is the largest of: one taken
 /// while the kernel's queue was still filling, or cut short by a stall on
@@ -47,6 +50,8 @@ pub struct AutoPace {
     pacing: Option<(TokenBucket, Instant)>,
     /// While measuring unpaced: until when.
     probing_until: Option<Instant>,
+    /// Paced measurements in a row that drained slower than the pace.
+    slower: u32,
 }
 
 impl AutoPace {
@@ -77,8 +82,7 @@ impl AutoPace {
         }
         match &self.pacing {
             Some((_, probe_due)) if now >= *probe_due => {
-                self.pacing = None;
-                self.probing_until = Some(now + PROBE);
+                self.start_probe(now);
                 None
             }
             Some(_) => self.pacing.as_mut().map(|(bucket, _)| bucket),
@@ -89,6 +93,14 @@ impl AutoPace {
                 self.pacing.as_mut().map(|(bucket, _)| bucket)
             }
         }
+    }
+
+    /// Stops pacing to measure the path afresh for [`PROBE`].
+    fn start_probe(&mut self, now: Instant) {
+        self.pacing = None;
+        self.slower = 0;
+        self.probing_until = Some(now + PROBE);
+        self.unpaced.clear();
     }
 
     /// The path's rate as measured unpaced: the largest recent sample.
@@ -112,14 +124,14 @@ impl AutoPace {
                 }
                 self.unpaced.push_back(rate);
             }
-            Some((bucket, probe_due)) => {
-                if rate < bucket.rate() as f64 * SLOWER {
-                    self.unpaced.clear();
-                    self.unpaced.push_back(rate);
-                    let pace = rate * SHARE;
-                    let burst = (pace * BURST.as_secs_f64()) as u64;
-                    *bucket = TokenBucket::new(pace as u64, burst, now);
-                    *probe_due = now + CRUISE;
+            Some((bucket, _)) => {
+                if rate >= bucket.rate() as f64 * SLOWER {
+                    self.slower = 0;
+                    return;
+                }
+                self.slower += 1;
+                if self.slower >= SLOWER_TIMES {
+                    self.start_probe(now);
                 }
             }
         }
@@ -189,13 +201,24 @@ mod tests {
     }
 
     #[test]
-    fn a_path_that_drains_slower_than_the_pace_lowers_it_at_once() {
+    fn a_path_that_keeps_draining_slower_than_the_pace_is_measured_again() {
         let now = Instant::now();
         let mut pace = AutoPace::default();
         pace.measured(now, RATE);
         pace.interactive(now);
         assert!(pace.bucket(now, true).is_some());
+        // Once could be a stall of this machine: the pace stays.
         pace.measured(now, RATE / 2.0);
+        pace.measured(now, RATE);
+        pace.measured(now, RATE / 2.0);
+        assert_eq!(pace.pace(), Some((RATE * SHARE) as u64));
+        // Twice in a row: measured again, unpaced, and paced to that.
+        pace.measured(now, RATE / 2.0);
+        assert!(pace.bucket(now, true).is_none());
+        pace.measured(now, RATE / 2.0);
+        let later = now + PROBE;
+        pace.interactive(later);
+        assert!(pace.bucket(later, true).is_some());
         assert_eq!(pace.pace(), Some((RATE / 2.0 * SHARE) as u64));
     }
 }
