@@ -457,33 +457,11 @@ fn socks_udp_associate_works_for_a_client_that_came_over_a_link() {
     let spoke_services =
         "[[service]]\nname = \"socks\"\ntype = \"mapping\"\nlisten = \"127.0.0.1:0\"\ntarget = \"link://hub/socks\"\n";
     let (hub, spoke) = common::pair::start_pair(hub_services, spoke_services, None);
-    let proxy = spoke.addr("socks");
-    let script = format!(
-        "import socks, socket, hashlib, random\n\
-         random.seed(7)\n\
-         s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         s.set_proxy(socks.SOCKS5, '{}', {})\n\
-         s.settimeout(10)\n\
-         sent, back = hashlib.sha256(), hashlib.sha256()\n\
-         for i in range(200):\n\
-         \x20   data = random.randbytes(random.randint(1, 8000))\n\
-         \x20   sent.update(data)\n\
-         \x20   s.sendto(data, ('{}', {}))\n\
-         \x20   answer, addr = s.recvfrom(65535)\n\
-         \x20   back.update(answer)\n\
-         \x20   assert addr[1] == {}, addr\n\
-         s.close()\n\
-         print(sent.hexdigest(), back.hexdigest())\n",
-        proxy.ip(),
-        proxy.port(),
-        echo.ip(),
-        echo.port(),
-        echo.port()
-    );
-    let out = python(&script);
-    let hashes: Vec<&str> = out.split_whitespace().collect();
-    assert_eq!(hashes.len(), 2, "{out}");
-    assert_eq!(hashes[0], hashes[1], "the datagrams came back changed");
+    assert_same_hashes(&python(&pysocks_echo_script(
+        spoke.addr("socks"),
+        echo,
+        200,
+    )));
     let hub_audit = &hub.wait_for_audits(1, WAIT)[0];
     assert_eq!(hub_audit["service"], "socks");
     assert_eq!(hub_audit["client"], "peer:spoke");
@@ -588,6 +566,24 @@ fn pysocks_echo_script(proxy: SocketAddr, echo: SocketAddr, count: usize) -> Str
     )
 }
 
+/// Asks the SOCKS5 proxy at `proxy` (no login) for UDP ASSOCIATE by hand;
+/// the control connection and the 10-byte reply.
+fn udp_associate(proxy: SocketAddr) -> (std::net::TcpStream, [u8; 10]) {
+    use std::io::{Read, Write};
+    let mut control = std::net::TcpStream::connect(proxy).unwrap();
+    control
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    control.write_all(&[5, 1, 0]).unwrap();
+    let mut choice = [0u8; 2];
+    control.read_exact(&mut choice).unwrap();
+    assert_eq!(choice, [5, 0]);
+    control.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).unwrap();
+    (control, reply)
+}
+
 /// Asserts that the script printed two equal hashes.
 fn assert_same_hashes(out: &str) {
     let hashes: Vec<&str> = out.split_whitespace().collect();
@@ -674,7 +670,7 @@ fn socks_udp_associate_goes_through_a_socks5_proxy() {
 /// connection is closed and the record says why, as an error.
 #[test]
 fn socks_udp_associate_ends_when_the_proxy_on_the_way_goes_away() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let proxy = RunningGateway::start(&gateway_config(
         "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\n",
     ));
@@ -683,16 +679,7 @@ fn socks_udp_associate_ends_when_the_proxy_on_the_way_goes_away() {
          via = \"socks5://{}\"\n",
         proxy.addr("socks")
     )));
-    let mut control = std::net::TcpStream::connect(gateway.addr("socks")).unwrap();
-    control
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    control.write_all(&[5, 1, 0]).unwrap();
-    let mut choice = [0u8; 2];
-    control.read_exact(&mut choice).unwrap();
-    control.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
-    let mut reply = [0u8; 10];
-    control.read_exact(&mut reply).unwrap();
+    let (mut control, reply) = udp_associate(gateway.addr("socks"));
     assert_eq!(reply[1], 0, "reply {reply:?}");
     drop(proxy);
     let audit = &gateway.wait_for_audits(1, WAIT)[0];
@@ -707,21 +694,11 @@ fn socks_udp_associate_ends_when_the_proxy_on_the_way_goes_away() {
 /// refused in SOCKS5 ("command not supported"), with the reason audited.
 #[test]
 fn socks_udp_associate_through_an_http_proxy_is_refused_in_the_protocol() {
-    use std::io::{Read, Write};
     let gateway = RunningGateway::start(&gateway_config(
         "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\n\
          via = \"http://127.0.0.1:9\"\n",
     ));
-    let mut control = std::net::TcpStream::connect(gateway.addr("socks")).unwrap();
-    control
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    control.write_all(&[5, 1, 0]).unwrap();
-    let mut choice = [0u8; 2];
-    control.read_exact(&mut choice).unwrap();
-    control.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
-    let mut reply = [0u8; 10];
-    control.read_exact(&mut reply).unwrap();
+    let (_control, reply) = udp_associate(gateway.addr("socks"));
     assert_eq!(
         reply[1], 7,
         "reply {reply:?}: command not supported expected"
@@ -739,24 +716,13 @@ fn socks_udp_associate_through_an_http_proxy_is_refused_in_the_protocol() {
 /// nowhere, and audited as an error.
 #[test]
 fn socks_udp_associate_through_a_down_link_is_refused_in_the_protocol() {
-    use std::io::{Read, Write};
     let spoke = RunningGateway::start(&common::pair::spoke_config(
         closed_port(),
         common::pair::PASSWORD,
         "spoke",
         "[[service]]\nname = \"socks\"\ntype = \"socks\"\nlisten = \"127.0.0.1:0\"\nvia = \"link://hub/out\"\n",
     ));
-    let mut control = std::net::TcpStream::connect(spoke.addr("socks")).unwrap();
-    control
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    control.write_all(&[5, 1, 0]).unwrap();
-    let mut choice = [0u8; 2];
-    control.read_exact(&mut choice).unwrap();
-    assert_eq!(choice, [5, 0]);
-    control.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
-    let mut reply = [0u8; 10];
-    control.read_exact(&mut reply).unwrap();
+    let (_control, reply) = udp_associate(spoke.addr("socks"));
     assert_eq!(reply[1], 3, "reply {reply:?}: network unreachable expected");
     let audit = &spoke.wait_for_audits(1, WAIT)[0];
     assert_eq!(audit["result"], "error");

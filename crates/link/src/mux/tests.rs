@@ -114,9 +114,8 @@ fn data_and_half_close_cross_both_ways() {
     assert!(drain(&mut a, now).is_empty(), "a clean end sends no reset");
 }
 
-#[test]
-fn a_sparse_stream_is_sent_before_a_backlogged_one() {
-    let now = Instant::now();
+/// A dialer with two accepted streams, "bulk" and "keys".
+fn bulk_and_keys(now: Instant) -> (Mux, u32, u32) {
     let mut a = Mux::new(Role::Dialer, config(), now);
     let mut b = Mux::new(Role::Acceptor, config(), now);
     let bulk = a.open("bulk").unwrap();
@@ -125,6 +124,13 @@ fn a_sparse_stream_is_sent_before_a_backlogged_one() {
     b.accept(bulk);
     b.accept(keys);
     pump(&mut a, &mut b, now);
+    (a, bulk, keys)
+}
+
+#[test]
+fn a_sparse_stream_is_sent_before_a_backlogged_one() {
+    let now = Instant::now();
+    let (mut a, bulk, keys) = bulk_and_keys(now);
     assert_eq!(
         a.write(bulk, &[7; 128 * 1024]),
         WriteState::Queued(128 * 1024)
@@ -145,14 +151,7 @@ fn a_sparse_stream_is_sent_before_a_backlogged_one() {
 #[test]
 fn sparse_data_beside_bulk_is_told_and_bulk_alone_is_not() {
     let now = Instant::now();
-    let mut a = Mux::new(Role::Dialer, config(), now);
-    let mut b = Mux::new(Role::Acceptor, config(), now);
-    let bulk = a.open("bulk").unwrap();
-    let keys = a.open("keys").unwrap();
-    pump(&mut a, &mut b, now);
-    b.accept(bulk);
-    b.accept(keys);
-    pump(&mut a, &mut b, now);
+    let (mut a, bulk, keys) = bulk_and_keys(now);
     let _ = a.take_sparse_beside_bulk();
     assert_eq!(
         a.write(bulk, &[7; 128 * 1024]),
