@@ -68,14 +68,20 @@ impl SendBudget {
     /// The bytes the next batch may hold at `now`, or when the pacer
     /// allows the next one.
     pub fn allowance(&mut self, now: Instant) -> Result<usize, Instant> {
+        let batch = self.batch;
+        match self.active_pacer(now) {
+            None => Ok(batch),
+            Some(pacer) => pacer.available(now, batch),
+        }
+    }
+
+    /// The bucket the writer paces with at `now`: the configured one, or
+    /// the automatic one while it paces.
+    fn active_pacer(&mut self, now: Instant) -> Option<&mut TokenBucket> {
         let slow = self.batch < MAX_BATCH;
-        let pacer = match &mut self.pacer {
+        match &mut self.pacer {
             Some(pacer) => Some(pacer),
             None => self.auto.bucket(now, slow),
-        };
-        match pacer {
-            None => Ok(self.batch),
-            Some(pacer) => pacer.available(now, self.batch),
         }
     }
 
@@ -119,12 +125,7 @@ impl SendBudget {
     /// Records that `bytes` were handed to the transport at `now`, the
     /// write having taken `elapsed`.
     pub fn wrote(&mut self, now: Instant, bytes: usize, elapsed: Duration) {
-        let slow = self.batch < MAX_BATCH;
-        let pacer = match &mut self.pacer {
-            Some(pacer) => Some(pacer),
-            None => self.auto.bucket(now, slow),
-        };
-        if let Some(pacer) = pacer {
+        if let Some(pacer) = self.active_pacer(now) {
             pacer.consume(now, bytes);
         }
         self.measured_bytes += bytes;

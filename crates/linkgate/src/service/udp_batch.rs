@@ -23,7 +23,12 @@ use tokio::io::Interest;
 
 /// A non-blocking UDP socket that the runtime watches for datagrams (and
 /// queued errors) only.
-pub struct DatagramSocket(AsyncFd<UdpSocket>, AtomicBool);
+pub struct DatagramSocket {
+    fd: AsyncFd<UdpSocket>,
+    /// Whether the socket's route takes segmented sends (UDP GSO); cleared
+    /// the first time the kernel refuses one.
+    segments: AtomicBool,
+}
 
 impl DatagramSocket {
     /// Takes `socket` over (made non-blocking); needs a runtime.
@@ -36,23 +41,21 @@ impl DatagramSocket {
         // so the descriptor stays open and the same while registered.
         let registered = unsafe { AsyncFd::register_with_interest(socket, interest) };
         registered
-            .map(|fd| Self(fd, AtomicBool::new(true)))
+            .map(|fd| DatagramSocket {
+                fd,
+                segments: AtomicBool::new(true),
+            })
             .map_err(io::Error::from)
-    }
-
-    /// Takes over a socket the runtime already watches.
-    pub fn from_tokio(socket: tokio::net::UdpSocket) -> io::Result<Self> {
-        Self::new(socket.into_std()?)
     }
 
     /// The address the socket is bound to.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.get_ref().local_addr()
+        self.fd.get_ref().local_addr()
     }
 
     /// The socket itself.
     pub fn get_ref(&self) -> &UdpSocket {
-        self.0.get_ref()
+        self.fd.get_ref()
     }
 
     /// Waits until `interest` is ready and `take` (one `recvmmsg`) got
@@ -66,8 +69,8 @@ impl DatagramSocket {
         mut take: impl FnMut(&UdpSocket) -> io::Result<usize>,
     ) -> io::Result<()> {
         loop {
-            let mut guard = self.0.ready(interest).await?;
-            match take(self.0.get_ref()) {
+            let mut guard = self.fd.ready(interest).await?;
+            match take(self.fd.get_ref()) {
                 Ok(arrived) => {
                     if arrived < BATCH {
                         guard.clear_ready();
@@ -246,7 +249,7 @@ fn send_segmented(
                 true => !d.is_empty() && d.len() <= segment,
                 false => d.len() == segment,
             });
-    if !uniform || datagrams.len() > BATCH || !socket.1.load(Ordering::Relaxed) {
+    if !uniform || datagrams.len() > BATCH || !socket.segments.load(Ordering::Relaxed) {
         return None;
     }
     let slices: Vec<IoSlice<'_>> = datagrams.iter().map(|d| IoSlice::new(d)).collect();
@@ -260,7 +263,7 @@ fn send_segmented(
         // No segmentation on this route (EIO: the device cannot; EINVAL,
         // ENOPROTOOPT, EOPNOTSUPP: an older kernel or a larger MTU needed).
         Err(Errno::EIO | Errno::EINVAL | Errno::ENOPROTOOPT | Errno::EOPNOTSUPP) => {
-            socket.1.store(false, Ordering::Relaxed);
+            socket.segments.store(false, Ordering::Relaxed);
             None
         }
         // Anything else (an ICMP error reported on a connected socket):
@@ -304,7 +307,7 @@ mod tests {
         let slices: Vec<&[u8]> = datagrams.iter().map(|d| d.as_slice()).collect();
         assert_eq!(send(&sender, &slices, None), BATCH);
         assert!(
-            sender.1.load(Ordering::Relaxed),
+            sender.segments.load(Ordering::Relaxed),
             "loopback segments UDP: the segmented path was taken"
         );
         assert_eq!(received(&receiver, BATCH), datagrams);
