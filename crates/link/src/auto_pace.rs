@@ -3,9 +3,12 @@
 //! just below the rate it measured the path to drain at while unpaced, so
 //! that the WAN's queue stays empty and a keystroke waits only behind what
 //! the link's own scheduler put before it (as `bandwidth` does, the way SQM
-//! shapes under the bottleneck). Now and then it stops pacing for a moment
-//! to measure the path again (the rate may have changed), and at once when
-//! the path keeps draining slower than the pace.
+//! shapes under the bottleneck). Pacing starts well below that rate for a
+//! moment, to empty the queue the unpaced writer filled (as BBR drains
+//! after its start-up). Now and then it stops pacing for a moment to
+//! measure the path again (the rate may have changed), and at once when
+//! the writer keeps waiting for the path rather than for its pace (the
+//! path got slower than the pace).
 //!
 //! Bulk alone, or a fast path, is never paced: there is nobody whose wait
 //! pacing would shorten, and pacing costs a share of the rate.
@@ -17,6 +20,11 @@ use crate::pacing::TokenBucket;
 /// The share of the measured rate paced to: below the bottleneck even
 /// when the measurement ran a little high.
 const SHARE: f64 = 0.9;
+/// When pacing starts, the share paced to for [`DRAIN`]: the unpaced
+/// writer left the WAN's queue full, and at [`SHARE`] it would drain at a
+/// tenth of the rate (a second for 100 ms of queue). This empties 100 ms.
+const DRAIN_SHARE: f64 = 0.5;
+const DRAIN: Duration = Duration::from_millis(200);
 /// Interactive data this recent keeps pacing on.
 const INTERACTIVE_HOLD: Duration = Duration::from_secs(2);
 /// How long pacing runs between two measurements of the path.
@@ -25,18 +33,21 @@ const CRUISE: Duration = Duration::from_secs(10);
 const PROBE: Duration = Duration::from_millis(300);
 /// What the pacer may send at once: the same as a configured pace.
 const BURST: Duration = Duration::from_millis(4);
-/// Paced writes that drained slower than this share of the pace, twice in
-/// a row, mean the path may have got slower: it is measured again at once.
-/// (Not taken as the new rate: a stall of this machine's CPU reads as a
-/// slow path too, and would hold the link down until the next measurement.)
-const SLOWER: f64 = 0.8;
+/// A paced stretch in which the writer spent more than this share of the
+/// time waiting for the kernel to take bytes (not for the pace) means the
+/// path drains slower than the pace; twice in a row, it is measured again.
+/// (Paced below the path's rate, the kernel's queue is empty at each write
+/// and the writer waits only for the pace. A stall of this machine's CPU
+/// does not read as waiting for the path.)
+const PATH_BOUND: f64 = 0.5;
 const SLOWER_TIMES: u32 = 2;
 
-/// Unpaced measurements the path's rate is the largest of: one taken
-/// while the kernel's queue was still filling, or cut short by a stall on
-/// this machine, reads low, and a pace set from it would hold the link
-/// down until the next measurement (a high one corrects itself: the path
-/// then drains slower than the pace).
+/// Unpaced measurements the path's rate is taken from: the second largest
+/// of them. One taken while the kernel's queue was still filling, or cut
+/// short by a stall on this machine, reads low, and a pace set from it
+/// would hold the link down until the next measurement; one taken while
+/// the receiver opened its window in a burst reads high, and a pace above
+/// the path's rate fills the WAN's queue until the writer notices.
 const SAMPLES: usize = 4;
 
 /// The automatic pacer's state.
@@ -46,12 +57,25 @@ pub struct AutoPace {
     unpaced: std::collections::VecDeque<f64>,
     /// When interactive data last went out beside bulk data.
     interactive_at: Option<Instant>,
-    /// While pacing: the bucket, and when the next measurement is due.
-    pacing: Option<(TokenBucket, Instant)>,
+    /// While pacing.
+    pacing: Option<Pacing>,
     /// While measuring unpaced: until when.
     probing_until: Option<Instant>,
-    /// Paced measurements in a row that drained slower than the pace.
+    /// Paced stretches in a row in which the path, not the pace, held the
+    /// writer.
     slower: u32,
+}
+
+/// Pacing to a measured rate.
+#[derive(Debug)]
+struct Pacing {
+    bucket: TokenBucket,
+    /// The path's rate paced below, bytes/s.
+    path_rate: f64,
+    /// Until when the bucket runs at [`DRAIN_SHARE`].
+    draining_until: Instant,
+    /// When the path is measured again.
+    probe_due: Instant,
 }
 
 impl AutoPace {
@@ -80,19 +104,21 @@ impl AutoPace {
             }
             self.probing_until = None;
         }
-        match &self.pacing {
-            Some((_, probe_due)) if now >= *probe_due => {
-                self.start_probe(now);
-                None
-            }
-            Some(_) => self.pacing.as_mut().map(|(bucket, _)| bucket),
-            None => {
-                let pace = rate * SHARE;
-                let burst = (pace * BURST.as_secs_f64()) as u64;
-                self.pacing = Some((TokenBucket::new(pace as u64, burst, now), now + CRUISE));
-                self.pacing.as_mut().map(|(bucket, _)| bucket)
-            }
+        let pacing = self.pacing.get_or_insert_with(|| Pacing {
+            bucket: bucket_at(rate * DRAIN_SHARE, now),
+            path_rate: rate,
+            draining_until: now + DRAIN,
+            probe_due: now + CRUISE,
+        });
+        if now >= pacing.probe_due {
+            self.start_probe(now);
+            return None;
         }
+        if now >= pacing.draining_until && pacing.bucket.rate() < (pacing.path_rate * SHARE) as u64
+        {
+            pacing.bucket = bucket_at(pacing.path_rate * SHARE, now);
+        }
+        self.pacing.as_mut().map(|pacing| &mut pacing.bucket)
     }
 
     /// Stops pacing to measure the path afresh for [`PROBE`].
@@ -103,37 +129,48 @@ impl AutoPace {
         self.unpaced.clear();
     }
 
-    /// The path's rate as measured unpaced: the largest recent sample.
+    /// The path's rate as measured unpaced (see [`SAMPLES`]).
     fn unpaced_rate(&self) -> Option<f64> {
-        self.unpaced.iter().copied().reduce(f64::max)
+        let mut rates: Vec<f64> = self.unpaced.iter().copied().collect();
+        rates.sort_by(f64::total_cmp);
+        match rates.len() {
+            0 => None,
+            1 | 2 => rates.last().copied(),
+            n => Some(rates[n - 2]),
+        }
     }
 
     /// The pace in bytes per second, while pacing.
     pub fn pace(&self) -> Option<u64> {
-        self.pacing.as_ref().map(|(bucket, _)| bucket.rate())
+        self.pacing.as_ref().map(|pacing| pacing.bucket.rate())
     }
 
-    /// A measurement of the path's drain rate (bytes/s) on a slower path:
-    /// taken as the path's rate while unpaced; while paced, only a rate
-    /// below the pace tells something (the path got slower).
-    pub fn measured(&mut self, now: Instant, rate: f64) {
-        match &mut self.pacing {
-            None => {
-                if self.unpaced.len() == SAMPLES {
-                    self.unpaced.pop_front();
-                }
-                self.unpaced.push_back(rate);
-            }
-            Some((bucket, _)) => {
-                if rate >= bucket.rate() as f64 * SLOWER {
-                    self.slower = 0;
-                    return;
-                }
-                self.slower += 1;
-                if self.slower >= SLOWER_TIMES {
-                    self.start_probe(now);
-                }
-            }
+    /// A measurement of the path's drain rate (bytes/s) while unpaced on a
+    /// slower path.
+    pub fn measured(&mut self, rate: f64) {
+        if self.pacing.is_some() {
+            return;
+        }
+        if self.unpaced.len() == SAMPLES {
+            self.unpaced.pop_front();
+        }
+        self.unpaced.push_back(rate);
+    }
+
+    /// A stretch of paced writing ended at `now`, in which the writer spent
+    /// `waiting_for_path` (a share of the time, 0 to 1) waiting for the
+    /// kernel to take bytes.
+    pub fn paced_stretch(&mut self, now: Instant, waiting_for_path: f64) {
+        if self.pacing.is_none() {
+            return;
+        }
+        if waiting_for_path <= PATH_BOUND {
+            self.slower = 0;
+            return;
+        }
+        self.slower += 1;
+        if self.slower >= SLOWER_TIMES {
+            self.start_probe(now);
         }
     }
 
@@ -146,17 +183,32 @@ impl AutoPace {
     }
 }
 
+fn bucket_at(rate: f64, now: Instant) -> TokenBucket {
+    let burst = (rate * BURST.as_secs_f64()) as u64;
+    TokenBucket::new(rate as u64, burst, now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const RATE: f64 = 2_400_000.0; // about 19 Mbit/s
 
+    /// Paces on measurement `rate` at `now` and runs through the drain.
+    fn pacing_after_drain(pace: &mut AutoPace, now: Instant) -> Instant {
+        pace.interactive(now);
+        assert!(pace.bucket(now, true).is_some());
+        let later = now + DRAIN;
+        pace.interactive(later);
+        assert!(pace.bucket(later, true).is_some());
+        later
+    }
+
     #[test]
     fn bulk_alone_or_a_fast_path_is_never_paced() {
         let now = Instant::now();
         let mut pace = AutoPace::default();
-        pace.measured(now, RATE);
+        pace.measured(RATE);
         assert!(pace.bucket(now, true).is_none(), "no interactive data yet");
         pace.interactive(now);
         assert!(pace.bucket(now, false).is_none(), "a fast path");
@@ -168,57 +220,56 @@ mod tests {
     }
 
     #[test]
-    fn interactive_data_on_a_slow_path_paces_below_the_measured_rate_and_measures_again() {
+    fn pacing_drains_the_queue_first_then_paces_below_the_rate_and_measures_again() {
         let start = Instant::now();
         let mut pace = AutoPace::default();
-        pace.measured(start, RATE);
+        pace.measured(RATE);
         pace.interactive(start);
         assert!(pace.bucket(start, true).is_some());
+        assert_eq!(pace.pace(), Some((RATE * DRAIN_SHARE) as u64));
+        let cruising = pacing_after_drain(&mut pace, start);
         assert_eq!(pace.pace(), Some((RATE * SHARE) as u64));
-        // Paced writes that drain as fast as asked say nothing new.
-        pace.measured(start, RATE * 10.0);
+        // Rates measured while paced say nothing about the path.
+        pace.measured(RATE * 10.0);
+        pace.paced_stretch(cruising, 0.1);
         assert_eq!(pace.pace(), Some((RATE * SHARE) as u64));
         // After the cruise: a measurement, unpaced, for PROBE.
         let mut now = start + CRUISE;
         pace.interactive(now);
         assert!(pace.bucket(now, true).is_none());
-        pace.measured(now, RATE * 2.0);
+        pace.measured(RATE * 2.0);
         now += PROBE;
-        pace.interactive(now);
-        assert!(pace.bucket(now, true).is_some());
+        pacing_after_drain(&mut pace, now);
         assert_eq!(pace.pace(), Some((RATE * 2.0 * SHARE) as u64));
     }
 
     #[test]
-    fn one_low_measurement_does_not_set_the_pace() {
+    fn one_low_or_one_high_measurement_does_not_set_the_pace() {
         let now = Instant::now();
         let mut pace = AutoPace::default();
-        pace.measured(now, RATE);
-        pace.measured(now, RATE / 10.0);
-        pace.interactive(now);
-        assert!(pace.bucket(now, true).is_some());
+        for rate in [RATE, RATE / 10.0, RATE * 2.0, RATE] {
+            pace.measured(rate);
+        }
+        pacing_after_drain(&mut pace, now);
         assert_eq!(pace.pace(), Some((RATE * SHARE) as u64));
     }
 
     #[test]
-    fn a_path_that_keeps_draining_slower_than_the_pace_is_measured_again() {
+    fn a_path_that_keeps_holding_the_paced_writer_is_measured_again() {
         let now = Instant::now();
         let mut pace = AutoPace::default();
-        pace.measured(now, RATE);
-        pace.interactive(now);
-        assert!(pace.bucket(now, true).is_some());
-        // Once could be a stall of this machine: the pace stays.
-        pace.measured(now, RATE / 2.0);
-        pace.measured(now, RATE);
-        pace.measured(now, RATE / 2.0);
+        pace.measured(RATE);
+        let now = pacing_after_drain(&mut pace, now);
+        // Once could be a burst of other traffic: the pace stays.
+        pace.paced_stretch(now, 0.9);
+        pace.paced_stretch(now, 0.1);
+        pace.paced_stretch(now, 0.9);
         assert_eq!(pace.pace(), Some((RATE * SHARE) as u64));
         // Twice in a row: measured again, unpaced, and paced to that.
-        pace.measured(now, RATE / 2.0);
+        pace.paced_stretch(now, 0.9);
         assert!(pace.bucket(now, true).is_none());
-        pace.measured(now, RATE / 2.0);
-        let later = now + PROBE;
-        pace.interactive(later);
-        assert!(pace.bucket(later, true).is_some());
+        pace.measured(RATE / 2.0);
+        pacing_after_drain(&mut pace, now + PROBE);
         assert_eq!(pace.pace(), Some((RATE / 2.0 * SHARE) as u64));
     }
 }

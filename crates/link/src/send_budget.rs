@@ -30,6 +30,9 @@ const BATCH_TIME: Duration = Duration::from_millis(4);
 /// on a fast one writes take no time and the rate comes out huge.
 const MEASURE_TIME: Duration = Duration::from_millis(50);
 const MEASURE_BYTES: usize = 8 << 20;
+/// While paced without a configured rate: how long a stretch of writing
+/// is looked at for whether the path or the pace held the writer.
+const PACED_STRETCH: Duration = Duration::from_millis(100);
 /// A paced writer may send this much of its rate at once.
 const PACE_BURST: Duration = Duration::from_millis(4);
 
@@ -43,6 +46,10 @@ pub struct SendBudget {
     /// Bytes and write time since the last measurement.
     measured_bytes: usize,
     measured_time: Duration,
+    /// When the current measurement began, and whether it is of paced
+    /// writing without a configured rate (see [`SendBudget::wrote`]).
+    measure_started: Option<Instant>,
+    measuring_auto_paced: bool,
 }
 
 impl SendBudget {
@@ -58,6 +65,8 @@ impl SendBudget {
             batch: MAX_BATCH,
             measured_bytes: 0,
             measured_time: Duration::ZERO,
+            measure_started: None,
+            measuring_auto_paced: false,
         };
         if let Some(rate) = pace {
             budget.batch = batch_for_rate(rate as f64);
@@ -123,13 +132,37 @@ impl SendBudget {
     }
 
     /// Records that `bytes` were handed to the transport at `now`, the
-    /// write having taken `elapsed`.
+    /// write having taken `elapsed` (waiting for the kernel included,
+    /// waiting for the pacer not).
     pub fn wrote(&mut self, now: Instant, bytes: usize, elapsed: Duration) {
         if let Some(pacer) = self.active_pacer(now) {
             pacer.consume(now, bytes);
         }
+        let auto_pacing = self.pacer.is_none() && self.auto.pace().is_some();
+        if self.measuring_auto_paced != auto_pacing {
+            // What was measured before says nothing about this stretch.
+            self.measuring_auto_paced = auto_pacing;
+            self.measured_bytes = 0;
+            self.measured_time = Duration::ZERO;
+            self.measure_started = None;
+        }
+        let started = *self
+            .measure_started
+            .get_or_insert(now.checked_sub(elapsed).unwrap_or(now));
         self.measured_bytes += bytes;
         self.measured_time += elapsed;
+        if auto_pacing {
+            // Paced below the path's rate, writes do not wait for the
+            // kernel; the share of the time they did says whether the
+            // path still drains faster than the pace.
+            let wall = now.saturating_duration_since(started);
+            if wall >= PACED_STRETCH {
+                let waiting = self.measured_time.as_secs_f64() / wall.as_secs_f64();
+                self.auto.paced_stretch(now, waiting);
+                self.reset_measurement();
+            }
+            return;
+        }
         if self.measured_time < MEASURE_TIME && self.measured_bytes < MEASURE_BYTES {
             return;
         }
@@ -137,17 +170,22 @@ impl SendBudget {
         let pace = match &self.pacer {
             Some(pacer) => Some(pacer.rate()),
             None => {
-                match self.auto.pace().is_none() && batch_for_rate(rate) == MAX_BATCH {
+                match batch_for_rate(rate) == MAX_BATCH {
                     true => self.auto.fast_path(),
-                    false => self.auto.measured(now, rate),
+                    false => self.auto.measured(rate),
                 }
                 self.auto.pace()
             }
         };
         let ceiling = pace.map_or(MAX_BATCH, |rate| batch_for_rate(rate as f64));
         self.batch = batch_for_rate(rate).min(ceiling);
+        self.reset_measurement();
+    }
+
+    fn reset_measurement(&mut self) {
         self.measured_bytes = 0;
         self.measured_time = Duration::ZERO;
+        self.measure_started = None;
     }
 }
 

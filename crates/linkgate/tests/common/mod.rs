@@ -8,6 +8,7 @@ pub mod pair;
 pub mod proxies;
 pub mod relay;
 pub mod servers;
+pub mod shaper;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
