@@ -136,11 +136,17 @@ pub struct SessionStats {
     pub wire_received: u64,
     /// Fresh key exchanges completed since the link came up.
     pub key_exchanges: u64,
+    /// Without a configured pace: the rate, in bytes per second, the link
+    /// paces itself to right now (interactive streams beside bulk on a path
+    /// slower than the writer), `None` while it does not.
+    pub auto_pace: Option<u64>,
     /// Datagrams that arrived and were dropped because whoever takes them
     /// fell behind (see [`Session::take_datagrams`]).
     pub datagrams_dropped: u64,
 }
 
+/// How long after its last paced write a writer still counts as paced.
+const AUTO_PACE_SHOWN_FOR: Duration = Duration::from_secs(1);
 /// Bytes read from the transport at a time.
 const READ_CHUNK: usize = 256 * 1024;
 /// What the writer task needs besides the session.
@@ -242,6 +248,9 @@ struct Shared {
     timer_wake: Notify,
     end: watch::Sender<Option<LinkEnd>>,
     wire_sent: AtomicU64,
+    /// See [`SessionStats::auto_pace`]: the writer's automatic pace and
+    /// when it last wrote with it (an idle writer paces nothing).
+    auto_pace: Mutex<Option<(u64, std::time::Instant)>>,
     wire_received: AtomicU64,
     /// Datagrams received, for whoever took the receiver.
     datagrams: mpsc::Sender<Datagram>,
@@ -519,6 +528,7 @@ impl Session {
             authenticated: watch::channel(false).0,
             end,
             wire_sent: AtomicU64::new(0),
+            auto_pace: Mutex::new(None),
             wire_received: AtomicU64::new(0),
             datagrams: datagrams_tx,
             datagrams_rx: Mutex::new(Some(datagrams_rx)),
@@ -665,9 +675,22 @@ impl Session {
             mux: state.mux.stats(),
             key_exchanges: state.kex.as_ref().map_or(0, |kex| kex.chain.completed()),
             wire_sent: self.shared.wire_sent.load(Ordering::Relaxed),
+            auto_pace: self.current_auto_pace(),
             wire_received: self.shared.wire_received.load(Ordering::Relaxed),
             datagrams_dropped: self.shared.datagrams_dropped.load(Ordering::Relaxed),
         }
+    }
+
+    /// The writer's automatic pace, if it wrote with one lately.
+    fn current_auto_pace(&self) -> Option<u64> {
+        let paced = *self
+            .shared
+            .auto_pace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        paced
+            .filter(|(_, at)| at.elapsed() < AUTO_PACE_SHOWN_FOR)
+            .map(|(rate, _)| rate)
     }
 }
 
@@ -810,6 +833,8 @@ async fn run_writer(
             tokio::time::timeout(write_timeout, write_out(&mut transport, &mut out, gate)).await;
         let now = Instant::now();
         budget.wrote(now.into_std(), batch_len, now - write_started);
+        *shared.auto_pace.lock().unwrap_or_else(|p| p.into_inner()) =
+            budget.auto_pace().map(|rate| (rate, now.into_std()));
         if let Some(socket) = &unsent_limit {
             let limit = budget.unsent_limit();
             if limit != unsent_limit_set {

@@ -193,6 +193,11 @@ fn status(admin: &str, user: Option<&str>) -> ExitCode {
                 if let Some(rtt) = l.rtt_ms {
                     line.push_str(&format!(" rtt {rtt:.2}ms"));
                 }
+                if let Some(rate) = &l.bandwidth {
+                    line.push_str(&format!(" paced {rate}"));
+                } else if let Some(rate) = l.auto_pace_bytes_per_second {
+                    line.push_str(&format!(" paced auto {:.1}Mbit/s", rate as f64 * 8.0 / 1e6));
+                }
                 if l.state != "up" {
                     if let Some(end) = &l.last_end {
                         line.push_str(&format!(" ({end})"));

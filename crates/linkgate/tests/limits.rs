@@ -293,7 +293,7 @@ fn bulk_and_echo_pair(
     wan: impl Fn(SocketAddr) -> SocketAddr,
 ) -> (RunningGateway, RunningGateway) {
     let hub = RunningGateway::start(&format!(
-        "[gateway]\nname = \"hub\"\nlog = \"json\"\nshutdown_grace = \"1s\"\n\n\
+        "[gateway]\nname = \"hub\"\nlog = \"json\"\nshutdown_grace = \"1s\"\nadmin = \"127.0.0.1:0\"\n\n\
          [link]\nlisten = \"127.0.0.1:0\"\n\n\
          [[peer]]\nname = \"spoke\"\npassword = \"{}\"\n{hub_peer}\n\n\
          [[service]]\nname = \"bulk\"\ntype = \"mapping\"\nlisten = \"link\"\ntarget = \"{origin}\"\nallow = \"peer:spoke\"\n\n\
@@ -365,8 +365,21 @@ fn a_link_on_a_narrow_wan_paces_itself_so_a_keystroke_skips_the_modems_queue() {
     let (_dir, origin, sha) = served_file("bulk.bin", 10_000_000);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let echo = runtime.block_on(common::servers::echo_server());
-    let (_hub, spoke) = bulk_and_echo_pair(origin.addr, echo, "", |hub| {
+    let (hub, spoke) = bulk_and_echo_pair(origin.addr, echo, "", |hub| {
         runtime.block_on(common::shaper::start(hub, WAN_RATE, 256 * 1024))
+    });
+    // Mid-download, the operator sees the pace the hub chose.
+    let admin = admin_of(&hub);
+    let console = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(2000));
+        let status = Command::new("curl")
+            .args(["-s", &format!("http://{admin}/api/status")])
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        let (code, cli, err) = run_cli(&["status", "--admin", &admin], "");
+        assert_eq!(code, 0, "{err}");
+        (status, cli)
     });
     let (rate, p95) = download_beside_echo(
         &spoke,
@@ -383,6 +396,21 @@ fn a_link_on_a_narrow_wan_paces_itself_so_a_keystroke_skips_the_modems_queue() {
     assert!(
         p95 < Duration::from_millis(50),
         "echo p95 {p95:?} behind the download on the narrow WAN"
+    );
+    let (status, cli) = console.join().unwrap();
+    let pace = status["links"][0]["auto_pace_bytes_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no automatic pace shown: {status}"));
+    assert!(
+        pace > WAN_RATE * 0.3 && pace < WAN_RATE * 1.1,
+        "shown pace {:.2} MB/s on a {:.2} MB/s WAN",
+        pace / MB,
+        WAN_RATE / MB
+    );
+    assert!(
+        cli.lines()
+            .any(|l| l.starts_with("link spoke") && l.contains(" paced auto ")),
+        "{cli}"
     );
 }
 

@@ -194,6 +194,11 @@ pub struct LinkStatus {
     /// The same in bytes per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_bytes_per_second: Option<u64>,
+    /// Without `bandwidth`: the rate, in bytes per second, the link paces
+    /// itself to right now (a slow path carrying interactive streams beside
+    /// bulk ones), absent while it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pace_bytes_per_second: Option<u64>,
 }
 
 impl AdminState {
@@ -251,6 +256,7 @@ impl AdminState {
                         + stats.as_ref().map_or(0, |s| s.wire_received),
                     bandwidth: peer.bandwidth.map(|b| b.to_string()),
                     bandwidth_bytes_per_second: peer.bandwidth.map(|b| b.bytes_per_second),
+                    auto_pace_bytes_per_second: stats.as_ref().and_then(|s| s.auto_pace),
                     peer: peer.name.clone(),
                     role: if peer.dials { "dials" } else { "accepts" }.into(),
                     state: if info.is_some() { "up" } else { "down" }.into(),

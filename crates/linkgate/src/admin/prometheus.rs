@@ -143,6 +143,19 @@ pub fn render(status: &Status) -> String {
             );
         }
     }
+    out.push_str("# HELP linkgate_link_auto_pace_bytes_per_second The rate a link without `bandwidth` paces itself to (0: unpaced).\n# TYPE linkgate_link_auto_pace_bytes_per_second gauge\n");
+    for l in status
+        .links
+        .iter()
+        .filter(|l| l.state == "up" && l.bandwidth.is_none())
+    {
+        let _ = writeln!(
+            out,
+            "linkgate_link_auto_pace_bytes_per_second{{peer=\"{}\"}} {}",
+            l.peer,
+            l.auto_pace_bytes_per_second.unwrap_or(0)
+        );
+    }
     out.push_str("# HELP linkgate_link_up Whether the link to a peer is up.\n# TYPE linkgate_link_up gauge\n");
     for l in &status.links {
         let _ = writeln!(
