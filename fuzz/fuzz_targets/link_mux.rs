@@ -94,9 +94,15 @@ fuzz_target!(|data: &[u8]| {
             }
             6 => {
                 let mut out = Vec::new();
-                for _ in 0..(rest.first().copied().unwrap_or(1) % 16) {
+                let pick = rest.first().copied().unwrap_or(1);
+                for _ in 0..(pick % 16) {
                     out.clear();
-                    if !mux.poll_transmit(now, &mut out) {
+                    // A paced writer's turn, or a keystroke ahead of it.
+                    let sent = match pick & 0x80 == 0x80 {
+                        true => mux.poll_transmit_urgent(now, &mut out),
+                        false => mux.poll_transmit(now, &mut out),
+                    };
+                    if !sent {
                         local_controls = 0;
                         break;
                     }

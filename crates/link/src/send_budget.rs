@@ -182,6 +182,16 @@ impl SendBudget {
         self.reset_measurement();
     }
 
+    /// Records that `bytes` of urgent frames (see
+    /// [`crate::mux::Mux::poll_transmit_urgent`]) went out at `now` ahead
+    /// of the pace: the pacer is paid for them (bulk waits that much
+    /// longer), the drain-rate measurement does not see them.
+    pub fn wrote_urgent(&mut self, now: Instant, bytes: usize) {
+        if let Some(pacer) = self.active_pacer(now) {
+            pacer.consume(now, bytes);
+        }
+    }
+
     fn reset_measurement(&mut self) {
         self.measured_bytes = 0;
         self.measured_time = Duration::ZERO;

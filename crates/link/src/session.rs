@@ -145,6 +145,9 @@ pub struct SessionStats {
     pub datagrams_dropped: u64,
 }
 
+/// The most a paced writer sends ahead of its pace at once (see
+/// [`Mux::poll_transmit_urgent`]).
+const URGENT_BATCH: usize = 16 * 1024;
 /// How long after its last paced write a writer still counts as paced.
 const AUTO_PACE_SHOWN_FOR: Duration = Duration::from_secs(1);
 /// Bytes read from the transport at a time.
@@ -755,11 +758,17 @@ async fn run_writer(
     let mut budget = SendBudget::new(pace, Instant::now().into_std());
     let mut unsent_limit_set = 0;
     loop {
-        let allowance = match budget.allowance(Instant::now().into_std()) {
-            Ok(bytes) => bytes,
+        // While the pace holds bulk data back, a keystroke or a control
+        // frame that becomes due goes at once (paid for from the pace),
+        // rather than waiting out the pacer's turn: on a narrow WAN that
+        // turn is several milliseconds of every round trip.
+        let (allowance, urgent_only) = match budget.allowance(Instant::now().into_std()) {
+            Ok(bytes) => (bytes, false),
             Err(next) => {
-                tokio::time::sleep_until(Instant::from_std(next)).await;
-                continue;
+                tokio::select! {
+                    () = tokio::time::sleep_until(Instant::from_std(next)) => continue,
+                    () = shared.writer_wake.notified() => (URGENT_BATCH, true),
+                }
             }
         };
         // On a slower path the batch is put together only once the kernel
@@ -767,7 +776,11 @@ async fn run_writer(
         // is then scheduled into it ahead of bulk data, instead of waiting
         // behind a bulk batch sealed earlier.
         let batch_started = Instant::now();
-        if let Some(gate) = unsent_limit.as_ref().zip(budget.unsent_gate()) {
+        if let Some(gate) = unsent_limit
+            .as_ref()
+            .zip(budget.unsent_gate())
+            .filter(|_| !urgent_only)
+        {
             if tokio::time::timeout(write_timeout, below_unsent_limit(gate))
                 .await
                 .is_err()
@@ -785,7 +798,11 @@ async fn run_writer(
             while out.len() < allowance {
                 let start = out.len();
                 out.extend_from_slice(&[0, 0]);
-                if !state.mux.poll_transmit(now, &mut out) {
+                let composed = match urgent_only {
+                    true => state.mux.poll_transmit_urgent(now, &mut out),
+                    false => state.mux.poll_transmit(now, &mut out),
+                };
+                if !composed {
                     out.truncate(start);
                     break;
                 }
@@ -811,6 +828,9 @@ async fn run_writer(
             (state.mux.close_sent(), state.ended)
         };
         if out.is_empty() {
+            if urgent_only {
+                continue;
+            }
             if close_sent || ended {
                 let _ = tokio::time::timeout(write_timeout, transport.shutdown()).await;
                 return Ok(());
@@ -828,11 +848,17 @@ async fn run_writer(
         // Waiting for the kernel before the batch was put together is part
         // of what writing it took: the path's rate is measured from both.
         let write_started = batch_started;
-        let gate = unsent_limit.as_ref().zip(budget.unsent_gate());
+        let gate = unsent_limit
+            .as_ref()
+            .zip(budget.unsent_gate())
+            .filter(|_| !urgent_only);
         let result =
             tokio::time::timeout(write_timeout, write_out(&mut transport, &mut out, gate)).await;
         let now = Instant::now();
-        budget.wrote(now.into_std(), batch_len, now - write_started);
+        match urgent_only {
+            true => budget.wrote_urgent(now.into_std(), batch_len),
+            false => budget.wrote(now.into_std(), batch_len, now - write_started),
+        }
         *shared.auto_pace.lock().unwrap_or_else(|p| p.into_inner()) =
             budget.auto_pace().map(|rate| (rate, now.into_std()));
         if let Some(socket) = &unsent_limit {

@@ -355,6 +355,28 @@ fn a_paced_link_sends_at_its_bandwidth_and_a_keystroke_still_goes_first() {
     );
 }
 
+/// A slow pace sends a batch every ~65 ms (16 KiB at 2 Mbit/s); a
+/// keystroke that waited for the pacer's next turn would take half that
+/// on average. It goes at once, paid for from the pace.
+#[test]
+fn a_keystroke_on_a_slowly_paced_link_does_not_wait_for_the_pacers_turn() {
+    let (_dir, origin, sha) = served_file("bulk.bin", 800_000);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let echo = runtime.block_on(common::servers::echo_server());
+    let (_hub, spoke) = bulk_and_echo_pair(origin.addr, echo, "bandwidth = \"2Mbit/s\"", |hub| hub);
+    let (rate, p95) = download_beside_echo(
+        &spoke,
+        &sha,
+        Duration::from_millis(300),
+        Duration::from_millis(1500),
+    );
+    assert_near(rate, 0.25 * MB, "slowly paced link");
+    assert!(
+        p95 < Duration::from_millis(20),
+        "echo p95 {p95:?} waited for the pace"
+    );
+}
+
 /// Without `bandwidth`, on a path that drains at 20 Mbit/s through a
 /// modem-like FIFO of about 100 ms, the link paces itself once an echo
 /// runs beside the download: the echo waits for the link's scheduler, not

@@ -979,6 +979,36 @@ impl Mux {
     /// Encodes the next frame to send into `out` (the plaintext of one
     /// record); false when there is nothing to send now.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
+        if self.transmit_control(now, out) {
+            return true;
+        }
+        if self.close_sent {
+            return false;
+        }
+        // Datagrams never wait behind stream data; when both are waiting
+        // they take turns, so neither starves the other.
+        let streams_waiting = !self.new_flows.is_empty() || !self.old_flows.is_empty();
+        if (!self.datagram_turn || !streams_waiting) && self.transmit_datagram(out) {
+            return true;
+        }
+        if self.transmit_data(out, false) {
+            self.datagram_turn = false;
+            return true;
+        }
+        self.transmit_datagram(out)
+    }
+
+    /// Like [`Mux::poll_transmit`], but only a frame that should not wait
+    /// for a paced writer's next turn: control, key exchange, keepalive and
+    /// window frames, and a sparse stream's data (a keystroke, a request:
+    /// a stream on the new-flows list, at most one quantum before it counts
+    /// as bulk). Bulk data and datagrams wait for the pace.
+    pub fn poll_transmit_urgent(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
+        self.transmit_control(now, out) || (!self.close_sent && self.transmit_data(out, true))
+    }
+
+    /// Encodes the next control frame, if one is due.
+    fn transmit_control(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
         if self.close_sent {
             return false;
         }
@@ -1046,17 +1076,7 @@ impl Mux {
                 }
             }
         }
-        // Datagrams never wait behind stream data; when both are waiting
-        // they take turns, so neither starves the other.
-        let streams_waiting = !self.new_flows.is_empty() || !self.old_flows.is_empty();
-        if (!self.datagram_turn || !streams_waiting) && self.transmit_datagram(out) {
-            return true;
-        }
-        if self.transmit_data(out) {
-            self.datagram_turn = false;
-            return true;
-        }
-        self.transmit_datagram(out)
+        false
     }
 
     /// Whether, since the last call, a sparse stream's data (one that had
@@ -1067,14 +1087,15 @@ impl Mux {
         std::mem::take(&mut self.sparse_beside_bulk)
     }
 
-    /// Deficit round robin: new flows first, then old ones.
-    fn transmit_data(&mut self, out: &mut Vec<u8>) -> bool {
+    /// Deficit round robin: new flows first, then old ones (unless
+    /// `new_only`).
+    fn transmit_data(&mut self, out: &mut Vec<u8>, new_only: bool) -> bool {
         let send_queue = self.send_cap();
         loop {
             let (id, list) = match (self.new_flows.front(), self.old_flows.front()) {
                 (Some(&id), _) => (id, List::New),
-                (None, Some(&id)) => (id, List::Old),
-                (None, None) => return false,
+                (None, Some(&id)) if !new_only => (id, List::Old),
+                _ => return false,
             };
             macro_rules! pop {
                 () => {

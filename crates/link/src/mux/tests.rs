@@ -494,3 +494,30 @@ proptest! {
         }
     }
 }
+
+/// What a paced writer sends ahead of its pace: a keystroke, never bulk.
+#[test]
+fn only_a_sparse_streams_data_is_urgent() {
+    let now = Instant::now();
+    let (mut a, bulk, keys) = bulk_and_keys(now);
+    assert_eq!(
+        a.write(bulk, &[7; 128 * 1024]),
+        WriteState::Queued(128 * 1024)
+    );
+    let mut out = Vec::new();
+    // The bulk stream uses up its first quantum and counts as bulk...
+    while out.len() < 32 * 1024 && a.poll_transmit(now, &mut out) {}
+    out.clear();
+    assert!(
+        !a.poll_transmit_urgent(now, &mut out),
+        "bulk went ahead of the pace"
+    );
+    // ...while a keystroke is urgent, once, and bulk is still not.
+    assert_eq!(a.write(keys, b"x"), WriteState::Queued(1));
+    assert!(a.poll_transmit_urgent(now, &mut out));
+    assert_eq!(data_stream(&out), Some(keys));
+    out.clear();
+    assert!(!a.poll_transmit_urgent(now, &mut out));
+    assert!(a.poll_transmit(now, &mut out));
+    assert_eq!(data_stream(&out), Some(bulk));
+}
