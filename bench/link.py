@@ -11,7 +11,7 @@ accept, through each tunnel: a new stream on an established link (linkgate),
 a new TLS connection (stunnel), a new channel on an established SSH
 connection (ssh -L). Sequential connections; median and p99.
 
-Usage: python3 bench/link.py [--rounds 3] [--seconds 5] [--setups 300]
+Usage: python3 bench/link.py [--rounds 3] [--seconds 5] [--setups 300] [--also-threads N]
 Needs: iperf3, stunnel4, openssh-server, openssl (Debian packages) and a
 release build (cargo build --release). Runs sshd on a loopback port with
 keys made for the run, as root.
@@ -215,6 +215,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--setups", type=int, default=300)
+    parser.add_argument("--also-threads", type=int, default=0,
+                        help="also run a linkgate pair with `threads = N` in [gateway] (default worker "
+                             "count: one per CPU)")
     args = parser.parse_args()
     require_release_build()
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,6 +230,10 @@ def main():
             wait_port(iperf_port)
             for start in (start_linkgate, start_stunnel, start_ssh):
                 tunnels.append(start(tmp, iperf_port, greet_port))
+            if args.also_threads:
+                name = f"linkgate threads={args.also_threads}"
+                tunnels.append(start_linkgate(tmp, iperf_port, greet_port, name=name,
+                                              gateway_extra=f"threads = {args.also_threads}"))
             results = {t.name: [] for t in tunnels}
             print(f"throughput: iperf3 single stream, {args.seconds}s x {args.rounds} rounds, alternating order")
             for rnd in range(args.rounds):
