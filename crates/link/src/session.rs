@@ -776,11 +776,12 @@ async fn run_writer(
         // is then scheduled into it ahead of bulk data, instead of waiting
         // behind a bulk batch sealed earlier.
         let batch_started = Instant::now();
-        if let Some(gate) = unsent_limit
+        // Urgent frames are few and small: they go past the gate.
+        let gate = unsent_limit
             .as_ref()
             .zip(budget.unsent_gate())
-            .filter(|_| !urgent_only)
-        {
+            .filter(|_| !urgent_only);
+        if let Some(gate) = gate {
             if tokio::time::timeout(write_timeout, below_unsent_limit(gate))
                 .await
                 .is_err()
@@ -848,10 +849,6 @@ async fn run_writer(
         // Waiting for the kernel before the batch was put together is part
         // of what writing it took: the path's rate is measured from both.
         let write_started = batch_started;
-        let gate = unsent_limit
-            .as_ref()
-            .zip(budget.unsent_gate())
-            .filter(|_| !urgent_only);
         let result =
             tokio::time::timeout(write_timeout, write_out(&mut transport, &mut out, gate)).await;
         let now = Instant::now();

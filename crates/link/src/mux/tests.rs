@@ -114,8 +114,9 @@ fn data_and_half_close_cross_both_ways() {
     assert!(drain(&mut a, now).is_empty(), "a clean end sends no reset");
 }
 
-/// A dialer with two accepted streams, "bulk" and "keys".
-fn bulk_and_keys(now: Instant) -> (Mux, u32, u32) {
+/// A dialer with two accepted streams, "bulk" (128 KiB queued to send)
+/// and "keys" (nothing yet).
+fn bulk_backlog_and_keys(now: Instant) -> (Mux, u32, u32) {
     let mut a = Mux::new(Role::Dialer, config(), now);
     let mut b = Mux::new(Role::Acceptor, config(), now);
     let bulk = a.open("bulk").unwrap();
@@ -124,17 +125,17 @@ fn bulk_and_keys(now: Instant) -> (Mux, u32, u32) {
     b.accept(bulk);
     b.accept(keys);
     pump(&mut a, &mut b, now);
+    assert_eq!(
+        a.write(bulk, &[7; 128 * 1024]),
+        WriteState::Queued(128 * 1024)
+    );
     (a, bulk, keys)
 }
 
 #[test]
 fn a_sparse_stream_is_sent_before_a_backlogged_one() {
     let now = Instant::now();
-    let (mut a, bulk, keys) = bulk_and_keys(now);
-    assert_eq!(
-        a.write(bulk, &[7; 128 * 1024]),
-        WriteState::Queued(128 * 1024)
-    );
+    let (mut a, bulk, keys) = bulk_backlog_and_keys(now);
     // The bulk stream gets going...
     let mut out = Vec::new();
     assert!(a.poll_transmit(now, &mut out));
@@ -151,12 +152,8 @@ fn a_sparse_stream_is_sent_before_a_backlogged_one() {
 #[test]
 fn sparse_data_beside_bulk_is_told_and_bulk_alone_is_not() {
     let now = Instant::now();
-    let (mut a, bulk, keys) = bulk_and_keys(now);
+    let (mut a, bulk, keys) = bulk_backlog_and_keys(now);
     let _ = a.take_sparse_beside_bulk();
-    assert_eq!(
-        a.write(bulk, &[7; 128 * 1024]),
-        WriteState::Queued(128 * 1024)
-    );
     // Small records: the fifth is from the bulk list, with credit left.
     a.set_frame_limit(4096);
     let mut out = Vec::new();
@@ -499,11 +496,7 @@ proptest! {
 #[test]
 fn only_a_sparse_streams_data_is_urgent() {
     let now = Instant::now();
-    let (mut a, bulk, keys) = bulk_and_keys(now);
-    assert_eq!(
-        a.write(bulk, &[7; 128 * 1024]),
-        WriteState::Queued(128 * 1024)
-    );
+    let (mut a, bulk, keys) = bulk_backlog_and_keys(now);
     let mut out = Vec::new();
     // The bulk stream uses up its first quantum and counts as bulk...
     while out.len() < 32 * 1024 && a.poll_transmit(now, &mut out) {}
