@@ -334,16 +334,27 @@ fn download_beside_echo(
     (rate, p95)
 }
 
-#[test]
-fn a_paced_link_sends_at_its_bandwidth_and_a_keystroke_still_goes_first() {
-    let (_dir, origin, sha) = served_file("bulk.bin", 3_000_000);
+/// [`download_beside_echo`] of a `size`-byte file through a link whose hub
+/// paces itself to `bandwidth`, on loopback.
+fn paced_download_beside_echo(
+    size: usize,
+    bandwidth: &str,
+    echo_after: Duration,
+    echo_span: Duration,
+) -> (f64, Duration) {
+    let (_dir, origin, sha) = served_file("bulk.bin", size);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let echo = runtime.block_on(common::servers::echo_server());
-    let (_hub, spoke) =
-        bulk_and_echo_pair(origin.addr, echo, "bandwidth = \"16Mbit/s\"", |hub| hub);
-    let (rate, p95) = download_beside_echo(
-        &spoke,
-        &sha,
+    let hub_peer = format!("bandwidth = \"{bandwidth}\"");
+    let (_hub, spoke) = bulk_and_echo_pair(origin.addr, echo, &hub_peer, |hub| hub);
+    download_beside_echo(&spoke, &sha, echo_after, echo_span)
+}
+
+#[test]
+fn a_paced_link_sends_at_its_bandwidth_and_a_keystroke_still_goes_first() {
+    let (rate, p95) = paced_download_beside_echo(
+        3_000_000,
+        "16Mbit/s",
         Duration::from_millis(200),
         Duration::from_millis(1000),
     );
@@ -360,13 +371,9 @@ fn a_paced_link_sends_at_its_bandwidth_and_a_keystroke_still_goes_first() {
 /// on average. It goes at once, paid for from the pace.
 #[test]
 fn a_keystroke_on_a_slowly_paced_link_does_not_wait_for_the_pacers_turn() {
-    let (_dir, origin, sha) = served_file("bulk.bin", 800_000);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let echo = runtime.block_on(common::servers::echo_server());
-    let (_hub, spoke) = bulk_and_echo_pair(origin.addr, echo, "bandwidth = \"2Mbit/s\"", |hub| hub);
-    let (rate, p95) = download_beside_echo(
-        &spoke,
-        &sha,
+    let (rate, p95) = paced_download_beside_echo(
+        800_000,
+        "2Mbit/s",
         Duration::from_millis(300),
         Duration::from_millis(1500),
     );

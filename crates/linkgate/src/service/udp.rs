@@ -90,16 +90,12 @@ struct FlowCounters {
 }
 
 impl FlowCounters {
-    /// Counts `datagrams` relayed `way` (`bytes` in all), once per batch:
+    /// Counts `datagrams` relayed `way`, `bytes` in all, once per batch:
     /// a clock read and a handful of shared counters per datagram are a
     /// measurable share of a relay's time at the peak.
-    fn count(&self, way: Way, datagrams: &[&[u8]], started: Instant) {
-        if datagrams.is_empty() {
-            return;
-        }
-        let bytes: usize = datagrams.iter().map(|d| d.len()).sum();
+    fn count(&self, way: Way, datagrams: usize, bytes: usize, started: Instant) {
         self.bytes[way as usize].fetch_add(bytes as u64, Ordering::Relaxed);
-        self.datagrams[way as usize].fetch_add(datagrams.len() as u64, Ordering::Relaxed);
+        self.datagrams[way as usize].fetch_add(datagrams as u64, Ordering::Relaxed);
         self.last_ms
             .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -128,9 +124,13 @@ impl Flow {
     /// Counts `datagrams` relayed `way` in the flow and the console's
     /// live connection.
     fn count(&self, way: Way, datagrams: &[&[u8]]) {
-        self.counters.count(way, datagrams, self.started);
+        if datagrams.is_empty() {
+            return;
+        }
+        let bytes: usize = datagrams.iter().map(|d| d.len()).sum();
+        self.counters
+            .count(way, datagrams.len(), bytes, self.started);
         if let Some(live) = &self.live {
-            let bytes: usize = datagrams.iter().map(|d| d.len()).sum();
             live.add(way == Way::Up, bytes as u64);
         }
     }
