@@ -1139,10 +1139,14 @@ impl Mux {
                 }
                 return true;
             }
-            let n = stream
-                .send
-                .len()
-                .min(self.frame_limit)
+            // The queued bytes go out in records of equal size rather than
+            // full ones and a small leftover: a relay hands over 256 KiB
+            // reads, and four full records left 88 bytes that went in a
+            // write (and woke the other end's reader) of their own.
+            let queued = stream.send.len();
+            let records = queued.div_ceil(self.frame_limit);
+            let n = queued
+                .div_ceil(records)
                 .min(stream.credit.min(MAX_DATA as u64) as usize);
             out.push(crate::frame::DATA_TYPE);
             out.extend_from_slice(&id.to_be_bytes());

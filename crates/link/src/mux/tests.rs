@@ -514,3 +514,31 @@ fn only_a_sparse_streams_data_is_urgent() {
     assert!(a.poll_transmit(now, &mut out));
     assert_eq!(data_stream(&out), Some(bulk));
 }
+
+#[test]
+fn queued_data_goes_in_records_of_equal_size_without_a_small_leftover() {
+    let now = Instant::now();
+    let roomy = MuxConfig {
+        window: 1024 * 1024,
+        send_queue: 1024 * 1024,
+        ..config()
+    };
+    let mut a = Mux::new(Role::Dialer, roomy.clone(), now);
+    let mut b = Mux::new(Role::Acceptor, roomy, now);
+    let id = a.open("bulk").unwrap();
+    pump(&mut a, &mut b, now);
+    b.accept(id);
+    pump(&mut a, &mut b, now);
+    // A relay's 256 KiB read: four full records would leave 88 bytes over.
+    let read = 256 * 1024;
+    assert_eq!(a.write(id, &vec![7; read]), WriteState::Queued(read));
+    let sizes: Vec<usize> = drain(&mut a, now)
+        .iter()
+        .filter(|frame| data_stream(frame) == Some(id))
+        .map(|frame| frame.len() - crate::frame::DATA_HEADER)
+        .collect();
+    assert_eq!(sizes.len(), read.div_ceil(MAX_DATA), "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), read);
+    let (smallest, largest) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+    assert!(largest - smallest <= 1, "{sizes:?}");
+}
