@@ -14,7 +14,13 @@ The load is bench/loadgen (`udp`): FLOWS client sockets, 64-byte datagrams.
 Max rate: at most 32 datagrams in flight per flow. Loss: a fixed offered
 rate (80% of nginx's max by default). Latency: 1,000 datagrams/s, p50/p99.
 
-Usage: python3 bench/udp.py [--seconds 3] [--flows 8] [--size 64]
+CPU placement (default, --no-pin to turn off), as in bench/socks.py: the
+relay under test (both ends of a link pair) runs on CPU 0, the load
+generator and the echo server on CPU 1 (taskset), so no relay competes with
+the load for its core; each keeps its default settings (nginx one worker,
+linkgate a worker pool sized from its CPU affinity: one).
+
+Usage: python3 bench/udp.py [--seconds 3] [--flows 8] [--size 64] [--rounds 1] [--no-pin]
 Needs: cargo build --release -p linkgate -p linkgate-loadgen; nginx with
 libnginx-mod-stream; socat.
 """
@@ -29,7 +35,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import LINKGATE, LOADGEN, free_port, require_release_build  # noqa: E402
+from benchlib import (  # noqa: E402
+    LINKGATE, LOADGEN, add_pin_option, cpu_placement, free_port, require_release_build, tree_cpu_seconds,
+)
 
 PASSWORD = "udp bench password"
 
@@ -44,15 +52,22 @@ def free_udp_port():
 
 
 class Procs:
-    def __init__(self, tmp):
-        self.tmp, self.procs = tmp, []
+    """The processes of one relay under test, all started with the same
+    CPU placement prefix."""
+
+    def __init__(self, tmp, pin):
+        self.tmp, self.pin, self.procs = tmp, pin, []
 
     def start(self, name, args, env=None):
         log = open(os.path.join(self.tmp, f"{name}.log"), "w")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
+        proc = subprocess.Popen(self.pin + args, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
                                 env=dict(os.environ, **(env or {})))
         self.procs.append(proc)
         return proc
+
+    def cpu(self):
+        """CPU seconds used so far by every process of the relay."""
+        return sum(tree_cpu_seconds(proc.pid) for proc in self.procs)
 
     def stop(self):
         for proc in self.procs:
@@ -64,8 +79,12 @@ class Procs:
                 proc.kill()
 
 
+# The load's CPU placement (taskset prefix), set by main().
+LOAD_PIN = []
+
+
 def load(port, flows, seconds, rate, size):
-    out = subprocess.run([LOADGEN, "udp", f"127.0.0.1:{port}", str(flows), str(seconds), str(rate), str(size)],
+    out = subprocess.run(LOAD_PIN + [LOADGEN, "udp", f"127.0.0.1:{port}", str(flows), str(seconds), str(rate), str(size)],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
@@ -156,7 +175,11 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated relay names to run (default: all); "
                         "keep \"nginx stream\" for the default loss rate")
     parser.add_argument("--rounds", type=int, default=1, help="run the relays this many times, interleaved")
+    add_pin_option(parser)
     args = parser.parse_args()
+    global LOAD_PIN
+    relay_pin, LOAD_PIN = cpu_placement(args)
+    print("placement: " + ("relay on CPU 0, load and echo on CPU 1" if args.pin else "everything on both CPUs"))
     require_release_build(loadgen=True)
     relays = [("direct", None), ("nginx stream", nginx), ("linkgate", linkgate_local), ("socat", socat),
               ("linkgate link", linkgate_link)]
@@ -171,23 +194,29 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         echo_file = os.path.join(tmp, "echo.port")
-        echo_proc = subprocess.Popen([LOADGEN, "udpecho", echo_file])
+        echo_proc = subprocess.Popen(LOAD_PIN + [LOADGEN, "udpecho", echo_file])
         while not os.path.exists(echo_file) or not open(echo_file).read():
             time.sleep(0.05)
         echo = int(open(echo_file).read())
         try:
             for name, start in relays:
-                procs = Procs(tmp)
+                procs = Procs(tmp, relay_pin)
                 try:
                     port = echo if start is None else start(tmp, procs, echo)
                     wait_udp(port)
+                    cpu_before = procs.cpu()
                     peak = load(port, args.flows, args.seconds, 0, args.size)
+                    # The relay's CPU per datagram relayed both ways (one
+                    # round trip): what bounds its rate on a core of its own.
+                    round_trips = peak["received_per_s"] * args.seconds
+                    peak["cpu_us_per_round_trip"] = (procs.cpu() - cpu_before) * 1e6 / max(round_trips, 1)
                     latency = load(port, 1, args.seconds, 1000, args.size)
                     results.setdefault(name, [])
                     results[name].append({"port": port, "peak": peak, "latency": latency})
                     if name == "nginx stream" and not args.loss_rate:
                         args.loss_rate = 0.8 * peak["received_per_s"]
-                    print(f"{name:16s} max {peak['received_per_s']:9.0f} datagrams/s (loss {peak['loss']:.3%})  "
+                    cpu_note = f"  {peak['cpu_us_per_round_trip']:.2f} CPU us/round trip" if start else ""
+                    print(f"{name:16s} max {peak['received_per_s']:9.0f} datagrams/s (loss {peak['loss']:.3%}){cpu_note}  "
                           f"rtt at 1000/s p50 {latency['rtt_p50_ms']:.3f} p99 {latency['rtt_p99_ms']:.3f} ms",
                           flush=True)
                     if args.loss_rate:
@@ -199,7 +228,28 @@ def main():
         finally:
             echo_proc.terminate()
             echo_proc.wait()
+    summarize(results)
     print(json.dumps(results))
+
+
+def summarize(results):
+    """Medians over rounds, and each relay against nginx stream: its rate,
+    and its capacity on one core (the inverse of its CPU per round trip)."""
+    import statistics
+    medians = {}
+    for name, runs in results.items():
+        rate = statistics.median(run["peak"]["received_per_s"] for run in runs)
+        cpu = statistics.median(run["peak"]["cpu_us_per_round_trip"] for run in runs)
+        medians[name] = (rate, cpu)
+    base = medians.get("nginx stream")
+    print("\nmedians over rounds:")
+    for name, (rate, cpu) in medians.items():
+        line = f"  {name:16s} {rate:9.0f} datagrams/s"
+        if name != "direct":
+            line += f"  {cpu:.2f} CPU us/round trip"
+            if base and name != "nginx stream":
+                line += f"  vs nginx: rate {rate / base[0]:.2f}x, CPU per round trip {cpu / base[1]:.2f}x"
+        print(line)
 
 
 if __name__ == "__main__":
