@@ -14,11 +14,13 @@ The load is bench/loadgen (`udp`): FLOWS client sockets, 64-byte datagrams.
 Max rate: at most 32 datagrams in flight per flow. Loss: a fixed offered
 rate (80% of nginx's max by default). Latency: 1,000 datagrams/s, p50/p99.
 
-CPU placement (default, --no-pin to turn off), as in bench/socks.py: the
-relay under test (both ends of a link pair) runs on CPU 0, the load
-generator and the echo server on CPU 1 (taskset), so no relay competes with
-the load for its core; each keeps its default settings (nginx one worker,
-linkgate a worker pool sized from its CPU affinity: one).
+CPU placement (default, --no-pin to turn off), as in bench/socks.py: a
+local relay runs on CPU 0, the load generator and the echo server on CPU 1
+(taskset), so no relay competes with the load for its core; each keeps its
+default settings (nginx one worker, linkgate a worker pool sized from its
+CPU affinity: one). A pair of gateways across a link (linkgate, rathole)
+stands for two machines and is not pinned: on one core its two ends would
+take turns for every datagram.
 
 Usage: python3 bench/udp.py [--seconds 3] [--flows 8] [--size 64] [--rounds 1] [--no-pin]
 Needs: cargo build --release -p linkgate -p linkgate-loadgen; nginx with
@@ -78,6 +80,9 @@ class Procs:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+
+# Relays made of two gateways joined by a link: never pinned to one core.
+PAIRS = ("linkgate link", "rathole noise")
 
 # The load's CPU placement (taskset prefix), set by main().
 LOAD_PIN = []
@@ -200,7 +205,7 @@ def main():
         echo = int(open(echo_file).read())
         try:
             for name, start in relays:
-                procs = Procs(tmp, relay_pin)
+                procs = Procs(tmp, [] if name in PAIRS else relay_pin)
                 try:
                     port = echo if start is None else start(tmp, procs, echo)
                     wait_udp(port)
