@@ -882,8 +882,6 @@ async fn run_writer(
         if out.capacity() > 4 * MAX_BATCH {
             out.shrink_to(MAX_BATCH + MAX_RECORD + 2);
         }
-        // A message transport took the buffer with the batch.
-        out.reserve(MAX_BATCH + MAX_RECORD + 2);
     }
 }
 
@@ -899,7 +897,7 @@ const UNSENT_POLL: Duration = Duration::from_millis(1);
 /// due on another stream could wait behind 64 KB (26 ms at 20 Mbit/s).
 async fn write_out(
     transport: &mut WriteHalf,
-    out: &mut Vec<u8>,
+    out: &mut [u8],
     gate: Option<(&socket2::Socket, usize)>,
 ) -> io::Result<()> {
     let Some(gate @ (_, limit)) = gate else {

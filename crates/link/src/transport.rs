@@ -6,7 +6,6 @@
 use std::io;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -18,40 +17,34 @@ pub enum WriteHalf {
     /// A byte stream: the writer writes each batch of records from its own
     /// buffer.
     Bytes(Box<dyn AsyncWrite + Send + Unpin>),
-    /// A transport that sends whole messages (WebSocket): the writer hands
-    /// each batch over as it is, so it is not copied once more into a
-    /// message of its own.
+    /// A transport that frames what it sends (WebSocket): the writer hands
+    /// each batch over whole, to be framed (and masked) in place rather
+    /// than copied into a message of its own.
     Batches(Box<dyn BatchSink>),
 }
 
 /// The sending side of a message transport (see [`WriteHalf::Batches`]).
 pub trait BatchSink: Send + Unpin {
-    /// Sends `*batch` whole (taking it) and flushes; `Ready(Ok)` once the
-    /// transport took it. Called again with `None` after a `Pending` that
-    /// came after the batch was taken.
-    fn poll_send(
-        &mut self,
-        cx: &mut Context<'_>,
-        batch: &mut Option<Bytes>,
-    ) -> Poll<io::Result<()>>;
+    /// Sends `batch` whole and flushes; `Ready(Ok)` once it went. The sink
+    /// may change the bytes in place (a WebSocket client masks them);
+    /// after `Pending` it is called again with the same batch, unchanged
+    /// since, and the caller reuses the buffer only after `Ready`.
+    fn poll_send(&mut self, cx: &mut Context<'_>, batch: &mut [u8]) -> Poll<io::Result<()>>;
     /// Ends the sending side cleanly (a close message).
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 impl WriteHalf {
-    /// Writes `batch` and flushes; a message transport takes the buffer
-    /// (then `batch` is left empty, with no capacity).
-    pub async fn write_batch(&mut self, batch: &mut Vec<u8>) -> io::Result<()> {
+    /// Writes `batch` and flushes (a message transport may have changed
+    /// its bytes in place: the caller clears it afterwards).
+    pub async fn write_batch(&mut self, batch: &mut [u8]) -> io::Result<()> {
         match self {
             WriteHalf::Bytes(stream) => {
                 stream.write_all(batch).await?;
                 // TLS transports buffer; TCP's flush is free.
                 stream.flush().await
             }
-            WriteHalf::Batches(sink) => {
-                let mut message = Some(Bytes::from(std::mem::take(batch)));
-                std::future::poll_fn(|cx| sink.poll_send(cx, &mut message)).await
-            }
+            WriteHalf::Batches(sink) => std::future::poll_fn(|cx| sink.poll_send(cx, batch)).await,
         }
     }
 

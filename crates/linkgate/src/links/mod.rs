@@ -10,6 +10,7 @@ mod stream_clients;
 pub mod throttle;
 pub mod transport;
 mod websocket;
+pub mod ws_frames;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -78,7 +78,7 @@ impl Route {
         let upgrade = |stream: Stream| async move {
             tokio_tungstenite::client_async_with_config(url, stream, Some(websocket::config()))
                 .await
-                .map(|(ws, _)| Stream::Boxed(Box::new(WsBytes::new(ws))))
+                .map(|(ws, _)| Stream::Boxed(Box::new(WsBytes::client(ws))))
                 .map_err(|e| format!("WebSocket upgrade failed: {e}"))
         };
         if !tls {
@@ -179,7 +179,7 @@ impl Carrier {
         )
         .await
         .map_err(|e| format!("WebSocket upgrade failed: {e}"))?;
-        Ok(Stream::Boxed(Box::new(WsBytes::new(ws))))
+        Ok(Stream::Boxed(Box::new(WsBytes::server(ws))))
     }
 }
 
