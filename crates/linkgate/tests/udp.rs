@@ -304,6 +304,52 @@ fn datagrams_cross_the_link_whole_and_flows_stay_apart() {
     assert_eq!(hb.0, hb.1, "flow b: bytes differ");
 }
 
+/// A burst that opens a flow across the link (a client's first datagrams
+/// sent back to back, before any answer) arrives whole at the hub and is
+/// one flow there: one audit record counting every datagram.
+#[test]
+fn a_burst_that_opens_a_flow_across_the_link_arrives_whole_as_one_flow() {
+    // The hub's `dns` service (idle timeout 1 s) points at an echo server.
+    let (hub, spoke) = udp_pair(echo_server(), echo_server());
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(spoke.addr("dns")).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    const BURST: usize = 48;
+    let datagrams: Vec<Vec<u8>> = (0..BURST).map(|i| pseudo_random(200, i as u64)).collect();
+    send_as_one_buffer(&client, &datagrams);
+    let mut answers = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..BURST {
+        match client.recv(&mut buf) {
+            Ok(n) => answers.push(buf[..n].to_vec()),
+            Err(e) => panic!("{} of {BURST} answers, then: {e}", answers.len()),
+        }
+    }
+    answers.sort();
+    let mut sent = datagrams.clone();
+    sent.sort();
+    assert_eq!(answers, sent, "the burst came back changed");
+    let hub_audits = hub.wait_for_audits(1, WAIT);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(hub.audits().len(), 1, "one flow at the hub: {hub_audits:?}");
+    assert_eq!(hub_audits[0]["datagrams_up"], BURST, "{}", hub_audits[0]);
+    assert_eq!(hub_audits[0]["datagrams_down"], BURST, "{}", hub_audits[0]);
+}
+
+/// Sends equal-sized `datagrams` with one system call that the kernel cuts
+/// into them (UDP GSO): they reach the gateway at the same instant.
+fn send_as_one_buffer(socket: &UdpSocket, datagrams: &[Vec<u8>]) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let bytes = datagrams.concat();
+    let segment = datagrams[0].len() as u16;
+    let iov = [std::io::IoSlice::new(&bytes)];
+    let control = [ControlMessage::UdpGsoSegments(&segment)];
+    sendmsg::<SockaddrIn>(socket.as_raw_fd(), &iov, &control, MsgFlags::empty(), None).unwrap();
+}
+
 /// A flow outlives a link that is cut and comes back: the hub answers over
 /// the new session, the client keeps its socket.
 #[test]

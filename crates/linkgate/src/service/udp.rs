@@ -294,7 +294,7 @@ const EARLY_DATAGRAMS: usize = 64;
 /// The flows peers opened to a udp service over links, by peer and flow.
 #[derive(Default)]
 pub struct LinkFlows {
-    flows: Mutex<HashMap<(String, u32), Arc<Flow>>>,
+    flows: Mutex<HashMap<(String, u32), Slot>>,
     refused: RefusalMemory<(String, u32)>,
 }
 
@@ -395,7 +395,10 @@ fn forward(flow: &Flow, datagrams: &[&[u8]]) {
 
 /// A datagram of a flow that `peer` opened over a link to `service`:
 /// the flow is found, or admitted and set up (refusals are audited once).
-/// Answers go back over whatever session to `peer` is up when they come.
+/// Datagrams that arrive while it is being set up wait for it (up to
+/// [`EARLY_DATAGRAMS`]), as for a client of a listening socket: a burst
+/// that opens a flow is one flow, not a flow per datagram. Answers go back
+/// over whatever session to `peer` is up when they come.
 pub fn serve_link_datagram(
     service: &Arc<ServiceRuntime>,
     peer: &str,
@@ -403,20 +406,32 @@ pub fn serve_link_datagram(
     tasks: &TaskTracker,
 ) {
     let key = (peer.to_string(), datagram.flow);
-    let existing = service
+    let mut table = service
         .udp_link_flows
         .flows
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .cloned();
-    if let Some(flow) = existing {
-        return forward(&flow, &[&datagram.payload]);
+        .unwrap_or_else(|p| p.into_inner());
+    match table.get_mut(&key) {
+        Some(Slot::Ready(flow)) => {
+            let flow = flow.clone();
+            drop(table);
+            return forward(&flow, &[&datagram.payload]);
+        }
+        Some(Slot::Opening(early)) => {
+            if early.len() < EARLY_DATAGRAMS {
+                early.push(datagram.payload);
+            } else {
+                service.metrics.add_datagrams(true, 0, 1);
+            }
+            return;
+        }
+        // Refused lately: dropped unrecorded.
+        None if service.udp_link_flows.refused.seen_lately(&key) => return,
+        None => {
+            table.insert(key.clone(), Slot::Opening(vec![datagram.payload]));
+        }
     }
-    // Until the flow is set up below, its datagrams are dropped here too.
-    if service.udp_link_flows.refused.seen_lately(&key) {
-        return;
-    }
+    drop(table);
     let service = service.clone();
     let stop = service.udp_stop();
     tasks.spawn(async move {
@@ -439,16 +454,19 @@ pub fn serve_link_datagram(
             }
         };
         let Some((flow, answers, audit, admitted)) = admit_flow(&service, &id).await else {
-            return;
+            return forget();
         };
-        service
+        let early = service
             .udp_link_flows
             .flows
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), flow.clone());
+            .insert(key.clone(), Slot::Ready(flow.clone()));
         service.udp_link_flows.refused.forget(&key);
-        forward(&flow, &[&datagram.payload]);
+        if let Some(Slot::Opening(early)) = early {
+            let early: Vec<&[u8]> = early.iter().map(Vec::as_slice).collect();
+            forward(&flow, &early);
+        }
         run_flow(
             service, client, answers, flow, forget, audit, admitted, stop,
         )
