@@ -11,7 +11,15 @@ round-trip latency, through
   not on PATH: `cargo install rathole`)
 
 The load is bench/loadgen (`udp`): FLOWS client sockets, 64-byte datagrams.
-Max rate: at most 32 datagrams in flight per flow. Loss: a fixed offered
+Max rate: at most 32 datagrams in flight per flow, a flow's window refilled
+with one segmented send (UDP GSO). The load's sockets take coalesced
+datagrams (UDP GRO) and the echo answers a coalesced burst with one
+segmented send, so the load costs little per datagram and a relay's rate
+is its own. A relay that segments its own sends (linkgate) then hands the
+echo one buffer per burst, as on a NIC with UDP segmentation offload; with
+--no-gro the load's sockets take datagrams one by one, so each relay pays
+the kernel's cutting of its bursts too (and the load is the limit: read
+each relay's CPU per round trip then). Loss: a fixed offered
 rate (80% of nginx's max by default). Latency: 1,000 datagrams/s, p50/p99.
 
 CPU placement (default, --no-pin to turn off), as in bench/socks.py: a
@@ -22,7 +30,7 @@ CPU affinity: one). A pair of gateways across a link (linkgate, rathole)
 stands for two machines and is not pinned: on one core its two ends would
 take turns for every datagram.
 
-Usage: python3 bench/udp.py [--seconds 3] [--flows 8] [--size 64] [--rounds 1] [--no-pin]
+Usage: python3 bench/udp.py [--seconds 3] [--flows 8] [--size 64] [--rounds 1] [--no-pin] [--no-gro]
 Needs: cargo build --release -p linkgate -p linkgate-loadgen; nginx with
 libnginx-mod-stream; socat.
 """
@@ -180,8 +188,13 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated relay names to run (default: all); "
                         "keep \"nginx stream\" for the default loss rate")
     parser.add_argument("--rounds", type=int, default=1, help="run the relays this many times, interleaved")
+    parser.add_argument("--no-gro", action="store_true", help="the load's sockets take datagrams one by one "
+                        "(no UDP GRO), so a relay pays for cutting its segmented sends")
     add_pin_option(parser)
     args = parser.parse_args()
+    if args.no_gro:
+        # Read by bench/loadgen (udp.rs), the echo server and the load alike.
+        os.environ["LOADGEN_NO_GRO"] = "1"
     global LOAD_PIN
     relay_pin, LOAD_PIN = cpu_placement(args)
     print("placement: " + ("relay on CPU 0, load and echo on CPU 1" if args.pin else "everything on both CPUs"))
