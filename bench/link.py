@@ -11,7 +11,7 @@ accept, through each tunnel: a new stream on an established link (linkgate),
 a new TLS connection (stunnel), a new channel on an established SSH
 connection (ssh -L). Sequential connections; median and p99.
 
-Usage: python3 bench/link.py [--rounds 3] [--seconds 5] [--setups 300] [--also-threads N]
+Usage: python3 bench/link.py [--rounds 3] [--seconds 5] [--setups 300] [--also-threads N] [--also-plain]
 Needs: iperf3, stunnel4, openssh-server, openssl (Debian packages) and a
 release build (cargo build --release). Runs sshd on a loopback port with
 keys made for the run, as root.
@@ -145,6 +145,23 @@ target = "link://hub/greet"
     return Tunnel(name, [spoke, hub], bulk, greet)
 
 
+def start_plain(tmp, bulk_target, greet_target):
+    """The floor of the same path without the link: two linkgate mapping
+    services in a row (client → A → B → server), so a byte is read and
+    written twice as through a gateway pair, with no records, encryption or
+    multiplexing: what the kernel's copies alone cost."""
+    a_bulk, b_bulk, a_greet, b_greet = free_port(), free_port(), free_port(), free_port()
+    conf = os.path.join(tmp, "plain.toml")
+    with open(conf, "w") as f:
+        for name, listen, target in (("bulk-a", a_bulk, b_bulk), ("bulk-b", b_bulk, bulk_target),
+                                     ("greet-a", a_greet, b_greet), ("greet-b", b_greet, greet_target)):
+            f.write(f'[[service]]\nname = "{name}"\ntype = "mapping"\nlisten = "127.0.0.1:{listen}"\n'
+                    f'target = "127.0.0.1:{target}"\n')
+        f.write('[gateway]\nshutdown_grace = "1s"\n')
+    relay = Relay("plain", [LINKGATE, "run", "-c", conf], a_greet, tmp, dict(os.environ, RUST_LOG="warn"))
+    return Tunnel("plain relays", [relay], a_bulk, a_greet)
+
+
 def start_stunnel(tmp, bulk_target, greet_target):
     pem = os.path.join(tmp, "stunnel.pem")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -218,6 +235,9 @@ def main():
     parser.add_argument("--also-threads", type=int, default=0,
                         help="also run a linkgate pair with `threads = N` in [gateway] (default worker "
                              "count: one per CPU)")
+    parser.add_argument("--also-plain", action="store_true",
+                        help="also run two plain linkgate mappings in a row (no link, no crypto): the floor "
+                             "of the kernel's copies on the same path")
     args = parser.parse_args()
     require_release_build()
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,6 +254,8 @@ def main():
                 name = f"linkgate threads={args.also_threads}"
                 tunnels.append(start_linkgate(tmp, iperf_port, greet_port, name=name,
                                               gateway_extra=f"threads = {args.also_threads}"))
+            if args.also_plain:
+                tunnels.append(start_plain(tmp, iperf_port, greet_port))
             results = {t.name: [] for t in tunnels}
             print(f"throughput: iperf3 single stream, {args.seconds}s x {args.rounds} rounds, alternating order")
             for rnd in range(args.rounds):
