@@ -291,6 +291,33 @@ enum Slot {
 /// Datagrams kept for a flow being set up, at most; later ones are dropped.
 const EARLY_DATAGRAMS: usize = 64;
 
+/// Keeps a datagram for a flow being set up, or drops it (counted) once
+/// [`EARLY_DATAGRAMS`] wait already.
+fn keep_early(early: &mut Vec<Vec<u8>>, datagram: impl Into<Vec<u8>>, service: &ServiceRuntime) {
+    if early.len() < EARLY_DATAGRAMS {
+        early.push(datagram.into());
+    } else {
+        service.metrics.add_datagrams(true, 0, 1);
+    }
+}
+
+/// Puts `flow`, now set up, in `key`'s slot of `table` and sends on the
+/// datagrams that waited for it.
+fn flow_is_ready<K: std::hash::Hash + Eq>(
+    table: &Mutex<HashMap<K, Slot>>,
+    key: K,
+    flow: &Arc<Flow>,
+) {
+    let slot = table
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, Slot::Ready(flow.clone()));
+    if let Some(Slot::Opening(early)) = slot {
+        let early: Vec<&[u8]> = early.iter().map(Vec::as_slice).collect();
+        forward(flow, &early);
+    }
+}
+
 /// The flows peers opened to a udp service over links, by peer and flow.
 #[derive(Default)]
 pub struct LinkFlows {
@@ -344,13 +371,7 @@ pub async fn serve_socket(
                     run.push(datagram);
                     current = Some((client, flow.clone()));
                 }
-                Some(Slot::Opening(early)) => {
-                    if early.len() < EARLY_DATAGRAMS {
-                        early.push(datagram.to_vec());
-                    } else {
-                        service.metrics.add_datagrams(true, 0, 1);
-                    }
-                }
+                Some(Slot::Opening(early)) => keep_early(early, datagram, &service),
                 // Refused lately (or being set up): dropped unrecorded.
                 None if refused.seen_lately(&client) => {}
                 None => {
@@ -417,14 +438,7 @@ pub fn serve_link_datagram(
             drop(table);
             return forward(&flow, &[&datagram.payload]);
         }
-        Some(Slot::Opening(early)) => {
-            if early.len() < EARLY_DATAGRAMS {
-                early.push(datagram.payload);
-            } else {
-                service.metrics.add_datagrams(true, 0, 1);
-            }
-            return;
-        }
+        Some(Slot::Opening(early)) => return keep_early(early, datagram.payload, service),
         // Refused lately: dropped unrecorded.
         None if service.udp_link_flows.refused.seen_lately(&key) => return,
         None => {
@@ -456,17 +470,8 @@ pub fn serve_link_datagram(
         let Some((flow, answers, audit, admitted)) = admit_flow(&service, &id).await else {
             return forget();
         };
-        let early = service
-            .udp_link_flows
-            .flows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), Slot::Ready(flow.clone()));
+        flow_is_ready(&service.udp_link_flows.flows, key.clone(), &flow);
         service.udp_link_flows.refused.forget(&key);
-        if let Some(Slot::Opening(early)) = early {
-            let early: Vec<&[u8]> = early.iter().map(Vec::as_slice).collect();
-            forward(&flow, &early);
-        }
         run_flow(
             service, client, answers, flow, forget, audit, admitted, stop,
         )
@@ -512,15 +517,8 @@ impl FlowSetup {
         else {
             return forget();
         };
-        let early = flows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(client, Slot::Ready(flow.clone()));
+        flow_is_ready(&flows, client, &flow);
         refused.forget(&client);
-        if let Some(Slot::Opening(early)) = early {
-            let early: Vec<&[u8]> = early.iter().map(Vec::as_slice).collect();
-            forward(&flow, &early);
-        }
         let to_client = Client::Socket {
             listener,
             addr: client,
