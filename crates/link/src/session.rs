@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -152,6 +152,15 @@ const URGENT_BATCH: usize = 16 * 1024;
 const AUTO_PACE_SHOWN_FOR: Duration = Duration::from_secs(1);
 /// Bytes read from the transport at a time.
 const READ_CHUNK: usize = 256 * 1024;
+
+/// The reader's buffer: a read's worth and a partial record before it.
+const READ_BUFFER: usize = READ_CHUNK + MAX_RECORD + 2;
+
+/// Stream data at least this large is handed on as a slice of the read
+/// buffer rather than copied; a slice holds the whole buffer in memory
+/// until the stream's reader takes it, so at most `READ_BUFFER /
+/// SLICE_MIN` (10) times the bytes queued.
+const SLICE_MIN: usize = 32 * 1024;
 /// What the writer task needs besides the session.
 struct WriterConfig {
     write_timeout: Duration,
@@ -971,6 +980,8 @@ async fn run_timer(shared: Arc<Shared>) {
 enum Received {
     /// DATA: the stream and its payload, already copied out of the record.
     Data(u32, Bytes),
+    /// DATA: the stream, and where its payload sits in the read buffer.
+    DataAt(u32, usize, usize),
     /// Any other frame: where its plaintext sits in the read buffer.
     Other(usize, usize),
 }
@@ -981,7 +992,7 @@ async fn run_reader(
     mut opener: Opener,
     incoming: mpsc::Sender<IncomingStream>,
 ) -> LinkEnd {
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK + MAX_RECORD + 2);
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut end = shared.end.subscribe();
     loop {
         // Peer-caused replies backed up: let the writer catch up first.
@@ -998,6 +1009,9 @@ async fn run_reader(
             }
             notified.await;
         }
+        // The opened records before it may still be queued as slices of
+        // the old buffer: then this takes a new one.
+        buf.reserve(READ_BUFFER - buf.len());
         let n = tokio::select! {
             read = transport.read_buf(&mut buf) => match read {
                 Ok(n) => n,
@@ -1018,6 +1032,7 @@ async fn run_reader(
         // to the multiplexer in one go.
         let mut at = 0;
         let mut plaintexts: Vec<Received> = Vec::new();
+        let base = buf.as_ptr() as usize;
         while let Some(len) = complete_record_len(&buf[at..]) {
             match opener.open(&mut buf[at + 2..at + len]) {
                 // Handled at once: the next record may be sealed with the
@@ -1028,9 +1043,13 @@ async fn run_reader(
                         return LinkEnd::Failed(reason);
                     }
                 }
-                // Stream data is copied into a buffer of its own here,
-                // outside the lock; the multiplexer only queues it.
+                // A large piece of stream data is queued as a slice of the
+                // read buffer (no copy); a small one is copied outside the
+                // lock, so that it never holds a whole buffer in memory.
                 Ok(plaintext) => plaintexts.push(match Frame::decode(plaintext) {
+                    Ok(Frame::Data { id, data }) if data.len() >= SLICE_MIN => {
+                        Received::DataAt(id, data.as_ptr() as usize - base, data.len())
+                    }
                     Ok(Frame::Data { id, data }) => {
                         Received::Data(id, Bytes::copy_from_slice(data))
                     }
@@ -1044,13 +1063,19 @@ async fn run_reader(
             at += len;
         }
         let opened_any = !plaintexts.is_empty();
+        let opened = buf.split_to(at).freeze();
         let requests = {
             let mut state = shared.lock();
             let now = Instant::now().into_std();
             for received in plaintexts.drain(..) {
                 let handled = match received {
                     Received::Data(id, data) => state.mux.handle_data(id, data, now),
-                    Received::Other(start, len) => Frame::decode(&buf[start..start + len])
+                    Received::DataAt(id, start, len) => {
+                        state
+                            .mux
+                            .handle_data(id, opened.slice(start..start + len), now)
+                    }
+                    Received::Other(start, len) => Frame::decode(&opened[start..start + len])
                         .map_err(|e| crate::mux::ProtocolError(e.to_string()))
                         .and_then(|frame| state.mux.handle_frame(frame, now)),
                 }
@@ -1084,7 +1109,6 @@ async fn run_reader(
                 request.refuse_now("the gateway is too busy to accept more streams");
             }
         }
-        buf.drain(..at);
     }
 }
 
