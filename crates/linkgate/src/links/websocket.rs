@@ -539,6 +539,27 @@ mod tests {
         (0..size).map(|i| (i * 31 + seed * 7) as u8).collect()
     }
 
+    /// Sends batch `seed` of `size` bytes through our sink.
+    async fn send_batch(sink: &mut Box<dyn link::transport::BatchSink>, size: usize, seed: usize) {
+        let mut batch = payload(size, seed);
+        std::future::poll_fn(|cx| sink.poll_send(cx, &mut batch))
+            .await
+            .unwrap();
+    }
+
+    /// Checks that tungstenite's next message is batch `seed`, whole.
+    async fn expect_batch<S: AsyncRead + AsyncWrite + Unpin>(
+        theirs: &mut WebSocketStream<S>,
+        size: usize,
+        seed: usize,
+    ) {
+        let message = theirs.next().await.unwrap().unwrap();
+        assert!(
+            message == Message::Binary(Bytes::from(payload(size, seed))),
+            "message {seed}"
+        );
+    }
+
     #[tokio::test]
     async fn tungstenites_client_and_our_server_agree() {
         let ((mut theirs, ours), _) = upgraded().await;
@@ -570,19 +591,12 @@ mod tests {
         assert!(got == expected, "bytes differ");
         // Our batches arrive as binary messages, the pong first.
         for (seed, size) in sizes().into_iter().enumerate() {
-            let mut batch = payload(size, seed);
-            std::future::poll_fn(|cx| sink.poll_send(cx, &mut batch))
-                .await
-                .unwrap();
+            send_batch(&mut sink, size, seed).await;
         }
         let pong = theirs.next().await.unwrap().unwrap();
         assert_eq!(pong, Message::Pong(Bytes::from_static(b"are you there")));
         for (seed, size) in sizes().into_iter().enumerate() {
-            let message = theirs.next().await.unwrap().unwrap();
-            assert!(
-                message == Message::Binary(Bytes::from(payload(size, seed))),
-                "message {seed}"
-            );
+            expect_batch(&mut theirs, size, seed).await;
         }
         // Shutting down sends a close; their answer (or their end) ends
         // our reading.
@@ -616,15 +630,8 @@ mod tests {
             panic!("a WebSocket sends batches")
         };
         for (seed, size) in sizes().into_iter().enumerate() {
-            let mut batch = payload(size, seed);
-            std::future::poll_fn(|cx| sink.poll_send(cx, &mut batch))
-                .await
-                .unwrap();
-            let message = theirs.next().await.unwrap().unwrap();
-            assert!(
-                message == Message::Binary(Bytes::from(payload(size, seed))),
-                "message {seed}"
-            );
+            send_batch(&mut sink, size, seed).await;
+            expect_batch(&mut theirs, size, seed).await;
         }
     }
 
