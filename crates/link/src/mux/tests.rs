@@ -542,3 +542,23 @@ fn queued_data_goes_in_records_of_equal_size_without_a_small_leftover() {
     let (smallest, largest) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
     assert!(largest - smallest <= 1, "{sizes:?}");
 }
+
+/// With the defaults a lone stream's writer may queue a whole window before
+/// it waits: with less, a bulk stream's relay and the link's writer take
+/// turns (a wake-up each) every half queue.
+#[test]
+fn a_lone_stream_may_queue_a_whole_window_ahead() {
+    let now = Instant::now();
+    let config = MuxConfig::default();
+    let mut a = Mux::new(Role::Dialer, config.clone(), now);
+    let mut b = Mux::new(Role::Acceptor, config.clone(), now);
+    let id = a.open("bulk").unwrap();
+    pump(&mut a, &mut b, now);
+    assert!(b.accept(id));
+    pump(&mut a, &mut b, now);
+    let window = config.window as usize;
+    let mut data = Bytes::from(vec![7u8; window + 1]);
+    assert_eq!(a.write_chunk(id, &mut data), WriteState::Queued(window));
+    assert_eq!(a.write_chunk(id, &mut data), WriteState::Blocked);
+    assert_eq!(data.len(), 1);
+}
