@@ -845,7 +845,12 @@ async fn run_writer(
                 let _ = tokio::time::timeout(write_timeout, transport.shutdown()).await;
                 return Ok(());
             }
-            shared.writer_wake.notified().await;
+            tokio::select! {
+                () = shared.writer_wake.notified() => {}
+                sent = transport.idle() => if let Err(e) = sent {
+                    return Err(LinkEnd::Failed(format!("writing to the link: {e}")));
+                },
+            }
             continue;
         }
         for (start, end, next_key) in records.drain(..) {

@@ -32,6 +32,13 @@ pub trait BatchSink: Send + Unpin {
     fn poll_send(&mut self, cx: &mut Context<'_>, batch: &mut [u8]) -> Poll<io::Result<()>>;
     /// Ends the sending side cleanly (a close message).
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Polled while the writer has nothing to send: `Ready(Ok)` once the
+    /// transport sent something of its own (a WebSocket pong), so that it
+    /// does not wait for the link's next batch. The default never does.
+    /// Dropped mid-way when a batch becomes due, which then goes after it.
+    fn poll_idle(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Pending
+    }
 }
 
 impl WriteHalf {
@@ -45,6 +52,15 @@ impl WriteHalf {
                 stream.flush().await
             }
             WriteHalf::Batches(sink) => std::future::poll_fn(|cx| sink.poll_send(cx, batch)).await,
+        }
+    }
+
+    /// Resolves once the transport sent something of its own while the
+    /// writer is idle (see [`BatchSink::poll_idle`]); a byte stream never.
+    pub async fn idle(&mut self) -> io::Result<()> {
+        match self {
+            WriteHalf::Bytes(_) => std::future::pending().await,
+            WriteHalf::Batches(sink) => std::future::poll_fn(|cx| sink.poll_idle(cx)).await,
         }
     }
 

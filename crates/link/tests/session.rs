@@ -415,3 +415,96 @@ async fn datagrams_cross_whole_in_order_and_share_the_link_with_streams() {
         "datagrams starved: {received} of {sent} sent, {dropped} dropped"
     );
 }
+
+/// A message transport standing in for a WebSocket: counts the batches it
+/// is given and sends a frame of its own (a pong) when told to.
+#[derive(Default)]
+struct SinkState {
+    batches: usize,
+    own_frame_due: bool,
+    own_frames_sent: usize,
+    idle_writer: Option<std::task::Waker>,
+}
+
+struct CountingSink(std::sync::Arc<std::sync::Mutex<SinkState>>);
+
+impl linkgate_link::transport::BatchSink for CountingSink {
+    fn poll_send(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+        _batch: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.0.lock().unwrap().batches += 1;
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_idle(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let mut state = self.0.lock().unwrap();
+        if std::mem::take(&mut state.own_frame_due) {
+            state.own_frames_sent += 1;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        state.idle_writer = Some(cx.waker().clone());
+        std::task::Poll::Pending
+    }
+}
+
+/// What a message transport has to send of its own (a WebSocket pong) goes
+/// out while the link is idle, not with the link's next batch a keepalive
+/// interval later (a proxy that pings may give up first).
+#[tokio::test]
+async fn an_idle_link_lets_its_transport_send_frames_of_its_own() {
+    use linkgate_link::transport::{Halves, WriteHalf};
+    let state = std::sync::Arc::new(std::sync::Mutex::new(SinkState::default()));
+    let (silent_peer, read) = tokio::io::duplex(1024);
+    let keys = linkgate_link::handshake::SessionKeys {
+        send: [1; 32],
+        recv: [2; 32],
+        session_id: [0; 32],
+        features: linkgate_link::params::Features::NONE,
+    };
+    let config = SessionConfig {
+        keepalive: Duration::from_secs(60),
+        dead_after: Duration::from_secs(120),
+        ..SessionConfig::default()
+    };
+    let transport = Halves(
+        Box::new(read),
+        WriteHalf::Batches(Box::new(CountingSink(state.clone()))),
+    );
+    let (_session, _) = Session::start(transport, keys, Role::Acceptor, config);
+    let started = tokio::time::Instant::now();
+    // The first PING goes at once; then the writer has nothing to send.
+    while state.lock().unwrap().batches == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no first batch");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    {
+        let mut state = state.lock().unwrap();
+        state.own_frame_due = true;
+        if let Some(writer) = state.idle_writer.take() {
+            writer.wake();
+        }
+    }
+    let asked = tokio::time::Instant::now();
+    while state.lock().unwrap().own_frames_sent == 0 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "the idle writer never let the transport send"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(state.lock().unwrap().batches, 1, "no batch was needed");
+    drop(silent_peer);
+}

@@ -10,15 +10,14 @@
 //! sends nothing before the server's 101 answer (RFC 6455 §4.1), so no
 //! frame can have been read ahead with the handshake.
 //!
-//! Text frames are a protocol error; a ping is answered with a pong (sent
-//! before the next batch: a link writes at least every keepalive
-//! interval); a close frame is the end of the stream, and shutting the
-//! writing side down sends one.
+//! Text frames are a protocol error; a ping is answered with a pong, at
+//! once on an idle link and otherwise before the next batch; a close frame
+//! is the end of the stream, and shutting the writing side down sends one.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -49,8 +48,15 @@ fn invalid(reason: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, reason.to_string())
 }
 
-/// A ping's payload waiting for its pong, shared by the two halves.
-type PendingPong = Arc<Mutex<Option<Vec<u8>>>>;
+/// A ping's payload waiting for its pong, shared by the two halves, and
+/// the idle writer to wake for it.
+type PendingPong = Arc<Mutex<PongSlot>>;
+
+#[derive(Default)]
+struct PongSlot {
+    payload: Option<Vec<u8>>,
+    idle_writer: Option<Waker>,
+}
 
 /// An upgraded WebSocket connection read and written as bytes.
 pub struct WsBytes<S> {
@@ -164,7 +170,11 @@ impl FrameReader {
                 }
                 match header.opcode {
                     Opcode::Ping => {
-                        *self.pong.lock().unwrap_or_else(|p| p.into_inner()) = Some(control);
+                        let mut slot = self.pong.lock().unwrap_or_else(|p| p.into_inner());
+                        slot.payload = Some(control);
+                        if let Some(writer) = slot.idle_writer.take() {
+                            writer.wake();
+                        }
                     }
                     Opcode::Close => self.ended = true,
                     _ => {}
@@ -324,10 +334,35 @@ impl FrameWriter {
 
     /// Stages the pong a ping asked for, if one did.
     fn stage_pong(&mut self) {
-        let pong = self.pong.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let pong = self
+            .pong
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .payload
+            .take();
         if let Some(payload) = pong {
             self.stage(Opcode::Pong, &payload);
         }
+    }
+
+    /// While the link has nothing to send: `Ready` once the pong a ping
+    /// asked for went out (staged bytes a batch interrupted go first).
+    fn poll_idle<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.staged.is_empty() {
+            let mut slot = self.pong.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(payload) = slot.payload.take() else {
+                slot.idle_writer = Some(cx.waker().clone());
+                return Poll::Pending;
+            };
+            drop(slot);
+            self.stage(Opcode::Pong, &payload);
+        }
+        ready!(self.poll_staged(io, cx))?;
+        Pin::new(&mut *io).poll_flush(cx)
     }
 
     /// Writes out what is staged.
@@ -498,6 +533,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin> link::transport::BatchSink for Ws
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.writer.poll_shutdown(&mut self.io, cx)
     }
+
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.writer.poll_idle(&mut self.io, cx)
+    }
 }
 
 #[cfg(test)]
@@ -607,6 +646,42 @@ mod tests {
         drop(theirs);
         let mut rest = Vec::new();
         assert_eq!(reader.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_ping_on_an_idle_link_is_answered_at_once() {
+        let ((mut theirs, ours), _) = upgraded().await;
+        let (mut reader, writer) = Box::new(WsBytes::server(ours))
+            .into_link_halves()
+            .ok()
+            .unwrap();
+        let WriteHalf::Batches(mut sink) = writer else {
+            panic!("a WebSocket sends batches")
+        };
+        // The session's reader is always reading.
+        let reading = tokio::spawn(async move {
+            let mut rest = Vec::new();
+            reader.read_to_end(&mut rest).await.map(|_| rest)
+        });
+        theirs
+            .send(Message::Ping(Bytes::from_static(b"still there?")))
+            .await
+            .unwrap();
+        // The idle writer sends the pong with no batch to carry it...
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            std::future::poll_fn(|cx| sink.poll_idle(cx)),
+        )
+        .await
+        .expect("the pong went while idle")
+        .unwrap();
+        let pong = theirs.next().await.unwrap().unwrap();
+        assert_eq!(pong, Message::Pong(Bytes::from_static(b"still there?")));
+        // ...and the next batch follows it whole.
+        send_batch(&mut sink, 40_000, 1).await;
+        expect_batch(&mut theirs, 40_000, 1).await;
+        theirs.close(None).await.unwrap();
+        assert!(reading.await.unwrap().unwrap().is_empty());
     }
 
     #[tokio::test]
