@@ -86,10 +86,11 @@ impl Route {
         }
         let config = self.tls.clone().ok_or("wss:// needs a TLS configuration")?;
         let name = crate::tls::server_name(&at.host)?;
-        let tls = TlsConnector::from(config)
+        let mut tls = TlsConnector::from(config)
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        unlimit_sending(tls.get_mut().1);
         upgrade(Stream::Boxed(Box::new(tls))).await
     }
 }
@@ -110,6 +111,16 @@ fn describe(error: &ConnectError) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// Lets rustls take a whole batch of the link's records at once: with its
+/// default 64 KiB limit on unsent TLS data a 256 KiB batch went in four
+/// rounds of sealing and writing (wss A/B, 6 rounds alternating, medians:
+/// 4.63 -> 5.09 Gbit/s, 2.316 -> 2.123 CPU s/GB). What it holds stays
+/// bounded: the link's writer hands over one batch at a time and waits
+/// until it was written.
+fn unlimit_sending<Data>(tls: &mut rustls::ConnectionCommon<Data>) {
+    tls.set_buffer_limit(None);
 }
 
 /// What a link listener's connections carry.
@@ -152,12 +163,14 @@ impl Carrier {
         };
         let _ = tcp.set_nodelay(true);
         let stream = match tls {
-            Some(acceptor) => Stream::Boxed(Box::new(
-                acceptor
+            Some(acceptor) => {
+                let mut tls = acceptor
                     .accept(tcp)
                     .await
-                    .map_err(|e| format!("TLS handshake failed: {e}"))?,
-            )),
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                unlimit_sending(tls.get_mut().1);
+                Stream::Boxed(Box::new(tls))
+            }
             None => Stream::Tcp(tcp),
         };
         let expected = path.clone();
