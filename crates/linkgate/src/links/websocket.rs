@@ -599,16 +599,28 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn tungstenites_client_and_our_server_agree() {
-        let ((mut theirs, ours), _) = upgraded().await;
-        let (mut reader, writer) = Box::new(WsBytes::server(ours))
+    /// Our server side of an upgraded connection, split as a session
+    /// takes it: the reader and the batch sink.
+    fn server_halves(
+        ours: WebSocketStream<DuplexStream>,
+    ) -> (
+        link::transport::ReadHalf,
+        Box<dyn link::transport::BatchSink>,
+    ) {
+        let (reader, writer) = Box::new(WsBytes::server(ours))
             .into_link_halves()
             .ok()
             .unwrap();
-        let WriteHalf::Batches(mut sink) = writer else {
+        let WriteHalf::Batches(sink) = writer else {
             panic!("a WebSocket sends batches")
         };
+        (reader, sink)
+    }
+
+    #[tokio::test]
+    async fn tungstenites_client_and_our_server_agree() {
+        let ((mut theirs, ours), _) = upgraded().await;
+        let (mut reader, mut sink) = server_halves(ours);
         // Their binary messages, with a ping among them, read back as bytes.
         let mut expected = Vec::new();
         for (seed, size) in sizes().into_iter().enumerate() {
@@ -651,13 +663,7 @@ mod tests {
     #[tokio::test]
     async fn a_ping_on_an_idle_link_is_answered_at_once() {
         let ((mut theirs, ours), _) = upgraded().await;
-        let (mut reader, writer) = Box::new(WsBytes::server(ours))
-            .into_link_halves()
-            .ok()
-            .unwrap();
-        let WriteHalf::Batches(mut sink) = writer else {
-            panic!("a WebSocket sends batches")
-        };
+        let (mut reader, mut sink) = server_halves(ours);
         // The session's reader is always reading.
         let reading = tokio::spawn(async move {
             let mut rest = Vec::new();
